@@ -1,0 +1,3 @@
+from finechat.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""Trainer callbacks: progress bar and metrics, atomic checkpoint publishing, Ctrl-C handling."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from finechat import runs
+
+log = logging.getLogger(__name__)
+
+
+class ProgressAndMetrics(TrainerCallback):
+    """A progress bar with loss, tokens/s and ETA; metrics.jsonl lines; checkpoints published atomically."""
+
+    def __init__(self, run_dir: Path, keep: int):
+        self.run_dir, self.keep = run_dir, keep
+        self.bar = None
+        self.last_time = self.last_tokens = 0.0
+        self.rates: list[float] = []
+
+    def on_train_begin(self, args, state, control, **kw):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
+        self.last_time, self.last_tokens = time.perf_counter(), state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        logs = logs or {}
+        now = time.perf_counter()
+        row: dict = {"step": state.global_step}
+        if "loss" in logs:
+            rate = (state.num_input_tokens_seen - self.last_tokens) / max(now - self.last_time, 1e-9)
+            self.last_time, self.last_tokens = now, state.num_input_tokens_seen
+            self.rates.append(rate)
+            row.update(
+                loss=logs["loss"],
+                lr=logs.get("learning_rate"),
+                tokens_per_s=round(rate, 1),
+                tokens_seen=state.num_input_tokens_seen,
+                epoch=logs.get("epoch"),
+            )
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=f"{rate:.0f}")
+        if "eval_loss" in logs:
+            row.update(eval_loss=logs["eval_loss"], eval_perplexity=math.exp(min(logs["eval_loss"], 50)))
+        if len(row) > 1 and state.is_world_process_zero:
+            runs.append_metrics(self.run_dir, row)
+
+    def on_save(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            staged = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if staged.is_dir():
+                runs.publish_checkpoint(self.run_dir, staged, self.keep)
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.close()
+
+    def mean_tokens_per_s(self) -> float:
+        """Mean training throughput over logged intervals (the first, which includes warm-up, is skipped)."""
+        rates = self.rates[1:] or self.rates
+        return sum(rates) / len(rates) if rates else 0.0
+
+
+class InterruptCallback(TrainerCallback):
+    """First Ctrl-C: finish the current step, save a checkpoint and stop. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.interrupted = False
+        self._previous = None
+
+    def armed(self):
+        @contextlib.contextmanager
+        def scope():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            try:
+                yield
+            finally:
+                signal.signal(signal.SIGINT, self._previous)
+
+        return scope()
+
+    def _on_sigint(self, signum, frame):
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = True
+        log.warning("interrupted: finishing this step and saving a checkpoint (Ctrl-C again to stop now)")
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.interrupted:
+            control.should_save = True
+            control.should_training_stop = True

@@ -1,0 +1,254 @@
+"""Command-line interface: parses arguments and dispatches to the command modules; holds no logic of its own.
+Heavy libraries are imported inside the commands so `finechat --help` answers at once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from finechat import config as cfg
+from finechat.errors import UserError
+
+LENGTHS = ("short", "medium", "long", "very-long")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (plus its long name when the short flag differs); defaults come later."""
+    for f in cfg.fields():
+        names = [f"--{cfg.flag_for(f.name)}"]
+        if cfg.flag_for(f.name) != f.name.replace("_", "-"):
+            names.append("--" + f.name.replace("_", "-"))
+        t = cfg.field_type(f)
+        help_text = (
+            f"{f.metadata['help']} (default: {f.default if f.default is not None else 'none'})"
+            if not isinstance(f.default, type(cfg.dataclasses.MISSING))
+            else f.metadata["help"]
+        )
+        if t is bool:
+            p.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            p.add_argument(*names, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
+
+
+def _engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="Hub id, model folder, .gguf file, run folder, or smollm2")
+    p.add_argument(
+        "--length",
+        choices=LENGTHS,
+        default=None,
+        help="reply length preset: short=100, medium=250, long=500, very-long=20000 tokens",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=None, help="reply budget in tokens (overrides --length)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed for repeatable replies")
+    p.add_argument(
+        "--no-stop-at-punctuation",
+        dest="stop_at_punctuation",
+        action="store_false",
+        help="cut replies exactly at the budget instead of at the next sentence end",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=cfg.QUANTIZE_CHOICES,
+        default="none",
+        help="load the base in 4-bit NF4 (GPU) or full precision",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The finechat argument parser with all subcommands."""
+    parser = _Parser(
+        prog="finechat", description="Fine-tune a chat model with QLoRA, evaluate it, merge it and talk to it."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="LoRA/QLoRA supervised fine-tuning into a run folder")
+    p.add_argument("--config", help="YAML preset (see configs/); flags override its values")
+    p.add_argument("--resume", action="store_true", help="continue the run folder from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    _train_flags(p)
+
+    p = sub.add_parser("eval", help="perplexity on held-out text")
+    p.add_argument("--model", required=True, help="base model spec, or a run folder")
+    p.add_argument("--adapter", help="run folder whose adapter is applied to --model")
+    p.add_argument("--data", help="held-out data (default: the run's heldout.jsonl)")
+    p.add_argument(
+        "--max-seq-length", type=int, default=None, help="tokens per scored block (default: the run's, else 512)"
+    )
+    p.add_argument("--max-docs", type=int, default=0, help="score at most this many documents")
+    p.add_argument("--quantize", choices=cfg.QUANTIZE_CHOICES, default="none", help="base weights for scoring")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("merge", help="merge a run's adapter into the full-precision base")
+    p.add_argument("--adapter", required=True, help="run folder written by finechat train")
+    p.add_argument("--model", help="base model (default: the base recorded in the run folder)")
+    p.add_argument("--output", required=True, help="folder for the merged model")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing merged folder")
+    p.add_argument("--push-to-hub", help="Hub repo id to upload the merged model to")
+
+    p = sub.add_parser("generate", help="one reply to one prompt (reply on stdout)")
+    _engine_flags(p)
+    p.add_argument("--prompt", required=True, help="the user message")
+
+    p = sub.add_parser("chat", help="interactive chat in the terminal")
+    _engine_flags(p)
+    p.add_argument("--system", help="system message for the conversation")
+
+    p = sub.add_parser("demo", help="the offline demo: train SmolLM2 on Wikipedia leads, evaluate, merge, reply")
+    p.add_argument("--output", default="runs/demo", help="run folder (replaced if it is an earlier demo run)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the finechat console script."""
+    args = build_parser().parse_args(argv)
+    _quiet_libraries(args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        sys.stderr.write(f"finechat {args.command}: error: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\nfinechat {args.command}: interrupted\n")
+        return 130
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO, format="finechat: %(message)s", stream=sys.stderr)
+    if verbose:
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "datasets", "peft", "trl", "accelerate", "bitsandbytes", "httpx", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars; finechat shows its own training progress
+
+
+def _settings(args: argparse.Namespace):
+    from finechat.engine import GenerationSettings, length_tokens
+
+    budget = args.max_new_tokens if args.max_new_tokens is not None else length_tokens(args.length or "medium")
+    if budget <= 0:
+        raise UserError(f"--max-new-tokens must be positive, got {budget}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise UserError("--temperature must be >= 0 and --top-p in (0, 1]")
+    return GenerationSettings(
+        max_new_tokens=budget,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_at_punctuation=args.stop_at_punctuation,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from finechat.train import train
+
+    overrides: dict[str, Any] = {
+        f.name: getattr(args, f.name) for f in cfg.fields() if getattr(args, f.name) is not None
+    }
+    config_path = args.config
+    if args.resume and not config_path and overrides.get("run_dir"):
+        saved = Path(overrides["run_dir"]) / "config.yaml"
+        config_path = str(saved) if saved.is_file() else None  # a resumed run keeps its own settings
+    config = cfg.load_config(config_path, overrides)
+    result = train(config, resume=args.resume, overwrite=args.overwrite)
+    if result.interrupted:
+        print(
+            f"interrupted at step {result.step}; checkpoint saved in {result.run_dir}/checkpoints — continue with --resume"
+        )
+        return 130
+    loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "n/a"
+    print(
+        f"train loss {loss} | held-out perplexity {result.eval_perplexity:.3f} | "
+        f"{result.tokens_per_s:.0f} tokens/s | {result.step} steps | run folder {result.run_dir}"
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from finechat.evaluate import evaluate
+
+    result = evaluate(
+        args.model,
+        args.data,
+        adapter=args.adapter,
+        max_seq_length=args.max_seq_length,
+        max_docs=args.max_docs,
+        quantize=args.quantize,
+    )
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        print(f"perplexity {result.perplexity:.3f} | loss {result.loss:.4f} nats/token | {result.tokens} tokens")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from finechat.merge import merge
+
+    out = merge(args.adapter, args.output, model_spec=args.model, overwrite=args.overwrite)
+    print(f"merged model written to {out}")
+    if args.push_to_hub:
+        from finechat.hub import push
+
+        print(f"uploaded to {push(out, args.push_to_hub)}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from finechat.chat import generate
+    from finechat.engine import Engine
+
+    settings = _settings(args)
+    if not args.prompt.strip():
+        raise UserError("--prompt is empty; pass the message to reply to")
+    generate(Engine.load(args.model, quantize=args.quantize), args.prompt, settings)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from finechat.chat import chat
+    from finechat.engine import Engine
+
+    settings = _settings(args)
+    chat(Engine.load(args.model, quantize=args.quantize), settings, system=args.system)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from finechat.demo import run_demo
+
+    return run_demo(args.output)
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "merge": cmd_merge,
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "demo": cmd_demo,
+}

@@ -1,0 +1,266 @@
+"""The one generation engine: chat prompts with history trimming, token streaming, sampling, stop strings, length
+presets and the stop-at-sentence-end criterion. `generate`, `chat` and `serve` all generate through it."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from finechat.errors import UserError
+
+LENGTH_PRESETS = {"short": 100, "medium": 250, "long": 500, "very-long": 20000}
+# A sentence ends at . ! ? (or the ellipsis) plus any closing quotes/brackets, and is followed by whitespace, so
+# "3.5" or "e.g" mid-token never counts.
+SENTENCE_END = re.compile(r"[.!?…][\"'”’»)\]]*(?=\s)")
+
+
+def length_tokens(name: str) -> int:
+    """New-token budget of a length preset name."""
+    if name not in LENGTH_PRESETS:
+        raise UserError(f"--length {name}: unknown preset; use one of {', '.join(LENGTH_PRESETS)}")
+    return LENGTH_PRESETS[name]
+
+
+@dataclass
+class GenerationSettings:
+    """How one reply is generated."""
+
+    max_new_tokens: int = LENGTH_PRESETS["medium"]
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    # End at a sentence end once the budget is nearly spent, going a little past it rather than cutting a sentence.
+    stop_at_punctuation: bool = True
+
+    def limits(self) -> tuple[int, int]:
+        """(soft, hard) token counts: sentence ends stop the reply from soft on; hard always stops it."""
+        n = self.max_new_tokens
+        if not self.stop_at_punctuation:
+            return n, n
+        return max(1, n - max(1, n // 10)), n + max(16, n // 4)
+
+
+@dataclass
+class Completion:
+    """The finished reply."""
+
+    text: str
+    finish_reason: str  # "stop" (EOS, stop string, sentence end), "length", or "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Generation:
+    """An in-progress reply: iterate for text pieces; `result` holds the Completion once iteration ends."""
+
+    def __init__(
+        self, engine: Engine, prompt_ids: list[int], settings: GenerationSettings, cancel: threading.Event | None
+    ):
+        self.engine, self.prompt_ids, self.settings = engine, prompt_ids, settings
+        self.cancel = cancel or threading.Event()
+        self.result: Completion | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        s = self.settings
+        soft, hard = s.limits()
+        hard = min(hard, self.engine.context_window - len(self.prompt_ids))
+        detok = _Detokenizer(self.engine.tokenizer)
+        text, emitted, n, finish = "", 0, 0, "length"
+        for token in self.engine.tokens(self.prompt_ids, s, self.cancel):
+            if token is None:
+                finish = "cancelled"
+                break
+            n += 1
+            if token in self.engine.eos_ids:
+                finish = "stop"
+                break
+            text += detok.add(token)
+            end = _first_stop(text, s.stop)
+            if end is not None:
+                text, finish = text[:end], "stop"
+                break
+            if s.stop_at_punctuation and n >= soft:
+                m = _sentence_end_after(text, emitted)
+                if m is not None:
+                    text, finish = text[:m], "stop"
+                    break
+            if n >= hard:
+                break
+            safe = len(text) - _stop_prefix_len(text, s.stop)
+            if s.stop_at_punctuation and n >= s.max_new_tokens:
+                safe = emitted  # past the budget: hold text back until a sentence ends
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+        if finish == "length" and s.stop_at_punctuation:
+            text = _trim_to_boundary(text, emitted)
+        if len(text) > emitted:
+            yield text[emitted:]
+        self.result = Completion(text, finish, len(self.prompt_ids), n)
+
+    def complete(self) -> Completion:
+        """Run to the end and return the Completion."""
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+
+class Engine:
+    """A loaded model and tokenizer that turn prompts into replies."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        from finechat.models import context_window
+
+        self.context_window = context_window(model, tokenizer)
+        self.device = next(model.parameters()).device
+        eos = model.generation_config.eos_token_id if model.generation_config else None
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
+        # One forward pass at a time: concurrent streams take turns token by token (see README, Serve).
+        self.lock = threading.Lock()
+
+    @classmethod
+    def load(cls, spec: str, quantize: str = "none", compute_dtype: str = "auto") -> Engine:
+        """Load a model spec (Hub id, folder, .gguf, run folder, smollm2) for generation."""
+        from finechat.models import load_for_inference
+
+        model, tokenizer = load_for_inference(spec, quantize=quantize, compute_dtype=compute_dtype)
+        return cls(model, tokenizer)
+
+    def count(self, text: str) -> int:
+        """Number of tokens in a text (no special tokens)."""
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def text_prompt(self, text: str) -> list[int]:
+        """Token ids of a raw completion prompt."""
+        return list(self.tokenizer(text)["input_ids"])
+
+    def chat_prompt(self, messages: list[dict[str, str]], reserve: int = 0, trim: bool = True) -> list[int]:
+        """Token ids of a conversation through the chat template, leaving `reserve` positions for the reply.
+
+        With trim, the oldest turns (never the system message or the last one) are dropped until it fits."""
+        messages = list(messages)
+        reserve = min(reserve, self.context_window // 2) if trim else reserve
+        while True:
+            ids = self._template(messages)
+            if len(ids) + max(reserve, 1) <= self.context_window:
+                return ids
+            first = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+            if not trim or first >= len(messages) - 1:
+                raise UserError(
+                    f"prompt is {len(ids)} tokens and the reply needs {max(reserve, 1)} more, but the context window is "
+                    f"{self.context_window}; shorten the messages or lower max_tokens"
+                )
+            del messages[first]
+            while first < len(messages) - 1 and messages[first]["role"] != "user":
+                del messages[first]
+
+    def _template(self, messages: list[dict[str, str]]) -> list[int]:
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    def generate(
+        self, prompt_ids: list[int], settings: GenerationSettings, cancel: threading.Event | None = None
+    ) -> Generation:
+        """A reply to stream (iterate) or finish (`.complete()`)."""
+        if settings.max_new_tokens <= 0:
+            raise UserError(f"max new tokens must be positive, got {settings.max_new_tokens}")
+        if len(prompt_ids) >= self.context_window:
+            raise UserError(f"prompt is {len(prompt_ids)} tokens; the context window is {self.context_window}")
+        return Generation(self, prompt_ids, settings, cancel)
+
+    def tokens(
+        self, prompt_ids: list[int], settings: GenerationSettings, cancel: threading.Event
+    ) -> Iterator[int | None]:
+        """Token ids one at a time (prefill, then one cached step per token); None once cancelled."""
+        import torch
+        from transformers import DynamicCache
+
+        sample = _sampler(settings, self.device)
+        cache = DynamicCache(config=self.model.config)
+        inputs = torch.tensor([prompt_ids], device=self.device)
+        while True:
+            if cancel.is_set():
+                yield None
+                return
+            with self.lock, torch.inference_mode():
+                logits = self.model(input_ids=inputs, past_key_values=cache, use_cache=True).logits[:, -1, :]
+                token = sample(inputs, logits)
+            yield token
+            inputs = torch.tensor([[token]], device=self.device)
+
+
+def _sampler(settings: GenerationSettings, device: Any):
+    """A function (input_ids, logits) -> next token id: greedy, or temperature/top-p with a per-request generator."""
+    import torch
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    if settings.temperature <= 0:
+        return lambda ids, logits: int(logits.argmax(-1)[0])
+    generator = torch.Generator(device=device)
+    generator.manual_seed(settings.seed if settings.seed is not None else torch.seed())
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(settings.temperature)])
+    if settings.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(settings.top_p))
+
+    def pick(ids, logits):
+        probs = torch.softmax(warpers(ids, logits.float()), dim=-1)
+        return int(torch.multinomial(probs, 1, generator=generator)[0, 0])
+
+    return pick
+
+
+class _Detokenizer:
+    """Incremental decoding that emits only complete characters (multi-token UTF-8 waits for its last token)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _sentence_end_after(text: str, emitted: int) -> int | None:
+    """End of the first sentence end at or after the streamed part (so streamed text is never taken back)."""
+    for m in SENTENCE_END.finditer(text, max(0, emitted - 8)):
+        if m.end() >= emitted:
+            return m.end()
+    return None
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest end of text that could still become a stop string (held back from the stream)."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def _trim_to_boundary(text: str, emitted: int) -> str:
+    """Cut a reply that ran out of tokens back to its last sentence end, or at least to a word end; text already
+    streamed stays."""
+    ends = [m.end() for m in SENTENCE_END.finditer(text + " ") if m.end() >= emitted]
+    if ends:
+        return text[: ends[-1]]
+    cut = max(text.rfind(" "), text.rfind("\n"))
+    return text[: max(cut, emitted)].rstrip() if cut > emitted else text[:emitted]

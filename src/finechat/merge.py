@@ -1,0 +1,44 @@
+"""`finechat merge`: fold a run's LoRA adapter into the full-precision base and save a plain HF model folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from finechat import models
+from finechat.errors import UserError
+
+
+def merge(adapter: str, output: str, model_spec: str | None = None, overwrite: bool = False) -> Path:
+    """Merge adapter (a run folder) into its base and write safetensors that AutoModelForCausalLM loads.
+
+    Always into full-precision weights: merging into the 4-bit base and re-quantizing erases a small update
+    (measured: perplexity went back to the base value)."""
+    run = Path(adapter)
+    if not models.is_run_dir(run):
+        raise UserError(f"--adapter {adapter}: not a finechat run folder (needs adapter_config.json and finechat.json)")
+    out = Path(output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise UserError(f"--output {output} already exists; pass --overwrite to replace it")
+        if not (out / "finechat-merge.json").is_file():
+            raise UserError(f"--overwrite: {output} was not written by finechat merge; refusing to delete it")
+    base_spec = model_spec or models.read_run_meta(run)["base_model"]
+    ref = models.resolve(base_spec)
+    base = models.load_base(ref.path, quantize="none", compute_dtype="native")
+    merged = models.load_adapter(base, run).merge_and_unload()
+    tokenizer = models.load_tokenizer(str(run))
+
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "finechat-merge.json").write_text(
+        json.dumps({"base_model": base_spec, "adapter": str(run.resolve())}, indent=2)
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

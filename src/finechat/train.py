@@ -1,0 +1,195 @@
+"""`finechat train`: QLoRA (or full-precision LoRA) supervised fine-tuning through TRL's SFTTrainer."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from finechat import data, models, runs
+from finechat.config import TrainConfig, save_config
+from finechat.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or interrupted) run reports."""
+
+    run_dir: Path
+    step: int
+    train_loss: float | None
+    eval_loss: float | None
+    eval_perplexity: float | None
+    tokens_per_s: float
+    interrupted: bool = False
+
+
+def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """Fine-tune config.model on config.data and write a self-describing run folder."""
+    import torch
+    from datasets import Dataset
+    from transformers import set_seed
+
+    run_dir = Path(config.run_dir)
+    runs.prepare(run_dir, resume=resume, overwrite=overwrite)
+    set_seed(config.seed)
+
+    # Build: model reference, tokenizer and data (all errors about inputs surface before the slow model load).
+    ref = models.resolve(config.model)
+    if ref.adapter is not None:
+        raise UserError(
+            f"--model {config.model} is a run folder; merge it first (finechat merge) and train on the merged folder"
+        )
+    tokenizer = models.load_tokenizer(ref.path)
+    train_records, eval_records = data.train_eval_split(
+        data.load_corpus(config.data),
+        config.eval_data,
+        config.eval_fraction,
+        config.seed,
+        config.max_train_docs,
+        config.max_eval_docs,
+    )
+    train_examples = data.tokenize(train_records, tokenizer, config.max_seq_length)
+    eval_examples = data.tokenize(eval_records, tokenizer, config.max_seq_length)
+    save_config(config, run_dir / "config.yaml")
+    runs.save_records(run_dir / "heldout.jsonl", eval_records)
+    runs.write_meta(run_dir, base_model=config.model, base_path=ref.path, status="running")
+    log.info("data: %d training examples, %d held-out examples", len(train_examples), len(eval_examples))
+
+    # Load and wrap the model.
+    model = models.load_base(
+        ref.path, quantize=config.quantize, compute_dtype=config.compute_dtype, double_quant=config.double_quant
+    )
+    trainer = _build_trainer(
+        config,
+        model,
+        tokenizer,
+        Dataset.from_list(train_examples),
+        Dataset.from_list(eval_examples) if config.eval_steps else None,
+        run_dir,
+    )
+
+    # Loop.
+    start = runs.last_checkpoint(run_dir) if resume else None
+    if start is not None:
+        runs.truncate_metrics(run_dir, runs.checkpoint_step(start))
+        log.info("resuming from %s", start)
+    from finechat.callbacks import InterruptCallback, ProgressAndMetrics
+
+    stopper = InterruptCallback()
+    trainer.add_callback(stopper)
+    try:
+        with stopper.armed():
+            output = trainer.train(resume_from_checkpoint=str(start) if start else None)
+    except torch.OutOfMemoryError:
+        raise UserError(
+            f"out of memory at --batch-size {config.batch_size} --max-seq-length {config.max_seq_length}: lower one of "
+            "them (raise --grad-accum to keep the effective batch), or keep --quantize nf4 and --gradient-checkpointing"
+        ) from None
+
+    # Save: adapter + tokenizer at the top of the run folder, final numbers, curve.
+    trainer.model.save_pretrained(run_dir, safe_serialization=True)
+    tokenizer.save_pretrained(run_dir)
+    step = trainer.state.global_step
+    from finechat.evaluate import perplexity
+
+    result = perplexity(trainer.model, eval_examples, batch_size=config.batch_size) if not stopper.interrupted else None
+    if result:
+        runs.append_metrics(run_dir, {"step": step, "eval_loss": result.loss, "eval_perplexity": result.perplexity})
+    runs.plot_loss(run_dir)
+    progress = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ProgressAndMetrics))
+    summary = TrainResult(
+        run_dir,
+        step,
+        output.training_loss if output else None,
+        result.loss if result else None,
+        result.perplexity if result else None,
+        progress.mean_tokens_per_s(),
+        stopper.interrupted,
+    )
+    runs.write_meta(
+        run_dir,
+        status="interrupted" if stopper.interrupted else "complete",
+        step=step,
+        train_loss=summary.train_loss,
+        eval_perplexity=summary.eval_perplexity,
+        tokens_per_s=summary.tokens_per_s,
+    )
+    if config.push_to_hub and not stopper.interrupted:
+        from finechat.hub import push
+
+        push(run_dir, config.push_to_hub)
+    return summary
+
+
+def _build_trainer(config: TrainConfig, model, tokenizer, train_ds, eval_ds, run_dir: Path):
+    """SFTTrainer with the seed's recipe: k-bit preparation, gradient checkpointing, LoRA, paged AdamW."""
+    import torch
+    from peft import LoraConfig, prepare_model_for_kbit_training
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from finechat.callbacks import ProgressAndMetrics
+
+    on_gpu = torch.cuda.is_available()
+    if config.quantize == "nf4":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    bf16 = on_gpu and models.resolve_dtype(config.compute_dtype) == torch.bfloat16
+    args = SFTConfig(
+        output_dir=str(run_dir / runs.STAGING),
+        max_steps=config.max_steps,
+        num_train_epochs=config.num_epochs,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        optim=config.optimizer,
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=bf16,
+        max_length=config.max_seq_length,
+        packing=False,  # data.tokenize already packs text into full blocks
+        logging_steps=config.logging_steps,
+        eval_strategy="steps" if eval_ds is not None else "no",
+        eval_steps=config.eval_steps or None,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=None,  # rotation happens in checkpoints/, see runs.publish_checkpoint
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressAndMetrics(run_dir, config.save_total_limit))
+    if config.quantize == "nf4":
+        models.disable_cpu_bf16_repack(trainer.model)
+    return trainer
