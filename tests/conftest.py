@@ -104,3 +104,34 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv(
         "FINECHAT_CACHE", os.environ.get("FINECHAT_TEST_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     )
+
+
+@pytest.fixture(scope="module")
+def serve_app():
+    """Start ASGI apps with uvicorn on free 127.0.0.1 ports in background threads; returns app -> base URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from finechat.server import listen
+
+    running = []
+
+    def start(app) -> str:
+        sock = listen("127.0.0.1", 0)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        running.append((server, thread))
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    yield start
+    for server, thread in running:
+        server.should_exit = True
+        thread.join(timeout=10)

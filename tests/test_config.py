@@ -25,8 +25,10 @@ def test_seed_recipe_preset():
 
 
 def test_overrides_win_and_are_coerced():
-    config = cfg.load_config("smollm2-demo", {"max_steps": "7", "learning_rate": "1e-3", "lora_targets": "q_proj,v_proj",
-                                              "double_quant": "false"})
+    config = cfg.load_config(
+        "smollm2-demo",
+        {"max_steps": "7", "learning_rate": "1e-3", "lora_targets": "q_proj,v_proj", "double_quant": "false"},
+    )
     assert config.max_steps == 7 and config.learning_rate == 1e-3
     assert config.lora_targets == ["q_proj", "v_proj"] and config.double_quant is False
 
@@ -40,8 +42,14 @@ def test_unknown_key_names_it_and_the_valid_ones(tmp_path):
 
 @pytest.mark.parametrize(
     ("key", "value", "flag"),
-    [("batch_size", 0, "--batch-size"), ("max_seq_length", -5, "--max-seq-length"), ("lora_rank", 0, "--lora-r"),
-     ("grad_accum", 0, "--grad-accum"), ("max_steps", 0, "--max-steps"), ("learning_rate", -1.0, "--lr")],
+    [
+        ("batch_size", 0, "--batch-size"),
+        ("max_seq_length", -5, "--max-seq-length"),
+        ("lora_rank", 0, "--lora-r"),
+        ("grad_accum", 0, "--grad-accum"),
+        ("max_steps", 0, "--max-steps"),
+        ("learning_rate", -1.0, "--lr"),
+    ],
 )
 def test_non_positive_sizes_name_the_flag(key, value, flag):
     with pytest.raises(UserError, match=flag):

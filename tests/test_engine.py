@@ -76,7 +76,9 @@ def test_replies_end_at_a_sentence_end_past_the_soft_limit(engine):
 
 def test_cancel_stops_generation(engine):
     cancel = threading.Event()
-    generation = engine.generate(prompt(engine), GenerationSettings(max_new_tokens=200, stop_at_punctuation=False), cancel)
+    generation = engine.generate(
+        prompt(engine), GenerationSettings(max_new_tokens=200, stop_at_punctuation=False), cancel
+    )
     cancel.set()
     result = generation.complete()
     assert result.finish_reason == "cancelled" and result.completion_tokens == 0
@@ -86,7 +88,10 @@ def test_history_is_trimmed_from_the_oldest_turn(engine):
     long_turn = "word " * 120
     messages = [{"role": "system", "content": "Be kind."}]
     for i in range(6):
-        messages += [{"role": "user", "content": f"q{i} {long_turn}"}, {"role": "assistant", "content": f"a{i} {long_turn}"}]
+        messages += [
+            {"role": "user", "content": f"q{i} {long_turn}"},
+            {"role": "assistant", "content": f"a{i} {long_turn}"},
+        ]
     messages.append({"role": "user", "content": "last question"})
     ids = engine.chat_prompt(messages, reserve=100)
     text = engine.tokenizer.decode(ids)

@@ -23,7 +23,9 @@ def test_perplexity_is_token_weighted_and_skips_masked_tokens(tiny_model_dir):
                 nll -= float(logp[t - 1, e["input_ids"][t]])
                 n += 1
     assert result.tokens == n == 3 + 2
-    assert result.loss == pytest.approx(nll / n, rel=1e-4) and result.perplexity == pytest.approx(math.exp(nll / n), rel=1e-4)
+    assert result.loss == pytest.approx(nll / n, rel=1e-4) and result.perplexity == pytest.approx(
+        math.exp(nll / n), rel=1e-4
+    )
 
 
 def test_eval_on_a_text_file(tiny_model_dir, text_file):

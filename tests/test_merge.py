@@ -10,9 +10,24 @@ from finechat.train import train
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, text_file, tmp_path_factory):
     run = tmp_path_factory.mktemp("merge") / "run"
-    train(cfg.load_config(None, dict(model=str(tiny_model_dir), data=str(text_file), run_dir=str(run), max_steps=3,
-                                     batch_size=2, max_seq_length=64, quantize="nf4", compute_dtype="float32",
-                                     learning_rate=1e-2, max_eval_docs=2, eval_fraction=0.1)))
+    train(
+        cfg.load_config(
+            None,
+            dict(
+                model=str(tiny_model_dir),
+                data=str(text_file),
+                run_dir=str(run),
+                max_steps=3,
+                batch_size=2,
+                max_seq_length=64,
+                quantize="nf4",
+                compute_dtype="float32",
+                learning_rate=1e-2,
+                max_eval_docs=2,
+                eval_fraction=0.1,
+            ),
+        )
+    )
     return run
 
 

@@ -65,7 +65,9 @@ def test_nf4_lora_gradients_match_full_precision_reference(tiny_model_dir):
             ref_modules[name].weight.data.copy_(w)
     assert n4 == 14  # 7 projections x 2 layers
 
-    lora = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
+    lora = dict(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"
+    )
     torch.manual_seed(0)
     pq = get_peft_model(q, LoraConfig(**lora, init_lora_weights=False))
     torch.manual_seed(0)

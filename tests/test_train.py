@@ -4,7 +4,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +15,20 @@ from finechat.train import train
 
 
 def tiny_config(model_dir, data, run_dir, **kw):
-    values = dict(model=str(model_dir), data=str(data), run_dir=str(run_dir), max_steps=4, batch_size=2,
-                  max_seq_length=64, logging_steps=1, save_steps=2, quantize="none", compute_dtype="float32",
-                  max_eval_docs=4, eval_fraction=0.1)
+    values = dict(
+        model=str(model_dir),
+        data=str(data),
+        run_dir=str(run_dir),
+        max_steps=4,
+        batch_size=2,
+        max_seq_length=64,
+        logging_steps=1,
+        save_steps=2,
+        quantize="none",
+        compute_dtype="float32",
+        max_eval_docs=4,
+        eval_fraction=0.1,
+    )
     values.update(kw)
     return cfg.load_config(None, values)
 
@@ -34,13 +44,24 @@ def test_run_folder_describes_itself(nf4_run, tiny_mistral_dir):
     result, run_dir = nf4_run
     assert result.step == 4 and result.eval_perplexity > 1 and result.tokens_per_s > 0
     names = {p.name for p in run_dir.iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "config.yaml", "finechat.json", "metrics.jsonl",
-            "loss.png", "heldout.jsonl", "tokenizer.json", "checkpoints"} <= names
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "config.yaml",
+        "finechat.json",
+        "metrics.jsonl",
+        "loss.png",
+        "heldout.jsonl",
+        "tokenizer.json",
+        "checkpoints",
+    } <= names
     meta = json.loads((run_dir / "finechat.json").read_text())
     assert meta["base_model"] == str(tiny_mistral_dir) and meta["status"] == "complete" and meta["step"] == 4
     assert cfg.load_config(str(run_dir / "config.yaml")).quantize == "nf4"
-    assert json.loads((run_dir / "tokenizer_config.json").read_text()).get("chat_template") or (
-        run_dir / "chat_template.jinja").is_file()
+    assert (
+        json.loads((run_dir / "tokenizer_config.json").read_text()).get("chat_template")
+        or (run_dir / "chat_template.jinja").is_file()
+    )
     rows = runs.read_metrics(run_dir)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in rows if "loss" in r)
@@ -57,7 +78,15 @@ def test_adapter_loads_with_plain_peft(nf4_run, tiny_mistral_dir):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_mistral_dir), run_dir)
     cfg_json = json.loads((run_dir / "adapter_config.json").read_text())
     assert cfg_json["r"] == 16 and cfg_json["lora_alpha"] == 32
-    assert set(cfg_json["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(cfg_json["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # training moved B away from its zero init
 
@@ -84,10 +113,34 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_reaches_the_same_step(tiny_model_d
     steps = 30
     straight = train(tiny_config(tiny_model_dir, text_file, tmp_path / "straight", max_steps=steps, save_steps=100))
     run_dir = tmp_path / "interrupted"
-    cmd = [sys.executable, "-m", "finechat", "train", "--model", str(tiny_model_dir), "--data", str(text_file),
-           "--output", str(run_dir), "--max-steps", str(steps), "--batch-size", "2", "--max-seq-length", "64",
-           "--save-steps", "100", "--quantize", "none", "--compute-dtype", "float32", "--max-eval-docs", "4",
-           "--eval-fraction", "0.1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "finechat",
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(text_file),
+        "--output",
+        str(run_dir),
+        "--max-steps",
+        str(steps),
+        "--batch-size",
+        "2",
+        "--max-seq-length",
+        "64",
+        "--save-steps",
+        "100",
+        "--quantize",
+        "none",
+        "--compute-dtype",
+        "float32",
+        "--max-eval-docs",
+        "4",
+        "--eval-fraction",
+        "0.1",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     deadline = time.time() + 120
     while time.time() < deadline and not any(r.get("step", 0) >= 3 for r in runs.read_metrics(run_dir)):

@@ -11,8 +11,9 @@ from finechat.errors import UserError
 HELP = "commands: /reset (forget the conversation), /length NAME (" + "|".join(LENGTH_PRESETS) + "), /quit"
 
 
-def generate(engine: Engine, prompt: str, settings: GenerationSettings, out: TextIO = sys.stdout) -> str:
-    """Reply to one user message, streaming the text to out; returns the reply."""
+def generate(engine: Engine, prompt: str, settings: GenerationSettings, out: TextIO | None = None) -> str:
+    """Reply to one user message, streaming the text to out (stdout); returns the reply."""
+    out = out or sys.stdout
     ids = engine.chat_prompt([{"role": "user", "content": prompt}], reserve=settings.max_new_tokens)
     generation = engine.generate(ids, settings)
     for piece in generation:

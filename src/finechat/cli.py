@@ -108,6 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_flags(p)
     p.add_argument("--system", help="system message for the conversation")
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API and a web chat page")
+    p.add_argument("--model", required=True, help="Hub id, model folder, .gguf file, run folder, or smollm2")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 request")
+    p.add_argument(
+        "--max-concurrency", type=int, default=4, help="generations running at once; later requests wait (default: 4)"
+    )
+    p.add_argument("--quantize", choices=cfg.QUANTIZE_CHOICES, default="none", help="load the base in 4-bit NF4 (GPU)")
+
     p = sub.add_parser("demo", help="the offline demo: train SmolLM2 on Wikipedia leads, evaluate, merge, reply")
     p.add_argument("--output", default="runs/demo", help="run folder (replaced if it is an earlier demo run)")
     return parser
@@ -238,6 +248,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from finechat.server import serve
+
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_concurrency=args.max_concurrency,
+        quantize=args.quantize,
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from finechat.demo import run_demo
 
@@ -251,4 +275,5 @@ COMMANDS = {
     "generate": cmd_generate,
     "chat": cmd_chat,
     "demo": cmd_demo,
+    "serve": cmd_serve,
 }

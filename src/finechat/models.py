@@ -109,7 +109,7 @@ def convert_gguf(gguf: Path) -> Path:
     except Exception as e:  # gguf raises many types for a bad file
         raise UserError(f"--model {gguf}: could not read this GGUF file ({type(e).__name__}: {e})") from None
     # The weights are already dequantized; keeping the gguf quantizer would make save_pretrained refuse.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(tmp, safe_serialization=True)
@@ -233,8 +233,8 @@ def load_for_inference(spec: str, quantize: str = "none", compute_dtype: str = "
 
 def context_window(model, tokenizer=None) -> int:
     """Longest sequence the model accepts (positions), from its config."""
-    n = getattr(model.config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 2048)
-    return int(n)
+    n = getattr(model.config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", None)
+    return int(n or 2048)
 
 
 def _first_line(e: BaseException) -> str:

