@@ -248,6 +248,8 @@ BAD_REQUESTS = {
     "stop not text": (CHAT, {"messages": user("hi"), "stop": 5}, 400, "stop: must be a string or a list of strings"),
     "several choices": (CHAT, {"messages": user("hi"), "n": 2}, 400, "n: only one choice per request"),
     "unknown length": (CHAT, {"messages": user("hi"), "length": "huge"}, 400, "unknown length preset 'huge'"),
+    "seed out of range": (CHAT, {"messages": user("hi"), "seed": 2**70}, 400, "seed: input should be less than"),
+    "lone surrogate": (CHAT, b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "not valid Unicode"),
     "empty completion prompt": (COMPLETIONS, {"prompt": ""}, 400, "prompt is empty"),
     "token-id prompt": (COMPLETIONS, {"prompt": [1, 2, 3]}, 400, "prompt: must be a string"),
     "completion prompt too long": (COMPLETIONS, {"prompt": "word " * 2000}, 400, "the context window is 512"),

@@ -73,7 +73,7 @@ class _Sampling(BaseModel):
     max_completion_tokens: int | None = Field(None, gt=0)  # the newer OpenAI name for max_tokens
     temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's default; 0 is greedy
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -175,6 +175,7 @@ class CompletionRequest(_Sampling):
 
 async def _read_json(request: Request, limit: int) -> dict[str, Any]:
     """The request body as a JSON object, refusing bodies over `limit` bytes before reading them whole."""
+    # Not FastAPI's max_body_size: it answers a declared oversize body in plain text, not an OpenAI error object.
     too_large = ApiError(
         413, f"request body is larger than {limit} bytes; send shorter messages", code="body_too_large"
     )
@@ -190,6 +191,11 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
         data = json.loads(body)
     except (ValueError, RecursionError) as e:
         raise ApiError(400, f"request body is not valid JSON ({e}); send a JSON object", code="invalid_json") from e
+    try:  # a lone UTF-16 surrogate escape is valid JSON, but no tokenizer can encode it
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError as e:
+        bad = e.object[e.start : e.end]
+        raise ApiError(400, f"request body holds {bad!r}, which is not valid Unicode; send UTF-8 text") from e
     if not isinstance(data, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
     return data
@@ -313,7 +319,13 @@ def create_app(
         yield
         scheduler.close()
 
-    app = FastAPI(title="finechat", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="finechat",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.scheduler = scheduler
 
     def authorize(request: Request) -> None:
@@ -425,6 +437,11 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         return ApiError(400, f"invalid request: {e.errors()[0].get('msg', e)}").response()
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return ApiError(500, f"internal error: {e}", kind="server_error").response()
 
     return app
 
