@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML preset (see configs/); flags override its values")
     p.add_argument("--resume", action="store_true", help="continue the run folder from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument(
+        "--gpus", type=int, default=None, help="train on N GPUs of this machine (re-runs itself under torchrun)"
+    )
     _train_flags(p)
 
     p = sub.add_parser("eval", help="perplexity on held-out text")
@@ -120,7 +123,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the offline demo: train SmolLM2 on Wikipedia leads, evaluate, merge, reply")
     p.add_argument("--output", default="runs/demo", help="run folder (replaced if it is an earlier demo run)")
+
+    p = sub.add_parser("bench", help="GPU measurements behind docs/benchmarks.md")
+    bench = p.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
+    _bench_train_flags(bench.add_parser("train", help="training tokens/s and peak memory: seed stack vs finechat"))
     return parser
+
+
+def _bench_train_flags(p: argparse.ArgumentParser) -> None:
+    from finechat.bench.train import ARCHS, DEFAULT_SHAPES, SYSTEMS
+
+    p.add_argument("--arch", choices=list(ARCHS), default="mistral-7b", help="random-weight model architecture")
+    p.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"batch x sequence pairs (default: {DEFAULT_SHAPES})")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"what to measure (default: {','.join(SYSTEMS)})")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per shape (default: 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default: 2)")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout of seed and finechat (default: 0.05)")
+    p.add_argument("--longest", default="", help="single-sequence lengths to train once on finechat, e.g. 131072")
+    p.add_argument("--memory-cap-gib", type=float, default=79.0, help="GPU memory cap; 0: whole card (default: 79)")
+    p.add_argument("--model-dir", help="folder for the random model (default: /tmp/finechat-bench-ARCH)")
+    p.add_argument("--output", help="JSON path (default: benchmarks/results/train-CARD-DATE.json)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,6 +196,7 @@ def _settings(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from finechat import distributed
     from finechat.train import train
 
     overrides: dict[str, Any] = {
@@ -184,7 +207,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         saved = Path(overrides["run_dir"]) / "config.yaml"
         config_path = str(saved) if saved.is_file() else None  # a resumed run keeps its own settings
     config = cfg.load_config(config_path, overrides)
+    distributed.relaunch(args, Path(config.run_dir))  # --gpus N: becomes torchrun, running N copies of this command
     result = train(config, resume=args.resume, overwrite=args.overwrite)
+    if not distributed.is_main_process():
+        return 130 if result.interrupted else 0  # rank 0 reports for the run
     if result.interrupted:
         print(
             f"interrupted at step {result.step}; checkpoint saved in {result.run_dir}/checkpoints — continue with --resume"
@@ -268,7 +294,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.output)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from finechat.bench.train import BenchSettings, parse_lengths, parse_shapes, run
+
+    if args.steps <= 0 or args.warmup < 0:
+        raise UserError("--steps must be positive and --warmup not negative")
+    settings = BenchSettings(
+        arch=args.arch,
+        shapes=parse_shapes(args.shapes),
+        systems=[s.strip() for s in args.systems.split(",") if s.strip()],
+        steps=args.steps,
+        warmup=args.warmup,
+        lora_dropout=args.lora_dropout,
+        longest=parse_lengths(args.longest),
+        memory_cap_gib=args.memory_cap_gib or None,
+        model_dir=args.model_dir,
+        output=args.output,
+    )
+    run(settings, command="finechat bench train " + " ".join(sys.argv[3:]))
+    return 0
+
+
 COMMANDS = {
+    "bench": cmd_bench,
     "train": cmd_train,
     "eval": cmd_eval,
     "merge": cmd_merge,

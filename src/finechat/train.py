@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from finechat import data, models, runs
+from finechat import data, distributed, models, runs
 from finechat.config import TrainConfig, save_config
 from finechat.errors import UserError
 
@@ -34,10 +34,12 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
 
     run_dir = Path(config.run_dir)
     runs.check_output(run_dir, resume=resume, overwrite=overwrite)
+    plan = distributed.join()  # one process, or one of several started by torchrun / accelerate launch / --gpus
     set_seed(config.seed)
 
     # Build: model reference, tokenizer and data (all errors about inputs surface before the slow model load).
-    ref = models.resolve(config.model)
+    with distributed.main_first(plan):
+        ref = models.resolve(config.model)
     if ref.adapter is not None:
         raise UserError(
             f"--model {config.model} is a run folder; merge it first (finechat merge) and train on the merged folder"
@@ -53,15 +55,25 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     )
     train_examples = data.tokenize(train_records, tokenizer, config.max_seq_length)
     eval_examples = data.tokenize(eval_records, tokenizer, config.max_seq_length)
-    runs.create(run_dir, resume=resume)
-    save_config(config, run_dir / "config.yaml")
-    runs.save_records(run_dir / "heldout.jsonl", eval_records)
-    runs.write_meta(run_dir, base_model=config.model, base_path=ref.path, status="running")
+    plan = distributed.choose(plan, config.distributed, ref.path, config.quantize, config.compute_dtype)
+    distributed.barrier(plan)  # every process has checked the run folder before rank 0 (re)creates it
+    if plan.is_main:
+        runs.create(run_dir, resume=resume)
+        save_config(config, run_dir / "config.yaml")
+        runs.save_records(run_dir / "heldout.jsonl", eval_records)
+        runs.write_meta(
+            run_dir, base_model=config.model, base_path=ref.path, status="running", processes=plan.world_size
+        )
+    distributed.barrier(plan)
     log.info("data: %d training examples, %d held-out examples", len(train_examples), len(eval_examples))
 
     # Load and wrap the model.
     model = models.load_base(
-        ref.path, quantize=config.quantize, compute_dtype=config.compute_dtype, double_quant=config.double_quant
+        ref.path,
+        quantize=config.quantize,
+        compute_dtype=config.compute_dtype,
+        double_quant=config.double_quant,
+        storage=config.compute_dtype if plan.mode == "fsdp" else None,  # FSDP shards 4-bit weights stored as floats
     )
     trainer = _build_trainer(
         config,
@@ -70,11 +82,12 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         Dataset.from_list(train_examples),
         Dataset.from_list(eval_examples) if config.eval_steps else None,
         run_dir,
+        plan,
     )
 
     # Loop.
-    start = runs.last_checkpoint(run_dir) if resume else None
-    if start is not None:
+    start = distributed.from_main(plan, runs.last_checkpoint(run_dir) if resume else None)  # all resume alike
+    if start is not None and plan.is_main:
         runs.truncate_metrics(run_dir, runs.checkpoint_step(start))
         log.info("resuming from %s", start)
     from finechat.callbacks import InterruptCallback, ProgressAndMetrics
@@ -90,16 +103,18 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
             "them (raise --grad-accum to keep the effective batch), or keep --quantize nf4 and --gradient-checkpointing"
         ) from None
 
+    stopper.interrupted = distributed.any_process(stopper.interrupted)  # all processes evaluate, or none
+
     # Save: adapter + tokenizer at the top of the run folder, final numbers, curve.
-    trainer.model.save_pretrained(run_dir, safe_serialization=True)
-    tokenizer.save_pretrained(run_dir)
+    distributed.save_adapter(trainer, run_dir, plan)
+    if plan.is_main:
+        tokenizer.save_pretrained(run_dir)
     step = trainer.state.global_step
     from finechat.evaluate import perplexity
 
     result = perplexity(trainer.model, eval_examples, batch_size=config.batch_size) if not stopper.interrupted else None
-    if result:
+    if result and plan.is_main:
         runs.append_metrics(run_dir, {"step": step, "eval_loss": result.loss, "eval_perplexity": result.perplexity})
-    runs.plot_loss(run_dir)
     progress = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ProgressAndMetrics))
     summary = TrainResult(
         run_dir,
@@ -110,32 +125,44 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         progress.mean_tokens_per_s(),
         stopper.interrupted,
     )
-    runs.write_meta(
-        run_dir,
-        status="interrupted" if stopper.interrupted else "complete",
-        step=step,
-        train_loss=summary.train_loss,
-        eval_perplexity=summary.eval_perplexity,
-        tokens_per_s=summary.tokens_per_s,
-    )
-    if config.push_to_hub and not stopper.interrupted:
+    if plan.is_main:
+        runs.plot_loss(run_dir)
+        runs.write_meta(
+            run_dir,
+            status="interrupted" if stopper.interrupted else "complete",
+            step=step,
+            train_loss=summary.train_loss,
+            eval_perplexity=summary.eval_perplexity,
+            tokens_per_s=summary.tokens_per_s,
+        )
+    if config.push_to_hub and not stopper.interrupted and plan.is_main:
         from finechat.hub import push
 
         push(run_dir, config.push_to_hub)
+    distributed.finish(plan)
     return summary
 
 
-def _build_trainer(config: TrainConfig, model, tokenizer, train_ds, eval_ds, run_dir: Path):
-    """SFTTrainer with the seed's recipe: k-bit preparation, gradient checkpointing, LoRA, paged AdamW."""
+def _build_trainer(
+    config: TrainConfig, model, tokenizer, train_ds, eval_ds, run_dir: Path, plan: distributed.Plan | None = None
+):
+    """SFTTrainer with the seed's recipe: k-bit preparation, gradient checkpointing, LoRA, paged AdamW; DDP or FSDP
+    when the plan says so."""
     import torch
     from peft import LoraConfig, prepare_model_for_kbit_training
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTConfig, SFTTrainer
 
+    from finechat import fastpath
     from finechat.callbacks import ProgressAndMetrics
 
     on_gpu = torch.cuda.is_available()
-    if config.quantize == "nf4":
+    plan = plan or distributed.Plan()
+    # FSDP wraps the model's own decoder layers and shards uniform dtypes only: no fused layers, no float32 upcast.
+    fsdp = plan.mode == "fsdp"
+    if config.fast_path and not fsdp and fastpath.supported(model):  # CUDA + Llama-family: fused layers, offloaded checkpoints
+        model = fastpath.prepare(model, gradient_checkpointing=config.gradient_checkpointing)
+    elif config.quantize == "nf4" and not fsdp:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=config.gradient_checkpointing,
@@ -163,7 +190,7 @@ def _build_trainer(config: TrainConfig, model, tokenizer, train_ds, eval_ds, run
         weight_decay=config.weight_decay,
         optim=config.optimizer,
         gradient_checkpointing=config.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        gradient_checkpointing_kwargs=distributed.gradient_checkpointing_kwargs(plan),
         bf16=bf16,
         max_length=config.max_seq_length,
         packing=False,  # data.tokenize already packs text into full blocks
@@ -179,6 +206,7 @@ def _build_trainer(config: TrainConfig, model, tokenizer, train_ds, eval_ds, run
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
+        **distributed.trainer_kwargs(plan, on_gpu),
     )
     trainer = SFTTrainer(
         model=model,

@@ -1,0 +1,431 @@
+"""`finechat bench train`: training tokens/s and peak GPU memory of the seed's QLoRA stack and of finechat's fast
+path, on a random-weight model of a real architecture, measured one after the other in one process.
+
+Both systems load the model the way a user's checkpoint is loaded (saved to a folder, then models.load_base with NF4
+and double quantization), get LoRA on all seven projections and step with paged AdamW 32-bit on random token
+batches: `warmup` steps, then `steps` timed steps, as ../shared/baselines/seed_stack.py measured the seed.
+- seed: prepare_model_for_kbit_training (float32 upcast) + HF gradient checkpointing + peft, model(labels=...).loss.
+- finechat: fastpath.prepare + peft with bf16 adapters (as SFTTrainer leaves them for a 4-bit base) and the
+  chunked LM-head loss SFTTrainer computes (fastpath.causal_lm_loss).
+- finechat-nodropout: the same with LoRA dropout 0 (Unsloth's fast path requires that).
+The longest-sequence probe trains single sequences on the finechat model under a memory cap (an 80 GB H100's
+usable memory by default, also on an H200)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import json
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finechat.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_MISTRAL_7B = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=32768,
+    rope_theta=1e6,
+    sliding_window=None,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+ARCHS: dict[str, dict[str, Any]] = {
+    "mistral-7b": _MISTRAL_7B,  # Mistral-7B-Instruct-v0.2's shape
+    "mistral-7b-2l": {**_MISTRAL_7B, "num_hidden_layers": 2},  # real widths, two layers: a quick check at size
+    "tiny": {  # CPU dry runs and tests
+        **_MISTRAL_7B,
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+    },
+}
+SYSTEMS = ("finechat", "finechat-nodropout", "seed")
+DEFAULT_SHAPES = "4x512,1x2048,8x1024,1x8192,2x4096"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+N_PARAMS_7B = 7.24e9  # for the 6N FLOP/token utilisation figure, as in the baselines
+
+
+@dataclass
+class BenchSettings:
+    """What `finechat bench train` measures; each field is a flag of the command."""
+
+    arch: str = "mistral-7b"
+    shapes: list[tuple[int, int]] = field(default_factory=lambda: parse_shapes(DEFAULT_SHAPES))
+    systems: list[str] = field(default_factory=lambda: list(SYSTEMS))
+    steps: int = 5
+    warmup: int = 2
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    longest: list[int] = field(default_factory=list)  # single-sequence lengths to try on the finechat model
+    memory_cap_gib: float | None = 79.0  # process memory cap (an 80 GB H100 has 79.2 GiB); None: the whole card
+    model_dir: str | None = None  # where the random model is saved (default /tmp/finechat-bench-<arch>)
+    output: str | None = None  # JSON path (default benchmarks/results/train-<card>-<date>.json)
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """'4x512,1x2048' -> [(4, 512), (1, 2048)]."""
+    shapes = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)x(\d+)\s*", part)
+        if not m or int(m[1]) <= 0 or int(m[2]) < 2:
+            raise UserError(f"--shapes {text}: expected BATCHxSEQ pairs like 4x512,1x2048")
+        shapes.append((int(m[1]), int(m[2])))
+    return shapes
+
+
+def parse_lengths(text: str) -> list[int]:
+    """'65536,131072' -> [65536, 131072]; '' -> []."""
+    try:
+        lengths = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        lengths = [0]
+    if any(n < 2 for n in lengths):
+        raise UserError(f"--longest {text}: expected sequence lengths like 65536,131072")
+    return lengths
+
+
+def run(settings: BenchSettings, command: str = "finechat bench train") -> dict[str, Any]:
+    """Measure every system at every shape (and the longest-sequence probe); print a table, write and return JSON."""
+    import torch
+
+    if settings.arch not in ARCHS:
+        raise UserError(f"--arch {settings.arch}: expected one of {', '.join(ARCHS)}")
+    unknown = [s for s in settings.systems if s not in SYSTEMS]
+    if unknown:
+        raise UserError(f"--systems: unknown {unknown[0]!r}; expected some of {', '.join(SYSTEMS)}")
+    cuda = torch.cuda.is_available()
+    if not cuda and settings.arch != "tiny":
+        raise UserError(f"--arch {settings.arch} needs a CUDA GPU; use --arch tiny for a CPU dry run")
+    device = torch.cuda.get_device_name(0) if cuda else "cpu"
+    result: dict[str, Any] = {
+        "kind": "train",
+        "device": device,
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": command,
+        "arch": settings.arch,
+        "settings": {**asdict(settings), "shapes": [f"{b}x{s}" for b, s in settings.shapes]},
+        "software": _versions(),
+        "rows": [],
+    }
+    output = Path(settings.output or f"benchmarks/results/train-{_card(device)}-{result['date'][:10]}.json")
+    if cuda:
+        result["memory_cap_gib"] = _cap_memory(settings.memory_cap_gib)
+        result["matmul_tflops"] = _matmul_tflops()
+    path = make_random_model(settings.arch, Path(settings.model_dir or f"/tmp/finechat-bench-{settings.arch}"))
+
+    def record(row: dict[str, Any]) -> None:
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        _write(output, result)  # after every row: a crash later keeps what was measured
+
+    # finechat first: it is the likelier to fail, and then the slow seed runs need not be spent.
+    if "finechat" in settings.systems or "finechat-nodropout" in settings.systems or settings.longest:
+        model, step = _finechat(path, settings)
+        if "finechat" in settings.systems:
+            for bs, seq in settings.shapes:
+                record(_measure("finechat", step, bs, seq, settings, model.config.vocab_size))
+        for seq in settings.longest:
+            row = _measure("finechat", step, 1, seq, settings, model.config.vocab_size, steps=1, warmup=0)
+            record({**row, "probe": "longest"})
+        if "finechat-nodropout" in settings.systems:
+            _set_lora_dropout(model, 0.0)
+            for bs, seq in settings.shapes:
+                row = _measure("finechat-nodropout", step, bs, seq, settings, model.config.vocab_size)
+                record({**row, "lora_dropout": 0.0})
+        del model, step
+        _free()
+    if "seed" in settings.systems:
+        model, step = _seed(path, settings)
+        for bs, seq in settings.shapes:
+            record(_measure("seed", step, bs, seq, settings, model.config.vocab_size))
+        del model, step
+        _free()
+
+    result["longest_sequence"] = _longest_summary(result["rows"], result.get("memory_cap_gib"))
+    _write(output, result)
+    print(format_table(result))
+    print(f"results written to {output}")
+    return result
+
+
+def make_random_model(arch: str, folder: Path) -> Path:
+    """Save a random-weight bf16 model of the architecture (built on the GPU when there is one) to folder, once."""
+    import torch
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    marker = folder / "finechat-bench-arch.json"
+    if marker.is_file() and json.loads(marker.read_text()) == ARCHS[arch]:
+        return folder
+    t = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(MistralConfig(**ARCHS[arch]), dtype=torch.bfloat16)
+    model.save_pretrained(folder, safe_serialization=True)
+    marker.write_text(json.dumps(ARCHS[arch]))
+    del model
+    _free()
+    log.info("random %s saved to %s in %.0f s", arch, folder, time.perf_counter() - t)
+    return folder
+
+
+def _lora_config(settings: BenchSettings, dropout: float):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=settings.lora_rank,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=TARGETS,
+    )
+
+
+def _load(path: Path):
+    import torch
+
+    from finechat import models
+
+    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    t = time.perf_counter()
+    model = models.load_base(str(path), quantize="nf4", compute_dtype=dtype, double_quant=True)
+    log.info("loaded and quantized in %.0f s", time.perf_counter() - t)
+    return model
+
+
+def _optimizer(model):
+    import bitsandbytes as bnb
+
+    return bnb.optim.PagedAdamW32bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+
+
+def _seed(path: Path, settings: BenchSettings):
+    """The seed's stack exactly as ../shared/baselines/seed_stack.py measured it (UPCAST=1)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    model = _load(path)
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(model, _lora_config(settings, settings.lora_dropout))
+    model.train()
+    opt = _optimizer(model)
+
+    def step(ids):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return model, step
+
+
+def _finechat(path: Path, settings: BenchSettings):
+    """finechat's training path as `finechat train` builds it on CUDA, with the trainer's loop reduced to its step."""
+    from peft import get_peft_model
+
+    from finechat import fastpath
+
+    model = _load(path)
+    model = fastpath.prepare(model, gradient_checkpointing=True, require_cuda=False)
+    model = get_peft_model(model, _lora_config(settings, settings.lora_dropout))
+    dtype = next(p for p in model.parameters() if p.dtype.is_floating_point).dtype
+    for param in model.parameters():
+        if param.requires_grad:  # SFTTrainer keeps QLoRA adapters in the compute dtype (bf16)
+            param.data = param.data.to(dtype)
+    model.train()
+    opt = _optimizer(model)
+
+    def step(ids):
+        loss = fastpath.causal_lm_loss(model, ids, ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return model, step
+
+
+def _set_lora_dropout(model, p: float) -> None:
+    from torch import nn
+
+    for name, module in model.named_modules():
+        if ".lora_dropout." in f"{name}." and isinstance(module, nn.Dropout):
+            module.p = p
+
+
+def _measure(system: str, step, bs: int, seq: int, settings: BenchSettings, vocab: int, **kw: int) -> dict[str, Any]:
+    import torch
+
+    steps, warmup = kw.get("steps", settings.steps), kw.get("warmup", settings.warmup)
+    cuda = torch.cuda.is_available()
+    _free()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    row: dict[str, Any] = {"system": system, "shape": f"{bs}x{seq}"}
+    try:
+        ids = torch.randint(0, vocab, (bs, seq), device="cuda" if cuda else "cpu")
+        for _ in range(warmup):
+            step(ids)
+        _sync()
+        t = time.perf_counter()
+        for _ in range(steps):
+            loss = step(ids)
+        _sync()
+        step_s = (time.perf_counter() - t) / steps
+        tok_s = bs * seq / step_s
+        row.update(
+            tok_s=round(tok_s),
+            peak_gib=_gib(torch.cuda.max_memory_allocated()) if cuda else None,
+            step_s=round(step_s, 3),
+            mfu_6N=round(tok_s * 6 * N_PARAMS_7B / 790e12, 3),
+            peak_reserved_gib=_gib(torch.cuda.max_memory_reserved()) if cuda else None,
+            loss=round(float(loss), 3),
+        )
+    except torch.OutOfMemoryError:
+        row.update(tok_s=None, peak_gib=_gib(torch.cuda.max_memory_allocated()) if cuda else None, error="OOM")
+    except Exception as e:  # record and go on: the other shapes and systems still measure
+        log.exception("%s %dx%d failed", system, bs, seq)
+        row.update(tok_s=None, peak_gib=None, error=f"{type(e).__name__}: {str(e)[:300]}")
+    return row
+
+
+def _longest_summary(rows: list[dict[str, Any]], cap: float | None) -> dict[str, Any] | None:
+    """Largest probed single sequence that trained, and a linear memory extrapolation of where the cap is reached."""
+    singles = [
+        (int(r["shape"].split("x")[1]), r["peak_gib"])
+        for r in rows
+        if r["system"] == "finechat" and r["shape"].startswith("1x") and r.get("tok_s") and r.get("peak_gib")
+    ]
+    probed = [r for r in rows if r.get("probe") == "longest"]
+    if not probed:
+        return None
+    fits = max((int(r["shape"].split("x")[1]) for r in probed if r.get("tok_s")), default=None)
+    summary: dict[str, Any] = {"largest_trained": fits, "memory_cap_gib": cap}
+    if len(singles) >= 2 and cap:
+        (s0, m0), (s1, m1) = min(singles), max(singles)
+        if s1 > s0 and m1 > m0:
+            per_token = (m1 - m0) / (s1 - s0)
+            summary["estimated_limit_tokens"] = int(s1 + (cap - m1) / per_token) // 1024 * 1024
+            summary["gib_per_1k_tokens"] = round(per_token * 1024, 4)
+    return summary
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The rows as a table: each system's tokens/s (peak GiB) per shape, and finechat over seed."""
+    rows = result["rows"]
+    shapes = list(dict.fromkeys(r["shape"] for r in rows if not r.get("probe")))
+    systems = [s for s in SYSTEMS if any(r["system"] == s and not r.get("probe") for r in rows)]
+    cell = {(r["system"], r["shape"]): r for r in rows if not r.get("probe")}
+
+    def fmt(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return "-"
+        if not r.get("tok_s"):
+            return r.get("error", "failed")[:20]
+        mem = f" ({r['peak_gib']:.2f})" if r.get("peak_gib") is not None else ""
+        return f"{r['tok_s']:,}{mem}"
+
+    head = ["bs x seq"] + [f"{s} tok/s (GiB)" for s in systems]
+    ratio = "finechat" in systems and "seed" in systems
+    if ratio:
+        head += ["speed-up", "memory"]
+    lines = [f"{result['device']}, {result['arch']}", " | ".join(head)]
+    for shape in shapes:
+        cols = [shape] + [fmt(cell.get((s, shape))) for s in systems]
+        if ratio:
+            f, s = cell.get(("finechat", shape)), cell.get(("seed", shape))
+            ok = f and s and f.get("tok_s") and s.get("tok_s")
+            cols.append(f"{f['tok_s'] / s['tok_s']:.2f}x" if ok else "-")  # type: ignore[index]
+            ok_mem = ok and f.get("peak_gib") and s.get("peak_gib")  # type: ignore[union-attr]
+            cols.append(f"{f['peak_gib'] / s['peak_gib']:.2f}x" if ok_mem else "-")  # type: ignore[index]
+        lines.append(" | ".join(cols))
+    for r in rows:
+        if r.get("probe"):
+            lines.append(f"longest-sequence probe {r['shape']}: {fmt(r)}")
+    summary = result.get("longest_sequence")
+    if summary:
+        lines.append(f"longest single sequence: {json.dumps(summary)}")
+    return "\n".join(lines)
+
+
+def _versions() -> dict[str, str]:
+    from contextlib import suppress
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "liger-kernel", "triton"):
+        with suppress(PackageNotFoundError):
+            found[name] = version(name)
+    return found
+
+
+def _card(device: str) -> str:
+    m = re.search(r"\b([A-Z]\d{2,4}[A-Z]?)\b", device.upper())
+    return m[1].lower() if m else re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+
+
+def _cap_memory(cap_gib: float | None) -> float:
+    """Limit this process to cap_gib of the card (no effect when the card is smaller); returns the limit in GiB."""
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    if cap_gib and cap_gib * 2**30 < total:
+        torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total)
+        return cap_gib
+    return _gib(total)
+
+
+def _matmul_tflops() -> float:
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return round(10 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12)
+
+
+def _free() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _gib(n: int) -> float:
+    return round(n / 2**30, 2)
+
+
+def _write(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")

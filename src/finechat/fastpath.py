@@ -1,0 +1,230 @@
+"""finechat's fast training path for Llama-family decoders (Llama, Mistral, Qwen2) on CUDA.
+
+`prepare(model)` replaces each decoder layer of a loaded base model by a FastDecoderLayer that holds the same
+submodules under the same names (state dicts, peft targeting and saving are unchanged) and, when training, computes
+the layer with fused operations from finechat.kernels and checkpoints it with its input offloaded to host memory
+(finechat.offload). In eval mode, or with a KV cache, it calls the original layer. Nothing is patched: no class or
+third-party function is modified, and the model stays a plain transformers model.
+
+What it leaves out against the seed recipe (prepare_model_for_kbit_training + HF gradient checkpointing + peft):
+the float32 upcast of norms, embeddings and head; the float32 LoRA detour; peft's clone and elementwise adds;
+HF checkpointing's GPU-resident layer inputs. Same loss and LoRA gradients within bf16 rounding:
+tests/test_fastpath.py checks it on CPU (float32) and on CUDA (bf16, NF4)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finechat.kernels.lora_linear import lora_adapter, lora_linear
+from finechat.kernels.rms_norm import rms_norm
+from finechat.kernels.rope import apply_rope
+from finechat.kernels.swiglu import swiglu
+from finechat.offload import Offloader, checkpoint
+
+log = logging.getLogger(__name__)
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def unsupported_reason(model: nn.Module, require_cuda: bool = True) -> str | None:
+    """Why the fast path cannot run this model here (None when it can)."""
+    if require_cuda and not torch.cuda.is_available():
+        return "no CUDA device"
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in MODEL_TYPES:
+        return f"model type {getattr(config, 'model_type', None)!r} (supported: {', '.join(MODEL_TYPES)})"
+    if getattr(config, "_attn_implementation", "sdpa") != "sdpa":
+        return f"attention implementation {config._attn_implementation!r} (supported: sdpa)"
+    if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "attention_dropout", 0.0):
+        return "activation other than silu, or attention dropout"
+    layers = _decoder_layers(model)
+    if layers is None:
+        return "no decoder layer list found"
+    for layer in layers:
+        if isinstance(layer, FastDecoderLayer):
+            continue
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is None or mlp is None or not all(hasattr(attn, n) for n in _ATTN):
+            return "decoder layers without self_attn.{q,k,v,o}_proj"
+        if not all(hasattr(mlp, n) for n in _MLP) or hasattr(attn, "q_norm"):
+            return "decoder layers other than Llama-style (gate/up/down MLP, no q/k norm)"
+    return None
+
+
+def supported(model: nn.Module) -> bool:
+    """True when the fast path runs this model on this machine (CUDA and a Llama-family decoder)."""
+    return unsupported_reason(model) is None
+
+
+def prepare(model: nn.Module, gradient_checkpointing: bool = True, require_cuda: bool = True) -> nn.Module:
+    """Make a freshly loaded base model ready for LoRA training on the fast path (in place; returns it).
+
+    Freezes the base weights, keeps them in their loaded dtype, and swaps in FastDecoderLayers that checkpoint with
+    offloading when gradient_checkpointing is on. Apply LoRA (peft) afterwards, as after
+    prepare_model_for_kbit_training. require_cuda=False runs it on CPU, for tests of the arithmetic."""
+    reason = unsupported_reason(model, require_cuda=require_cuda)
+    if reason is not None:
+        raise ValueError(f"finechat fast path: unsupported {reason}; train with --no-fast-path")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    layers = _decoder_layers(model)
+    assert layers is not None
+    offloader = Offloader()
+    for i, layer in enumerate(layers):
+        fast = layer if isinstance(layer, FastDecoderLayer) else FastDecoderLayer(layer, i, offloader)
+        fast.gradient_checkpointing = gradient_checkpointing
+        layers[i] = fast
+    log.info(
+        "fast training path: %d fused decoder layers, offloaded checkpointing %s", len(layers), gradient_checkpointing
+    )
+    return model
+
+
+class FastDecoderLayer(nn.Module):
+    """A Llama-family decoder layer computed with fused ops while training; the original layer otherwise.
+
+    It registers the original layer's children under their own names, so parameter names are those of the
+    original model, and it answers attribute look-ups it cannot (attention_type, ...) from the original layer."""
+
+    def __init__(self, layer: nn.Module, index: int, offloader: Offloader) -> None:
+        super().__init__()
+        for name, child in layer.named_children():
+            self.add_module(name, child)
+        self._plain = (layer,)  # a tuple keeps the original out of the module tree (no duplicate parameters)
+        self._offloader = offloader
+        self.layer_index = index
+        self.gradient_checkpointing = False  # transformers' gradient_checkpointing_enable() sets this flag
+        attn: Any = layer.self_attn
+        self._head_dim: int = attn.head_dim
+        self._kv_groups: int = attn.num_key_value_groups
+        self._scaling: float = attn.scaling
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            plain = self.__dict__.get("_plain")
+            if plain is None:
+                raise
+            return getattr(plain[0], name)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if (
+            not (self.training and torch.is_grad_enabled())
+            or cache is not None
+            or position_embeddings is None
+            or kwargs.get("output_attentions")
+        ):
+            return self._plain[0](
+                hidden_states,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if self._has_dropout() else 0  # drawn once: recompute agrees
+        cos, sin = position_embeddings
+
+        def run(h: torch.Tensor) -> torch.Tensor:
+            return self._layer(h, cos, sin, attention_mask, seed)
+
+        if self.gradient_checkpointing:
+            return checkpoint(run, hidden_states, self._offloader, self.layer_index)
+        return run(hidden_states)
+
+    def _has_dropout(self) -> bool:
+        for parent, names in ((self.self_attn, _ATTN), (self.mlp, _MLP)):
+            for name in names:
+                found = lora_adapter(getattr(parent, name))
+                if found is not None and found[1].dropout > 0:
+                    return True
+        return False
+
+    def _layer(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, seed: int
+    ) -> torch.Tensor:
+        attn: Any = self.self_attn
+        mlp: Any = self.mlp
+        batch, seq, _ = h.shape
+        # Autocast off: every tensor here is already in the model dtype, so this is the arithmetic autocast would pick,
+        # and the recompute in backward cannot differ from the first pass.
+        with torch.autocast(h.device.type, enabled=False):
+            x = rms_norm(h, self.input_layernorm.weight, self.input_layernorm.variance_epsilon)
+            q = lora_linear(x, attn.q_proj, seed).view(batch, seq, -1, self._head_dim).transpose(1, 2)
+            k = lora_linear(x, attn.k_proj, seed + 1).view(batch, seq, -1, self._head_dim).transpose(1, 2)
+            v = lora_linear(x, attn.v_proj, seed + 2).view(batch, seq, -1, self._head_dim).transpose(1, 2)
+            q, k = apply_rope(q, k, cos.to(q.dtype), sin.to(q.dtype))
+            o = _attention(q, k, v, mask, self._scaling, self._kv_groups)
+            h = h + lora_linear(o.transpose(1, 2).reshape(batch, seq, -1), attn.o_proj, seed + 3)
+            x = rms_norm(h, self.post_attention_layernorm.weight, self.post_attention_layernorm.variance_epsilon)
+            a = swiglu(lora_linear(x, mlp.gate_proj, seed + 4), lora_linear(x, mlp.up_proj, seed + 5))
+            return h + lora_linear(a, mlp.down_proj, seed + 6)
+
+
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, kv_groups: int
+) -> torch.Tensor:
+    """Causal SDPA as transformers' sdpa integration calls it: grouped KV heads without copies when there is no mask
+    (flash kernel), repeated heads with the mask transformers built otherwise (padding, sliding window)."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale, enable_gqa=kv_groups > 1)
+    if kv_groups > 1:
+        k = k.repeat_interleave(kv_groups, dim=1)
+        v = v.repeat_interleave(kv_groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _base(model: Any) -> Any:
+    """The transformers model inside a peft wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    base = _base(model)
+    backbone = getattr(base, getattr(base, "base_model_prefix", "model"), None)
+    layers = getattr(backbone, "layers", None)
+    return layers if isinstance(layers, nn.ModuleList) else None
+
+
+def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy without materializing the [tokens, vocab] logits.
+
+    The same computation SFTTrainer runs in `finechat train` (TRL's fused LM head: chunked log-probabilities through
+    the head weight), called directly on the backbone's hidden states."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    base = _base(model)
+    backbone = getattr(base, base.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+    targets = labels[:, 1:].reshape(-1)
+    valid = targets != -100
+    head = base.get_output_embeddings()
+    log_probs = ChunkedLogProbFunction.apply(
+        hidden.reshape(-1, hidden.shape[-1])[valid],
+        head.weight,
+        head.bias,
+        targets[valid],
+        1.0,
+        32768,
+        None,
+        1.0,
+        ("log_probs",),
+    )[0]
+    return -log_probs.sum() / valid.sum().clamp(min=1)

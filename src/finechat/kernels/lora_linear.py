@@ -1,0 +1,141 @@
+"""A linear layer with a LoRA adapter over a frozen weight (bitsandbytes NF4 or plain), as one autograd function:
+
+    y = x W^T + s * (drop(x) A^T) B^T (+ bias)
+
+What it saves against peft's LoRA layer over bitsandbytes' 4-bit matmul: the adapter product is added inside the
+cuBLAS call (`addmm_` with beta=1) instead of as three elementwise passes over y plus a defensive clone; adapters
+compute in the activation dtype (no float32 detour when the adapter weights are float32); dropout masks are
+regenerated from a seed in backward instead of being kept as a copy of x per adapter; only x and the [tokens, rank]
+product x A^T are saved. The weight is dequantized again in backward, as bitsandbytes does, so no dense copy lives
+between forward and backward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One active LoRA adapter of a layer: A [rank, in], B [out, rank], scale (alpha/rank) and dropout probability."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    dropout: float
+
+
+def dense_weight(base: nn.Module) -> torch.Tensor:
+    """The frozen [out, in] weight of a linear layer, dequantized for a bitsandbytes 4-bit layer."""
+    weight: Any = base.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is None:
+        return weight
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(weight.data, quant_state)
+
+
+def lora_adapter(layer: Any) -> tuple[nn.Module, Adapter] | None:
+    """(base layer, adapter) when layer is a peft LoRA linear with exactly one plain adapter active, else None."""
+    if not (hasattr(layer, "base_layer") and hasattr(layer, "lora_A")):
+        return None
+    if getattr(layer, "disable_adapters", False) or getattr(layer, "merged", False):
+        return None
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(active) != 1 or active[0] in getattr(layer, "lora_variant", {}):  # DoRA and other variants: peft's path
+        return None
+    name = active[0]
+    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    if not (isinstance(lora_a, nn.Linear) and lora_a.bias is None and lora_b.bias is None):
+        return None
+    dropout = layer.lora_dropout[name]
+    p = float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
+    return layer.get_base_layer(), Adapter(lora_a.weight, lora_b.weight, float(layer.scaling[name]), p)
+
+
+_generators: dict[torch.device, torch.Generator] = {}
+
+
+def keep_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Inverted-dropout mask (0 or 1/(1-p)) shaped like `like`, a pure function of seed: forward and backward agree."""
+    gen = _generators.get(like.device)
+    if gen is None:
+        gen = _generators[like.device] = torch.Generator(device=like.device)
+    gen.manual_seed(seed)
+    return torch.empty_like(like).bernoulli_(1.0 - p, generator=gen).mul_(1.0 / (1.0 - p))
+
+
+class _LoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, A, B, base, scale, p, seed):  # type: ignore[override]
+        x2 = x.reshape(-1, x.shape[-1])
+        w = dense_weight(base).to(x.dtype)
+        y = x2 @ w.t()
+        del w
+        if base.bias is not None:
+            y += base.bias.to(x.dtype)
+        xd = x2 * keep_mask(x2, p, seed) if p > 0 else x2
+        xa = xd @ A.to(x.dtype).t()
+        del xd
+        y.addmm_(xa, B.to(x.dtype).t(), alpha=scale)
+        ctx.save_for_backward(x, A, B, xa)
+        ctx.base, ctx.scale, ctx.p, ctx.seed = base, scale, p, seed
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, A, B, xa = ctx.saved_tensors
+        scale, p = ctx.scale, ctx.p
+        dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
+        a, b = A.to(dtype), B.to(dtype)
+        dyb = dy2 @ b  # [tokens, rank]
+        mask = keep_mask(x2, p, ctx.seed) if p > 0 and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]) else None
+        dx = dA = dB = None
+        if ctx.needs_input_grad[2]:
+            dB = (dy2.t() @ xa).mul_(scale).to(B.dtype)
+        if ctx.needs_input_grad[1]:
+            xd = x2 * mask if mask is not None else x2
+            dA = (dyb.t() @ xd).mul_(scale).to(A.dtype)
+            del xd
+        if ctx.needs_input_grad[0]:
+            w = dense_weight(ctx.base).to(dtype)
+            dx = dy2 @ w
+            del w
+            if mask is None:
+                dx.addmm_(dyb, a, alpha=scale)
+            else:
+                dx.addcmul_(dyb @ a, mask, value=scale)
+            dx = dx.view(x.shape)
+        return dx, dA, dB, None, None, None, None
+
+
+def lora_linear(x: torch.Tensor, layer: nn.Module, seed: int = 0) -> torch.Tensor:
+    """layer(x) for a peft LoRA linear through the fused function; any other layer (or adapter setup) is called as
+    is. seed picks the dropout mask when the adapter has dropout and the layer is training."""
+    found = lora_adapter(layer)
+    if found is None:
+        return layer(x)
+    base, adapter = found
+    p = adapter.dropout if layer.training else 0.0
+    return _LoRALinear.apply(x, adapter.A, adapter.B, base, adapter.scale, p, seed)
+
+
+def lora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The same function in plain PyTorch ops (autograd differentiates it); mask is the inverted-dropout mask."""
+    xd = x * mask if mask is not None else x
+    y = x @ weight.t() + scale * ((xd @ A.t()) @ B.t())
+    return y + bias if bias is not None else y

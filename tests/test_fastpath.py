@@ -1,0 +1,216 @@
+"""The fast training path: same loss and LoRA gradients as the plain transformers + peft path on the same weights and
+batch (CPU in float32 here; CUDA in bf16 with NF4 weights on the GPU machine), unchanged parameter names, the
+original layers in eval mode, and the clean fallback of `finechat train` without CUDA."""
+
+import pytest
+import torch
+
+from finechat import fastpath, models
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build(folder, fast, quantize="none", dtype="float32", dropout=0.0, checkpointing=True):
+    """Base from folder through the model loader, then LoRA with random A and B (seeded: both builds agree)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = models.load_base(str(folder), quantize=quantize, compute_dtype=dtype)
+    if fast:
+        fastpath.prepare(model, gradient_checkpointing=checkpointing, require_cuda=False)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    torch.manual_seed(0)
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS, init_lora_weights=False)
+    model = get_peft_model(model, lora)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(models.resolve_dtype(dtype))
+    model.train()
+    return model
+
+
+def loss_and_grads(model, ids, fast):
+    loss = fastpath.causal_lm_loss(model, ids, ids) if fast else model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.item(), grads
+
+
+def grad_error(got, want):
+    """Relative error of all LoRA gradients together, and the lowest per-tensor cosine similarity."""
+    a = torch.cat([got[n].flatten() for n in want])
+    b = torch.cat([want[n].flatten() for n in want])
+    cos = min(torch.nn.functional.cosine_similarity(got[n].flatten(), want[n].flatten(), dim=0).item() for n in want)
+    return ((a - b).norm() / b.norm()).item(), cos
+
+
+def batch(vocab, bs=2, seq=48, device="cpu"):
+    torch.manual_seed(1)
+    return torch.randint(0, vocab, (bs, seq), device=device)
+
+
+@pytest.mark.parametrize("quantize,checkpointing", [("none", True), ("none", False), ("nf4", True)])
+def test_fast_path_matches_plain_loss_and_lora_grads(tiny_mistral_dir, quantize, checkpointing):
+    plain = build(tiny_mistral_dir, fast=False, quantize=quantize)
+    fast = build(tiny_mistral_dir, fast=True, quantize=quantize, checkpointing=checkpointing)
+    ids = batch(plain.config.vocab_size)
+    want_loss, want = loss_and_grads(plain, ids, fast=False)
+    got_loss, got = loss_and_grads(fast, ids, fast=True)
+    assert set(got) == set(want) and len(want) == 2 * 7 * 2  # A and B of 7 projections in 2 layers
+    err, cos = grad_error(got, want)
+    assert abs(got_loss - want_loss) < 1e-5 and err < 1e-4 and cos > 0.9999
+
+
+def test_dropout_masks_agree_between_forward_and_recompute(tiny_mistral_dir):
+    kept = build(tiny_mistral_dir, fast=True, dropout=0.2, checkpointing=False)
+    recomputed = build(tiny_mistral_dir, fast=True, dropout=0.2, checkpointing=True)
+    no_dropout = build(tiny_mistral_dir, fast=True, dropout=0.0)
+    ids = batch(kept.config.vocab_size)
+    results = []
+    for model in (kept, recomputed, no_dropout):
+        torch.manual_seed(5)  # the layers draw their dropout seeds from torch's generator
+        results.append(loss_and_grads(model, ids, fast=True))
+    (l1, g1), (l2, g2), (l3, g3) = results
+    assert abs(l1 - l2) < 1e-6 and grad_error(g2, g1)[0] < 1e-5
+    assert abs(l1 - l3) > 1e-4  # dropout did act
+
+
+def test_prepare_keeps_parameter_names_and_eval_uses_the_original_layers(tiny_mistral_dir):
+    plain = models.load_base(str(tiny_mistral_dir))
+    fast = fastpath.prepare(models.load_base(str(tiny_mistral_dir)), require_cuda=False)
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    assert all(isinstance(layer, fastpath.FastDecoderLayer) for layer in fast.model.layers)
+    ids = batch(plain.config.vocab_size, bs=1, seq=12)
+    fast.eval()
+    with torch.no_grad():
+        assert torch.allclose(fast(ids).logits, plain(ids).logits, atol=1e-6)
+        out = fast.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(out, plain.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_fast_path_is_off_without_cuda(tiny_mistral_dir):
+    model = models.load_base(str(tiny_mistral_dir))
+    assert not fastpath.supported(model) and "CUDA" in fastpath.unsupported_reason(model)
+
+
+def test_other_architectures_are_refused_with_the_flag_to_use(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    assert "gpt2" in fastpath.unsupported_reason(model, require_cuda=False)
+    with pytest.raises(ValueError, match="--no-fast-path"):
+        fastpath.prepare(model, require_cuda=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_train_with_fast_path_on_cpu_is_the_plain_path(tiny_mistral_dir, text_file, tmp_path):
+    from finechat import config as cfg
+    from finechat.train import train
+
+    losses = []
+    for fast in (True, False):
+        config = cfg.load_config(
+            None,
+            dict(
+                model=str(tiny_mistral_dir),
+                data=str(text_file),
+                run_dir=str(tmp_path / f"fast{fast}"),
+                max_steps=2,
+                batch_size=2,
+                max_seq_length=32,
+                quantize="none",
+                compute_dtype="float32",
+                max_eval_docs=2,
+                fast_path=fast,
+            ),
+        )
+        losses.append(train(config).train_loss)
+    assert losses[0] == losses[1]
+
+
+# GPU: bf16 activations over NF4 weights, a model with Mistral-7B's head size (128) and grouped KV heads.
+
+
+@pytest.fixture(scope="module")
+def mid_mistral_dir(tmp_path_factory):
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    folder = tmp_path_factory.mktemp("mid-mistral")
+    config = MistralConfig(
+        vocab_size=2048,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_theta=1e6,
+        sliding_window=None,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.gpu
+def test_fast_path_matches_plain_within_bf16_rounding_on_gpu(mid_mistral_dir):
+    """Both bf16 paths against a float32 run of the plain path on the same NF4 weights: the fast path's error must be
+    of the size of the plain path's own bf16 rounding error."""
+    ids = batch(2048, bs=2, seq=512, device="cuda")
+    ref_loss, ref = loss_and_grads(build(mid_mistral_dir, False, "nf4", "float32"), ids, fast=False)
+    plain_loss, plain = loss_and_grads(build(mid_mistral_dir, False, "nf4", "bfloat16"), ids, fast=False)
+    fast_loss, fast = loss_and_grads(build(mid_mistral_dir, True, "nf4", "bfloat16"), ids, fast=True)
+    plain_err, plain_cos = grad_error(plain, ref)
+    fast_err, fast_cos = grad_error(fast, ref)
+    direct_err, direct_cos = grad_error(fast, plain)
+    print(
+        f"loss fp32 {ref_loss:.5f} plain-bf16 {plain_loss:.5f} fast-bf16 {fast_loss:.5f}; LoRA grad rel. error vs "
+        f"fp32: plain {plain_err:.4f} (min cos {plain_cos:.5f}), fast {fast_err:.4f} (min cos {fast_cos:.5f}); "
+        f"fast vs plain {direct_err:.4f} (min cos {direct_cos:.5f})"
+    )
+    assert abs(fast_loss - ref_loss) <= 2 * abs(plain_loss - ref_loss) + 2e-3
+    assert fast_err <= 1.5 * plain_err + 2e-3 and fast_cos > 0.99
+
+
+@pytest.mark.gpu
+def test_offloaded_checkpointing_gives_the_same_grads_on_gpu(mid_mistral_dir):
+    ids = batch(2048, bs=2, seq=512, device="cuda")
+    kept_loss, kept = loss_and_grads(build(mid_mistral_dir, True, "nf4", "bfloat16", checkpointing=False), ids, True)
+    off_loss, off = loss_and_grads(build(mid_mistral_dir, True, "nf4", "bfloat16", checkpointing=True), ids, True)
+    err, cos = grad_error(off, kept)
+    assert abs(off_loss - kept_loss) < 1e-4 and err < 1e-3 and cos > 0.9999
+
+
+@pytest.mark.gpu
+def test_fast_path_is_on_with_cuda(mid_mistral_dir):
+    assert fastpath.supported(models.load_base(str(mid_mistral_dir), quantize="nf4", compute_dtype="bfloat16"))
+
+
+@pytest.mark.gpu
+def test_finechat_train_takes_the_fast_path_on_gpu(tiny_mistral_dir, text_file, tmp_path, caplog):
+    """`finechat train` through SFTTrainer: the fast path is taken and reaches the plain path's loss (dropout 0)."""
+    from finechat import config as cfg
+    from finechat.train import train
+
+    losses = {}
+    for fast in (True, False):
+        values = dict(
+            model=str(tiny_mistral_dir),
+            data=str(text_file),
+            run_dir=str(tmp_path / f"fast{fast}"),
+            max_steps=3,
+            batch_size=2,
+            max_seq_length=64,
+            quantize="nf4",
+            lora_dropout=0.0,
+            max_eval_docs=2,
+            fast_path=fast,
+        )
+        with caplog.at_level("INFO", logger="finechat.fastpath"):
+            losses[fast] = train(cfg.load_config(None, values)).train_loss
+        assert ("fast training path" in caplog.text) == fast
+        caplog.clear()
+    assert abs(losses[True] - losses[False]) < 2e-2 * abs(losses[False])

@@ -1,0 +1,156 @@
+"""finechat.kernels against their plain-PyTorch references: the LoRA linear function on CPU (float32) and, on the GPU
+machine, every kernel in bf16 (GPU-marked)."""
+
+import pytest
+import torch
+from torch import nn
+
+from finechat.kernels import lora_linear as ll
+from finechat.kernels.rms_norm import rms_norm, rms_norm_reference
+from finechat.kernels.rope import apply_rope, apply_rope_reference
+from finechat.kernels.swiglu import swiglu, swiglu_reference
+
+gpu = pytest.mark.gpu
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
+
+
+def lora_layer(in_f: int, out_f: int, dropout: float, device="cpu", dtype=torch.float32, nf4=False, bias=False):
+    """A peft LoRA layer around a plain or bitsandbytes NF4 linear, with non-zero B so A gets a gradient."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = nn.Linear(in_f, out_f, bias=bias, dtype=dtype)
+    if nf4:
+        import bitsandbytes as bnb
+
+        q = bnb.nn.Linear4bit(in_f, out_f, bias=bias, compute_dtype=dtype, quant_type="nf4", quant_storage=torch.uint8)
+        q.weight = bnb.nn.Params4bit(base.weight.data.clone(), requires_grad=False, quant_type="nf4")
+        if bias:
+            q.bias = nn.Parameter(base.bias.data.clone(), requires_grad=False)
+        base = q.to(device)  # bitsandbytes quantizes on the move
+    wrapper = nn.Sequential()
+    wrapper.add_module("proj", base)
+    model = get_peft_model(
+        wrapper, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=["proj"], init_lora_weights=False)
+    )
+    model = model.to(device)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(dtype)
+    return model.base_model.model.proj
+
+
+def check_lora_linear(device, dtype, nf4, dropout, tol):
+    layer = lora_layer(256, 192, dropout, device, dtype, nf4, bias=True)
+    layer.train()
+    base, adapter = ll.lora_adapter(layer)
+    x = torch.randn(3, 17, 256, device=device, dtype=dtype, requires_grad=True)
+    seed = 1234
+    y = ll.lora_linear(x, layer, seed)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, adapter.A, adapter.B), g)
+
+    x2 = x.detach().clone().requires_grad_(True)
+    mask = ll.keep_mask(x2.reshape(-1, 256), dropout, seed).view_as(x2) if dropout else None
+    weight = ll.dense_weight(base).to(dtype)
+    ref = ll.lora_linear_reference(x2, weight, adapter.A, adapter.B, adapter.scale, mask, base.bias)
+    want = torch.autograd.grad(ref, (x2, adapter.A, adapter.B), g)
+    assert rel_err(y, ref) < tol
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and rel_err(a, b) < tol
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_linear_matches_reference_on_cpu(dropout):
+    check_lora_linear("cpu", torch.float32, nf4=False, dropout=dropout, tol=1e-5)
+
+
+def test_lora_linear_matches_reference_over_nf4_on_cpu():
+    check_lora_linear("cpu", torch.float32, nf4=True, dropout=0.0, tol=1e-5)
+
+
+def test_lora_linear_without_dropout_is_peft_layer_output():
+    layer = lora_layer(64, 48, dropout=0.0)
+    x = torch.randn(5, 64)
+    assert rel_err(ll.lora_linear(x, layer), layer(x)) < 1e-6
+
+
+def test_dropout_mask_is_a_function_of_the_seed():
+    x = torch.ones(64, 64)
+    a, b, c = ll.keep_mask(x, 0.25, 7), ll.keep_mask(x, 0.25, 7), ll.keep_mask(x, 0.25, 8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.allclose(a.unique(), torch.tensor([0.0, 1 / 0.75]))
+    assert abs((a == 0).float().mean().item() - 0.25) < 0.05
+
+
+def test_plain_linear_falls_back_to_calling_the_layer():
+    plain = nn.Linear(8, 4)
+    x = torch.randn(2, 8)
+    assert ll.lora_adapter(plain) is None and torch.equal(ll.lora_linear(x, plain), plain(x))
+
+
+def test_ops_fall_back_to_references_on_cpu():
+    x, w = torch.randn(2, 3, 16), torch.randn(16)
+    assert torch.equal(rms_norm(x, w, 1e-5), rms_norm_reference(x, w, 1e-5))
+    g, u = torch.randn(4, 8), torch.randn(4, 8)
+    assert torch.equal(swiglu(g, u), swiglu_reference(g, u))
+    q, k, cos, sin = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 8), torch.randn(1, 3, 8), torch.randn(1, 3, 8)
+    got, want = apply_rope(q, k, cos, sin), apply_rope_reference(q, k, cos, sin)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+# GPU: the Triton kernels (Liger) and the CUDA paths, in bf16, against the references on the same inputs.
+
+
+def _grads(fn, inputs, g):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*inputs)
+    outs = out if isinstance(out, tuple) else (out,)
+    grads = torch.autograd.grad(outs, inputs, g if isinstance(g, tuple) else (g,))
+    return outs, grads
+
+
+@gpu
+def test_rms_norm_kernel_matches_reference():
+    from finechat.kernels import liger_ops
+
+    assert liger_ops() is not None, "liger-kernel is not installed: pip install 'finechat[gpu]'"
+    x = torch.randn(4, 300, 4096, device="cuda", dtype=torch.bfloat16)
+    w = (1 + 0.1 * torch.randn(4096, device="cuda")).to(torch.bfloat16)
+    g = torch.randn_like(x)
+    (y,), (dx,) = _grads(lambda a: rms_norm(a, w, 1e-5), [x], g)
+    (r,), (dr,) = _grads(lambda a: rms_norm_reference(a, w, 1e-5), [x], g)
+    assert rel_err(y, r) < 1e-2 and rel_err(dx, dr) < 1e-2
+
+
+@gpu
+def test_rope_kernel_matches_reference():
+    b, s, d = 2, 512, 128
+    q = torch.randn(b, s, 32, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(b, s, 8, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    angle = torch.arange(s, device="cuda")[:, None] * torch.rand(d // 2, device="cuda")
+    cos = torch.cat([angle.cos(), angle.cos()], -1)[None].to(torch.bfloat16)
+    sin = torch.cat([angle.sin(), angle.sin()], -1)[None].to(torch.bfloat16)
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+    got, dgot = _grads(lambda a, c: apply_rope(a, c, cos, sin), [q, k], (gq, gk))
+    want, dwant = _grads(lambda a, c: apply_rope_reference(a, c, cos, sin), [q, k], (gq, gk))
+    for a, b_ in zip(got + dgot, want + dwant, strict=True):
+        assert rel_err(a, b_) < 1e-2
+
+
+@gpu
+def test_swiglu_kernel_matches_reference():
+    g, u = (torch.randn(3, 200, 14336, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    d = torch.randn_like(g)
+    (y,), grads = _grads(swiglu, [g, u], d)
+    (r,), rgrads = _grads(swiglu_reference, [g, u], d)
+    assert rel_err(y, r) < 1e-2 and all(rel_err(a, b) < 1e-2 for a, b in zip(grads, rgrads, strict=True))
+
+
+@gpu
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_linear_over_nf4_matches_reference_on_gpu(dropout):
+    check_lora_linear("cuda", torch.bfloat16, nf4=True, dropout=dropout, tol=2e-2)
