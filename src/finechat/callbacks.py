@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from finechat import runs
+from finechat import distributed, runs
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +26,16 @@ class ProgressAndMetrics(TrainerCallback):
         self.rates: list[float] = []
 
     def on_train_begin(self, args, state, control, **kw):
+        import torch
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
+        if state.is_world_process_zero:  # one bar for the run, not one per process
+            self.bar = tqdm(
+                total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True
+            )
         self.last_time, self.last_tokens = time.perf_counter(), state.num_input_tokens_seen
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # peak_gib covers training, not loading
 
     def on_step_end(self, args, state, control, **kw):
         if self.bar is not None:
@@ -50,6 +56,7 @@ class ProgressAndMetrics(TrainerCallback):
                 tokens_seen=state.num_input_tokens_seen,
                 epoch=logs.get("epoch"),
             )
+            row.update(_peak_memory())
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=f"{rate:.0f}")
         if "eval_loss" in logs:
@@ -58,6 +65,7 @@ class ProgressAndMetrics(TrainerCallback):
             runs.append_metrics(self.run_dir, row)
 
     def on_save(self, args, state, control, **kw):
+        distributed.barrier(_plan(args))  # every process has written its part (its RNG state, FSDP shards)
         if state.is_world_process_zero:
             staged = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if staged.is_dir():
@@ -71,6 +79,19 @@ class ProgressAndMetrics(TrainerCallback):
         """Mean training throughput over logged intervals (the first, which includes warm-up, is skipped)."""
         rates = self.rates[1:] or self.rates
         return sum(rates) / len(rates) if rates else 0.0
+
+
+def _plan(args) -> distributed.Plan:
+    return distributed.Plan(world_size=args.world_size, rank=args.process_index)
+
+
+def _peak_memory() -> dict:
+    """Peak GPU memory of this process since training began ({} on CPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
 class InterruptCallback(TrainerCallback):
@@ -98,6 +119,8 @@ class InterruptCallback(TrainerCallback):
         log.warning("interrupted: finishing this step and saving a checkpoint (Ctrl-C again to stop now)")
 
     def on_step_end(self, args, state, control, **kw):
+        if args.world_size > 1:  # each process got the signal at its own moment: all stop after the same step
+            self.interrupted = distributed.any_process(self.interrupted)
         if self.interrupted:
             control.should_save = True
             control.should_training_stop = True

@@ -16,6 +16,7 @@ from finechat.errors import UserError
 QUANTIZE_CHOICES = ("nf4", "none")
 PRESETS = Path(__file__).parent / "configs"  # also reachable as configs/ at the repository root
 DTYPE_CHOICES = ("bfloat16", "float16", "float32", "auto")
+DISTRIBUTED_CHOICES = ("auto", "ddp", "fsdp")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -67,6 +68,11 @@ class TrainConfig:
     save_total_limit: int = _f(2, "checkpoints to keep (oldest are removed)")
     fast_path: bool = _f(True, "use finechat's fast training path on CUDA (no effect on CPU)")
     push_to_hub: str | None = _f(None, "Hub repo id to upload the adapter to after training")
+    distributed: str = _f(
+        "auto",
+        "with several processes (--gpus, torchrun): ddp, fsdp (sharded QLoRA, CUDA), or auto (FSDP when the base "
+        "weights would fill half a GPU, else DDP)",
+    )
 
     def validate(self) -> TrainConfig:
         """Raise UserError for values that cannot work, naming the flag to change."""
@@ -99,6 +105,8 @@ class TrainConfig:
             raise UserError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}")
         if self.compute_dtype not in DTYPE_CHOICES:
             raise UserError(f"--compute-dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.compute_dtype!r}")
+        if self.distributed not in DISTRIBUTED_CHOICES:
+            raise UserError(f"--distributed must be one of {', '.join(DISTRIBUTED_CHOICES)}, got {self.distributed!r}")
         if not self.lora_targets:
             raise UserError("--lora-targets must name at least one module, e.g. q_proj,v_proj")
         return self

@@ -160,7 +160,8 @@ def _build_trainer(
     plan = plan or distributed.Plan()
     # FSDP wraps the model's own decoder layers and shards uniform dtypes only: no fused layers, no float32 upcast.
     fsdp = plan.mode == "fsdp"
-    if config.fast_path and not fsdp and fastpath.supported(model):  # CUDA + Llama-family: fused layers, offloaded checkpoints
+    # The fast path: CUDA + Llama-family, fused layers, offloaded checkpoints.
+    if config.fast_path and not fsdp and fastpath.supported(model):
         model = fastpath.prepare(model, gradient_checkpointing=config.gradient_checkpointing)
     elif config.quantize == "nf4" and not fsdp:
         model = prepare_model_for_kbit_training(

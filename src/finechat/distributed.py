@@ -1,0 +1,306 @@
+"""Multi-GPU training through PyTorch distributed: `finechat train --gpus N` re-runs itself under torchrun, each
+process joins the process group the launcher set up, picks DDP or FSDP, and takes part in the few collective steps
+the run folder needs. For one process every function here is a no-op, so train() reads the same either way.
+
+Works the same under `torchrun -m finechat train ...` and `accelerate launch -m finechat train ...`: the launcher's
+environment (WORLD_SIZE, RANK, LOCAL_RANK) is all that is read."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import struct
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from finechat.config import DISTRIBUTED_CHOICES as MODES
+from finechat.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# auto shards (FSDP) when the base weights alone would fill more than this share of one GPU: the rest is needed for
+# activations, the LM-head logits and the optimizer.
+FSDP_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How this process takes part in a run: mode single, ddp or fsdp; its rank among world_size processes."""
+
+    mode: str = "single"
+    world_size: int = 1
+    rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """True for the process that writes the run folder, logs and draws the progress bar."""
+        return self.rank == 0
+
+
+def world_size() -> int:
+    """Processes in this run, as the launcher (torchrun, accelerate launch) set WORLD_SIZE; 1 when not launched."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    """This process's global rank (0 when not launched)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of a launched run; valid before the process group exists."""
+    return rank() == 0
+
+
+def accelerate_fsdp() -> bool:
+    """True when `accelerate launch` was given an FSDP config (it says so through ACCELERATE_USE_FSDP)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def choose_mode(requested: str, processes: int, weights_gib: float | None, gpu_gib: float | None) -> str:
+    """single for one process; else the requested mode, where auto is FSDP when accelerate was configured for it or
+    the base weights would take more than FSDP_SHARE of one GPU, and DDP otherwise."""
+    if requested not in MODES:
+        raise UserError(f"--distributed must be one of {', '.join(MODES)}, got {requested!r}")
+    if processes <= 1:
+        return "single"
+    if requested == "ddp" and accelerate_fsdp():
+        raise UserError(
+            "--distributed ddp, but accelerate launch was given an FSDP config; "
+            "pass --distributed fsdp (or auto), or launch with a non-FSDP accelerate config"
+        )
+    if requested != "auto":
+        return requested
+    if accelerate_fsdp():
+        return "fsdp"
+    if weights_gib is not None and gpu_gib and weights_gib > FSDP_SHARE * gpu_gib:
+        return "fsdp"
+    return "ddp"
+
+
+def count_parameters(folder: Path) -> int | None:
+    """Parameters in a model folder's safetensors files, read from their headers (no weights are loaded); None
+    when the folder has none."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for path in files:
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return total
+
+
+def weights_gib(model_path: str, quantize: str, compute_dtype: str) -> float | None:
+    """Approximate size of the loaded base weights (4 bits a weight for nf4), or None when they cannot be counted."""
+    params = count_parameters(Path(model_path)) if Path(model_path).is_dir() else None
+    if params is None:
+        return None
+    bytes_per_param = 0.5 if quantize == "nf4" else (4 if compute_dtype == "float32" else 2)
+    return params * bytes_per_param / 2**30
+
+
+def join() -> Plan:
+    """Join the process group the launcher set up (NCCL on GPUs, gloo on CPU); Plan() for one process. The mode is
+    decided by choose() once the model is known."""
+    if world_size() <= 1:
+        return Plan()
+    import torch
+    from accelerate import PartialState
+
+    # The Trainer builds the same PartialState later; joining now lets rank 0 write the run folder while the others
+    # wait. On CPU, accelerate runs processes over gloo only when asked for the CPU.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    plan = Plan("ddp", state.num_processes, state.process_index)
+    if not plan.is_main:
+        logging.getLogger("finechat").setLevel(logging.WARNING)  # rank 0 speaks for the run
+    return plan
+
+
+def choose(plan: Plan, requested: str, model_path: str, quantize: str, compute_dtype: str) -> Plan:
+    """The plan with its mode (DDP or FSDP) decided for this model; unchanged for one process."""
+    if plan.world_size <= 1:
+        return plan
+    import torch
+
+    cuda = torch.cuda.is_available()
+    gpu_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30 if cuda else None
+    mode = choose_mode(requested, plan.world_size, weights_gib(model_path, quantize, compute_dtype), gpu_gib)
+    if mode == "fsdp" and not cuda:
+        raise UserError("--distributed fsdp needs CUDA GPUs; on CPU (gloo) use --distributed ddp")
+    log.info("distributed: %s over %d processes (%s)", mode.upper(), plan.world_size, "NCCL" if cuda else "gloo")
+    return replace(plan, mode=mode)
+
+
+@contextlib.contextmanager
+def main_first(plan: Plan) -> Iterator[None]:
+    """Run the block on rank 0 first, then on the others (a GGUF is converted once, a download made once)."""
+    if not plan.is_main:
+        barrier(plan)
+    try:
+        yield
+    finally:
+        if plan.is_main:
+            barrier(plan)  # also when rank 0 failed: the others then meet the same error instead of waiting
+
+
+def barrier(plan: Plan) -> None:
+    """Wait until every process gets here."""
+    if plan.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def from_main(plan: Plan, value: Any) -> Any:
+    """Rank 0's value on every process (so all ranks act on the same checkpoint, say)."""
+    if plan.world_size <= 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when flag is True on at least one (a collective: all processes must call it)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def trainer_kwargs(plan: Plan, on_gpu: bool) -> dict[str, Any]:
+    """TrainingArguments (SFTConfig) settings for the plan: DDP as is, or FSDP the way the FSDP-QLoRA recipe does."""
+    if plan.mode == "single":
+        return {}
+    # Every LoRA weight gets a gradient each step: DDP need not search the graph for unused ones.
+    kwargs: dict[str, Any] = {"ddp_find_unused_parameters": False}
+    if not on_gpu:
+        kwargs["use_cpu"] = True  # makes accelerate run the processes over gloo
+    if plan.mode == "fsdp":
+        kwargs["fsdp"] = True
+        kwargs["fsdp_config"] = {
+            # FSDP1 with flat parameters: FSDP2 drops the quant_state of bitsandbytes' Params4bit when it shards
+            # (bitsandbytes#1945), FSDP1 keeps it on the module (bitsandbytes#970).
+            "version": 1,
+            "reshard_after_forward": "full_shard",
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # the Trainer adds peft's policy: LoRA layers apart
+            "backward_prefetch": "BACKWARD_PRE",
+            "forward_prefetch": False,
+            "use_orig_params": False,
+            "sync_module_states": True,
+            "cpu_ram_efficient_loading": False,  # every process loads the (4-bit) base onto its own GPU
+            "state_dict_type": "FULL_STATE_DICT",  # checkpoints hold a plain peft adapter, as on one GPU
+        }
+    return kwargs
+
+
+def gradient_checkpointing_kwargs(plan: Plan) -> dict[str, Any]:
+    """Reentrant checkpointing under FSDP, as the FSDP-QLoRA recipe uses; non-reentrant otherwise."""
+    return {"use_reentrant": plan.mode == "fsdp"}
+
+
+def save_adapter(trainer, run_dir: Path, plan: Plan) -> None:
+    """Write the trained adapter to run_dir exactly as a single-process run does (rank 0 writes; under FSDP every
+    process first helps gather the full weights)."""
+    model = trainer.model
+    state_dict = trainer.accelerator.get_state_dict(model) if plan.mode == "fsdp" else None
+    if plan.is_main:
+        model = trainer.accelerator.unwrap_model(model)
+        model.save_pretrained(run_dir, state_dict=state_dict, safe_serialization=True)
+
+
+def finish(plan: Plan) -> None:
+    """Leave the process group once every process is done with the run folder."""
+    if plan.world_size > 1:
+        import torch.distributed as dist
+        from accelerate.state import AcceleratorState
+
+        dist.barrier()
+        dist.destroy_process_group()
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def launch_command(finechat_args: list[str], processes: int) -> list[str]:
+    """The torchrun command line that runs `finechat <finechat_args>` in `processes` processes on this machine."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",  # a free local port: several runs may share a machine
+        "--nproc_per_node",
+        str(processes),
+        "-m",
+        "finechat",
+        *finechat_args,
+    ]
+
+
+def train_argv(args: argparse.Namespace) -> list[str]:
+    """The `finechat train` arguments that reproduce a parsed command line, without --gpus."""
+    from finechat import config as cfg
+
+    argv = ["-v"] if getattr(args, "verbose", False) else []
+    argv.append("train")
+    if args.config:
+        argv += ["--config", args.config]
+    argv += ["--resume"] if args.resume else []
+    argv += ["--overwrite"] if args.overwrite else []
+    for f in cfg.fields():
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        flag = cfg.flag_for(f.name)
+        if isinstance(value, bool):
+            argv.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            argv += [f"--{flag}", str(value)]
+    return argv
+
+
+def relaunch(args: argparse.Namespace, run_dir: Path) -> None:
+    """For `finechat train --gpus N` (N > 1) outside a launcher: replace this process by torchrun running N copies
+    of the same command. Returns when this process should train itself (one GPU, or already launched)."""
+    gpus = args.gpus
+    if gpus is None:
+        return
+    if gpus < 1:
+        raise UserError(f"--gpus must be a positive number, got {gpus}")
+    if world_size() > 1:
+        if gpus != world_size():
+            raise UserError(f"--gpus {gpus}, but the launcher started {world_size()} processes; drop --gpus")
+        return
+    if gpus == 1:
+        return
+    import torch
+
+    found = torch.cuda.device_count()
+    if found < gpus:
+        raise UserError(
+            f"--gpus {gpus}: this machine shows {found} CUDA GPU(s) (CUDA_VISIBLE_DEVICES limits them); "
+            "lower --gpus, or on CPU run torchrun --nproc_per_node N -m finechat train ... for a gloo test run"
+        )
+    from finechat import runs
+
+    runs.check_output(run_dir, resume=args.resume, overwrite=args.overwrite)  # refuse before starting N processes
+    command = launch_command(train_argv(args), gpus)
+    log.info("launching %d processes: %s", gpus, " ".join(command[1:]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)

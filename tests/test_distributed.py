@@ -1,0 +1,179 @@
+"""Multi-process training on CPU: real torchrun processes over gloo on the tiny model must train exactly like one
+process with the same global batch, stop together on Ctrl-C, resume, and leave one plain-peft adapter."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from finechat import cli, distributed, runs
+from finechat import config as cfg
+from finechat.errors import UserError
+
+STEPS = 40
+
+
+def flags(model_dir, data, run_dir, batch_size: int) -> list[str]:
+    """`finechat train` flags of a tiny deterministic run (no LoRA dropout: the processes draw different masks)."""
+    return [
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--output",
+        str(run_dir),
+        "--max-steps",
+        str(STEPS),
+        "--batch-size",
+        str(batch_size),
+        "--max-seq-length",
+        "64",
+        "--save-steps",
+        "100",
+        "--quantize",
+        "none",
+        "--compute-dtype",
+        "float32",
+        "--lora-dropout",
+        "0",
+        "--max-eval-docs",
+        "4",
+        "--eval-fraction",
+        "0.1",
+    ]
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in runs.read_metrics(run_dir) if "loss" in r}
+
+
+def cpu_env() -> dict[str, str]:
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="gloo on CPU; GPUs: benchmarks/run_multigpu_bench.sh")
+def test_two_processes_train_like_one_stop_together_and_resume(tiny_model_dir, text_file, tmp_path):
+    """2 processes x batch 2 under torchrun == 1 process x batch 4, step by step, through a Ctrl-C and --resume."""
+    assert cli.main(flags(tiny_model_dir, text_file, tmp_path / "one", 4)) == 0
+
+    run_dir = tmp_path / "two"
+    command = distributed.launch_command(flags(tiny_model_dir, text_file, run_dir, 2), 2)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env())
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and max(losses(run_dir), default=0) < 3:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)  # as Ctrl-C in a terminal: torchrun passes it on to both processes
+    out, err = proc.communicate(timeout=120)
+    assert "continue with --resume" in out, err
+    saved = runs.last_checkpoint(run_dir)
+    assert saved is not None and 3 <= runs.checkpoint_step(saved) < STEPS, err
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in saved.iterdir()}  # both processes saved
+    meta = json.loads((run_dir / "finechat.json").read_text())
+    assert meta["status"] == "interrupted" and meta["processes"] == 2
+
+    resume = distributed.launch_command(["train", "--output", str(run_dir), "--resume"], 2)
+    done = subprocess.run(resume, capture_output=True, text=True, env=cpu_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("train loss") == 1  # rank 0 reports, rank 1 stays quiet
+
+    # Only rank 0 wrote metrics: exactly one row per step, and they match one process with the same global batch.
+    rows = [r["step"] for r in runs.read_metrics(run_dir) if "loss" in r]
+    assert rows == list(range(1, STEPS + 1))
+    one, two = losses(tmp_path / "one"), losses(run_dir)
+    assert max(abs(one[s] - two[s]) for s in one) < 1e-4
+    assert json.loads((run_dir / "finechat.json").read_text())["status"] == "complete"
+
+    # The adapter is the single-process one (same files, same weights) and loads with plain peft.
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    a, b = load_file(tmp_path / "one" / "adapter_model.safetensors"), load_file(run_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    files = {p.name for p in run_dir.iterdir() if p.is_file()}
+    assert files == {p.name for p in (tmp_path / "one").iterdir() if p.is_file()}
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run_dir)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
+
+
+@pytest.mark.parametrize(
+    "requested, processes, weights, gpu, expected",
+    [
+        ("auto", 1, 40.0, 80.0, "single"),
+        ("fsdp", 1, None, None, "single"),
+        ("auto", 2, 3.9, 80.0, "ddp"),  # Mistral-7B in NF4 on an H100
+        ("auto", 2, 37.0, 48.0, "fsdp"),  # a 70B in NF4 on 48 GB cards
+        ("auto", 2, None, None, "ddp"),  # size unknown (a Hub id not yet downloaded)
+        ("ddp", 2, 37.0, 48.0, "ddp"),
+        ("fsdp", 2, 3.9, 80.0, "fsdp"),
+    ],
+)
+def test_choose_mode(requested, processes, weights, gpu, expected, monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert distributed.choose_mode(requested, processes, weights, gpu) == expected
+
+
+def test_accelerate_fsdp_config_means_fsdp(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert distributed.choose_mode("auto", 2, 3.9, 80.0) == "fsdp"
+    with pytest.raises(UserError, match="accelerate launch was given an FSDP config"):
+        distributed.choose_mode("ddp", 2, 3.9, 80.0)
+
+
+def test_bad_mode_is_a_one_line_error(tiny_model_dir, text_file, tmp_path, capsys):
+    code = cli.main(flags(tiny_model_dir, text_file, tmp_path / "r", 2) + ["--distributed", "zero3"])
+    assert code == 2 and "--distributed must be one of auto, ddp, fsdp" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_parameter_count_from_safetensors_headers(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    n = AutoModelForCausalLM.from_pretrained(tiny_model_dir).num_parameters()
+    assert distributed.count_parameters(tiny_model_dir) == n
+    assert distributed.weights_gib(str(tiny_model_dir), "none", "float32") == pytest.approx(n * 4 / 2**30)
+    assert distributed.weights_gib("org/not-downloaded", "nf4", "bfloat16") is None
+
+
+def test_gpus_relaunch_keeps_every_flag_but_gpus(tmp_path):
+    argv = ["-v", "train", "--gpus", "2", "--model", "m", "--lr", "1e-4", "--no-gradient-checkpointing"]
+    argv += ["--lora-targets", "q_proj,v_proj", "--output", str(tmp_path / "r"), "--distributed", "fsdp"]
+    args = cli.build_parser().parse_args(argv)
+    again = distributed.train_argv(args)
+    assert "--gpus" not in again and again[:2] == ["-v", "train"]
+    reparsed = cli.build_parser().parse_args(again)
+    for f in cfg.fields():
+        assert getattr(reparsed, f.name) == getattr(args, f.name), f.name
+    command = distributed.launch_command(again, 2)
+    assert command[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    assert command[7:] == ["finechat", *again]
+
+
+def test_gpus_needs_that_many_cuda_devices(tiny_model_dir, text_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    code = cli.main(flags(tiny_model_dir, text_file, tmp_path / "r", 2) + ["--gpus", "2"])
+    assert code == 2 and "--gpus 2: this machine shows 1 CUDA GPU(s)" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    args = cli.build_parser().parse_args(["train", "--gpus", "2"])
+    with pytest.raises(UserError, match="launcher started 4 processes"):
+        distributed.relaunch(args, tmp_path / "r")
+
+
+def test_fsdp_settings_are_the_fsdp_qlora_recipe():
+    """What TrainingArguments makes of them (FSDP itself needs CUDA; the GPU bench runs it)."""
+    from trl import SFTConfig
+
+    kwargs = distributed.trainer_kwargs(distributed.Plan("fsdp", 2, 0), on_gpu=True)
+    args = SFTConfig(output_dir="unused", bf16=False, **kwargs)
+    plugin = args.fsdp_plugin_args
+    assert plugin["fsdp_version"] == 1 and plugin["use_orig_params"] is False
+    assert plugin["reshard_after_forward"] == "full_shard" and plugin["state_dict_type"] == "FULL_STATE_DICT"
+    assert distributed.gradient_checkpointing_kwargs(distributed.Plan("fsdp", 2, 0)) == {"use_reentrant": True}
+    assert distributed.trainer_kwargs(distributed.Plan(), on_gpu=True) == {}
+    assert distributed.trainer_kwargs(distributed.Plan("ddp", 2, 1), on_gpu=False)["use_cpu"] is True
