@@ -121,6 +121,7 @@ def run(settings: BenchSettings, command: str = "finechat bench train") -> dict[
         "arch": settings.arch,
         "settings": {**asdict(settings), "shapes": [f"{b}x{s}" for b, s in settings.shapes]},
         "software": _versions(),
+        "fast_path_kernels": _kernels(),
         "rows": [],
     }
     output = Path(settings.output or f"benchmarks/results/train-{_card(device)}-{result['date'][:10]}.json")
@@ -374,6 +375,15 @@ def _versions() -> dict[str, str]:
         with suppress(PackageNotFoundError):
             found[name] = version(name)
     return found
+
+
+def _kernels() -> str:
+    """Which implementation the fast path's norm/RoPE/SwiGLU use in this process."""
+    import torch
+
+    from finechat.kernels import liger_ops
+
+    return "liger" if torch.cuda.is_available() and liger_ops() is not None else "reference (plain PyTorch)"
 
 
 def _card(device: str) -> str:

@@ -7,19 +7,77 @@ tests live in tests/test_kernels.py (GPU-marked where a kernel needs CUDA)."""
 from __future__ import annotations
 
 import functools
+import logging
 from types import ModuleType
+
+log = logging.getLogger(__name__)
 
 
 @functools.cache
 def liger_ops() -> ModuleType | None:
-    """liger_kernel.ops when liger-kernel (and Triton) can be imported, else None."""
+    """liger_kernel.ops when liger-kernel imports and, on CUDA, passes a small check against the references."""
     try:
         import liger_kernel.ops as ops
-    except Exception:  # ImportError, or Triton failing to initialise without a GPU
+    except Exception:  # ImportError, or Triton failing to initialise
         return None
+    import torch
+
+    if torch.cuda.is_available():
+        try:
+            _check(ops)
+        except Exception as e:  # a Triton/driver mismatch shows here, once, instead of in the first training step
+            log.warning(
+                "liger-kernel failed its check (%s: %s); the fast path uses plain PyTorch ops", type(e).__name__, e
+            )
+            return None
     return ops
 
 
 def use_liger(*tensors) -> bool:
-    """True when every tensor is on CUDA and Liger's kernels are importable."""
+    """True when every tensor is on CUDA and Liger's kernels are usable."""
     return all(t.is_cuda for t in tensors) and liger_ops() is not None
+
+
+def _check(ops: ModuleType) -> None:
+    """Forward and backward of each Liger op used here against the reference, in bf16 on small CUDA tensors."""
+    import torch
+
+    from finechat.kernels.rms_norm import rms_norm_reference
+    from finechat.kernels.rope import apply_rope_reference
+    from finechat.kernels.swiglu import swiglu_reference
+
+    def close(got, want) -> None:
+        err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        if not err < 2e-2:
+            raise ValueError(f"relative error {err:.3g}")
+
+    def run(fn, *xs):
+        xs = [x.detach().clone().requires_grad_(True) for x in xs]
+        out = fn(*xs)
+        outs = out if isinstance(out, tuple) else (out,)
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        return [*outs, *(x.grad for x in xs)]
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", generator=gen).to(torch.bfloat16)
+
+    x, w = rand(16, 256), rand(256)
+    for a, b in zip(
+        run(lambda t: ops.LigerRMSNormFunction.apply(t, w, 1e-5, 0.0, "llama", False), x),
+        run(lambda t: rms_norm_reference(t, w, 1e-5), x),
+        strict=True,
+    ):
+        close(a, b)
+    q, k = rand(2, 8, 4, 64).transpose(1, 2), rand(2, 8, 2, 64).transpose(1, 2)
+    cos, sin = rand(1, 8, 64), rand(1, 8, 64)
+    for a, b in zip(
+        run(lambda s, t: ops.LigerRopeFunction.apply(s, t, cos, sin), q, k),
+        run(lambda s, t: apply_rope_reference(s, t, cos, sin), q, k),
+        strict=True,
+    ):
+        close(a, b)
+    g, u = rand(16, 512), rand(16, 512)
+    for a, b in zip(run(ops.LigerSiLUMulFunction.apply, g, u), run(swiglu_reference, g, u), strict=True):
+        close(a, b)

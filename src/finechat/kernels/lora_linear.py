@@ -61,12 +61,13 @@ _generators: dict[torch.device, torch.Generator] = {}
 
 
 def keep_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Inverted-dropout mask (0 or 1/(1-p)) shaped like `like`, a pure function of seed: forward and backward agree."""
+    """Dropout keep-mask (0 or 1, each kept with probability 1-p) shaped like `like`, a pure function of seed, so
+    forward and backward agree. The 1/(1-p) of inverted dropout is folded into the adapter scale instead."""
     gen = _generators.get(like.device)
     if gen is None:
         gen = _generators[like.device] = torch.Generator(device=like.device)
     gen.manual_seed(seed)
-    return torch.empty_like(like).bernoulli_(1.0 - p, generator=gen).mul_(1.0 / (1.0 - p))
+    return torch.empty_like(like).bernoulli_(1.0 - p, generator=gen)
 
 
 class _LoRALinear(torch.autograd.Function):
@@ -79,8 +80,9 @@ class _LoRALinear(torch.autograd.Function):
         if base.bias is not None:
             y += base.bias.to(x.dtype)
         xd = x2 * keep_mask(x2, p, seed) if p > 0 else x2
-        xa = xd @ A.to(x.dtype).t()
+        xa = xd @ A.to(x.dtype).t()  # [tokens, rank], without the scale
         del xd
+        scale = scale / (1.0 - p)  # inverted dropout's 1/(1-p), applied to the small product instead of to x
         y.addmm_(xa, B.to(x.dtype).t(), alpha=scale)
         ctx.save_for_backward(x, A, B, xa)
         ctx.base, ctx.scale, ctx.p, ctx.seed = base, scale, p, seed
