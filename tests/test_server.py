@@ -200,11 +200,11 @@ def test_sixteen_concurrent_streams_each_get_their_own_reply(client, engine, url
 def test_stream_disconnect_cancels_generation(slow_url):
     body = {"messages": user("hi"), "max_tokens": 400, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{slow_url}/v1/chat/completions", json=body, timeout=30) as r:
-        for line in r.iter_lines():
-            if '"content": "' in line and '"role"' not in line:
-                break  # one token arrived; now hang up
+        lines = r.iter_lines()  # kept referenced: a closed line iterator would already close the connection
+        while not ('"content": "' in (line := next(lines)) and '"role"' not in line):
+            pass  # until one token has arrived
         assert health(slow_url)["active"] == 1
-    # 400 tokens at >= 20 ms each would take >= 8 s; a cancelled one stops within a token.
+    # The block closed the connection. 400 tokens at >= 20 ms each would take >= 8 s; a cancelled reply stops at once.
     assert wait_idle(slow_url, within=3) < 3
 
 

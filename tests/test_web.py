@@ -80,7 +80,7 @@ def test_page_streams_keeps_history_stops_and_clears(tiny_model_dir, serve_app, 
     url = serve_app(create_app(SlowEngine(engine.model, engine.tokenizer), model_id="tiny"))
     bodies = sent_bodies(page)
     page.goto(url)
-    assert page.locator("#model").inner_text() == "tiny"
+    expect(page.locator("#model")).to_have_text("tiny")
 
     page.select_option("#length", "long")
     page.fill("#input", "Hello there")

@@ -233,9 +233,8 @@ class Scheduler:
         self.cancels: set[threading.Event] = set()
 
     async def pieces(self, request: Request, generation: Generation) -> AsyncIterator[str]:
-        """Text pieces of a generation; it is cancelled when the client disconnects or stops reading."""
+        """Text pieces of a generation; it is cancelled when the client disconnects."""
         cancel = generation.cancel
-        self.cancels.add(cancel)
         # Watch for the disconnect ourselves: a queued request has sent nothing yet, so no failed write would notice.
         watcher = asyncio.create_task(_on_disconnect(request, cancel.set))
         try:
@@ -247,6 +246,7 @@ class Scheduler:
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[Any] = asyncio.Queue()
             self.active += 1
+            self.cancels.add(cancel)
             try:
                 future = self.pool.submit(_drain, generation, loop, queue)
             except BaseException:
@@ -326,7 +326,6 @@ def create_app(
         redoc_url=None,
         openapi_url=None,
     )
-    app.state.scheduler = scheduler
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -353,27 +352,7 @@ def create_app(
         req = _parse(ChatRequest, await _read_json(request, max_body_bytes))
         limit = _check_limit(engine, req)
         ids = await run_in_threadpool(_chat_ids, engine, [m.as_template() for m in req.messages])
-        generation = engine.generate(ids, _settings(engine, req, len(ids), limit))
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
-        pieces = scheduler.pieces(request, generation)
-        if req.stream:
-
-            async def chunks() -> AsyncIterator[dict[str, Any]]:
-                chunk = {**head, "object": "chat.completion.chunk"}
-                yield {**chunk, "choices": [_delta({"role": "assistant", "content": ""})]}
-                async for piece in pieces:
-                    yield {**chunk, "choices": [_delta({"content": piece})]}
-                yield {**chunk, "choices": [_delta({}, _finish(generation))]}
-                if (req.stream_options or {}).get("include_usage"):
-                    yield {**chunk, "choices": [], "usage": _usage(generation)}
-
-            return _sse(chunks())
-        text = "".join([piece async for piece in pieces])
-        if _finish(generation) == "cancelled":
-            return Response(status_code=499)  # nginx's "client closed request"; nobody is left to read it
-        message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(generation)}
-        return JSONResponse({**head, "object": "chat.completion", "choices": [choice], "usage": _usage(generation)})
+        return await answer(request, req, ids, limit)
 
     @api.post("/completions")
     async def completions(request: Request) -> Response:
@@ -382,28 +361,39 @@ def create_app(
         ids = await run_in_threadpool(engine.text_prompt, req.prompt)
         if not ids:
             raise ApiError(400, "prompt is empty; send some text to continue", param="prompt")
+        return await answer(request, req, ids, limit)
+
+    async def answer(request: Request, req: _Sampling, ids: list[int], limit: int | None) -> Response:
+        """Generate the reply and send it whole or as a stream, in the chat or the text-completion shape."""
+        chat = isinstance(req, ChatRequest)
         generation = engine.generate(ids, _settings(engine, req, len(ids), limit))
+        pieces = scheduler.pieces(request, generation)
         head = {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
             "model": model_id,
         }
-        pieces = scheduler.pieces(request, generation)
         if req.stream:
 
             async def chunks() -> AsyncIterator[dict[str, Any]]:
+                chunk = {**head, "object": "chat.completion.chunk"} if chat else head
+                if chat:
+                    yield {**chunk, "choices": [_delta({"role": "assistant", "content": ""})]}
                 async for piece in pieces:
-                    yield {**head, "choices": [_text_choice(piece)]}
-                yield {**head, "choices": [_text_choice("", _finish(generation))]}
+                    yield {**chunk, "choices": [_delta({"content": piece}) if chat else _text(piece)]}
+                finish = _finish(generation)
+                yield {**chunk, "choices": [_delta({}, finish) if chat else _text("", finish)]}
                 if (req.stream_options or {}).get("include_usage"):
-                    yield {**head, "choices": [], "usage": _usage(generation)}
+                    yield {**chunk, "choices": [], "usage": _usage(generation)}
 
             return _sse(chunks())
         text = "".join([piece async for piece in pieces])
-        if _finish(generation) == "cancelled":
-            return Response(status_code=499)
-        return JSONResponse({**head, "choices": [_text_choice(text, _finish(generation))], "usage": _usage(generation)})
+        finish = _finish(generation)
+        if finish == "cancelled":
+            return Response(status_code=499)  # nginx's "client closed request"; nobody is left to read it
+        choice = _message(text, finish) if chat else _text(text, finish)
+        return JSONResponse({**head, "choices": [choice], "usage": _usage(generation)})
 
     app.include_router(api)
 
@@ -437,6 +427,10 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         return ApiError(400, f"invalid request: {e.errors()[0].get('msg', e)}").response()
+
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, e: UserError) -> JSONResponse:
+        return ApiError(400, str(e)).response()
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, e: Exception) -> JSONResponse:
@@ -513,7 +507,11 @@ def _delta(delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
     return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
 
-def _text_choice(text: str, finish: str | None = None) -> dict[str, Any]:
+def _message(text: str, finish: str) -> dict[str, Any]:
+    return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
+
+
+def _text(text: str, finish: str | None = None) -> dict[str, Any]:
     return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
 
 
@@ -526,7 +524,8 @@ def _sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
                 yield f"data: {json.dumps(event)}\n\n"
         except Exception as e:  # headers are sent: the error can only travel as an event
             log.exception("generation failed")
-            yield f"data: {json.dumps({'error': {'message': f'generation failed: {e}', 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+            error = {"message": f"generation failed: {e}", "type": "server_error", "param": None, "code": None}
+            yield f"data: {json.dumps({'error': error})}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(
@@ -540,11 +539,15 @@ def _sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
 
 def listen(host: str, port: int) -> socket.socket:
     """A listening socket on host:port, or a UserError naming the flag to change."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port}: not a TCP port; use a number from 1 to 65535")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         return socket.create_server((host, port), family=family, backlog=2048)
     except OSError as e:
-        raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); pick another --port") from e
+        raise UserError(
+            f"--host {host} --port {port}: cannot listen there ({e.strerror}); check --host or pick another --port"
+        ) from e
 
 
 def serve(
