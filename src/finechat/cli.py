@@ -140,6 +140,8 @@ def _bench_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default: 2)")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout of seed and finechat (default: 0.05)")
     p.add_argument("--longest", default="", help="single-sequence lengths to train once on finechat, e.g. 131072")
+    p.add_argument("--ablation-shapes", default="8x1024", help="shapes for the finechat-* ablation systems")
+    p.add_argument("--profile", default="", help="shapes at which to profile one finechat step, e.g. 8x1024")
     p.add_argument("--memory-cap-gib", type=float, default=79.0, help="GPU memory cap; 0: whole card (default: 79)")
     p.add_argument("--model-dir", help="folder for the random model (default: /tmp/finechat-bench-ARCH)")
     p.add_argument("--output", help="JSON path (default: benchmarks/results/train-CARD-DATE.json)")
@@ -307,6 +309,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         lora_dropout=args.lora_dropout,
         longest=parse_lengths(args.longest),
+        ablation_shapes=parse_shapes(args.ablation_shapes) if args.ablation_shapes else [],
+        profile_shapes=parse_shapes(args.profile) if args.profile else [],
         memory_cap_gib=args.memory_cap_gib or None,
         model_dir=args.model_dir,
         output=args.output,

@@ -63,12 +63,15 @@ def supported(model: nn.Module) -> bool:
     return unsupported_reason(model) is None
 
 
-def prepare(model: nn.Module, gradient_checkpointing: bool = True, require_cuda: bool = True) -> nn.Module:
+def prepare(
+    model: nn.Module, gradient_checkpointing: bool = True, require_cuda: bool = True, offload: bool = True
+) -> nn.Module:
     """Make a freshly loaded base model ready for LoRA training on the fast path (in place; returns it).
 
     Freezes the base weights, keeps them in their loaded dtype, and swaps in FastDecoderLayers that checkpoint with
     offloading when gradient_checkpointing is on. Apply LoRA (peft) afterwards, as after
-    prepare_model_for_kbit_training. require_cuda=False runs it on CPU, for tests of the arithmetic."""
+    prepare_model_for_kbit_training. require_cuda=False runs it on CPU, for tests of the arithmetic; offload=False
+    keeps the checkpoints on the GPU."""
     reason = unsupported_reason(model, require_cuda=require_cuda)
     if reason is not None:
         raise ValueError(f"finechat fast path: unsupported {reason}; train with --no-fast-path")
@@ -78,7 +81,7 @@ def prepare(model: nn.Module, gradient_checkpointing: bool = True, require_cuda:
         model.config.use_cache = False
     layers = _decoder_layers(model)
     assert layers is not None
-    offloader = Offloader()
+    offloader = Offloader(enabled=offload)
     for i, layer in enumerate(layers):
         fast = layer if isinstance(layer, FastDecoderLayer) else FastDecoderLayer(layer, i, offloader)
         fast.gradient_checkpointing = gradient_checkpointing
@@ -87,6 +90,16 @@ def prepare(model: nn.Module, gradient_checkpointing: bool = True, require_cuda:
         "fast training path: %d fused decoder layers, offloaded checkpointing %s", len(layers), gradient_checkpointing
     )
     return model
+
+
+def set_options(model: nn.Module, offload: bool | None = None, gradient_checkpointing: bool | None = None) -> None:
+    """Switch offloading or checkpointing of a prepared model's fast layers (None leaves a setting as it is)."""
+    for layer in _decoder_layers(model) or []:
+        if isinstance(layer, FastDecoderLayer):
+            if offload is not None:
+                layer._offloader.enabled = offload
+            if gradient_checkpointing is not None:
+                layer.gradient_checkpointing = gradient_checkpointing
 
 
 class FastDecoderLayer(nn.Module):
@@ -139,43 +152,51 @@ class FastDecoderLayer(nn.Module):
                 position_embeddings=position_embeddings,
                 **kwargs,
             )
-        seed = int(torch.randint(0, 2**62, (1,)).item()) if self._has_dropout() else 0  # drawn once: recompute agrees
+        # Looked up once per step (not again in the recompute), as is the dropout seed, so the recompute agrees.
+        found = {name: lora_adapter(module) for name, module in self._projections()}
+        dropout = any(f is not None and f[1].dropout > 0 for f in found.values())
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout else 0
         cos, sin = position_embeddings
 
         def run(h: torch.Tensor) -> torch.Tensor:
-            return self._layer(h, cos, sin, attention_mask, seed)
+            return self._layer(h, cos, sin, attention_mask, seed, found)
 
         if self.gradient_checkpointing:
             return checkpoint(run, hidden_states, self._offloader, self.layer_index)
         return run(hidden_states)
 
-    def _has_dropout(self) -> bool:
-        for parent, names in ((self.self_attn, _ATTN), (self.mlp, _MLP)):
-            for name in names:
-                found = lora_adapter(getattr(parent, name))
-                if found is not None and found[1].dropout > 0:
-                    return True
-        return False
+    def _projections(self) -> list[tuple[str, nn.Module]]:
+        return [(n, getattr(self.self_attn, n)) for n in _ATTN] + [(n, getattr(self.mlp, n)) for n in _MLP]
 
     def _layer(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, seed: int
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        seed: int,
+        found: dict[str, Any],
     ) -> torch.Tensor:
         attn: Any = self.self_attn
         mlp: Any = self.mlp
         batch, seq, _ = h.shape
+
+        def linear(x: torch.Tensor, parent: Any, name: str, offset: int) -> torch.Tensor:
+            return lora_linear(x, getattr(parent, name), seed + offset, found[name])
+
         # Autocast off: every tensor here is already in the model dtype, so this is the arithmetic autocast would pick,
         # and the recompute in backward cannot differ from the first pass.
         with torch.autocast(h.device.type, enabled=False):
             x = rms_norm(h, self.input_layernorm.weight, self.input_layernorm.variance_epsilon)
-            q = lora_linear(x, attn.q_proj, seed).view(batch, seq, -1, self._head_dim).transpose(1, 2)
-            k = lora_linear(x, attn.k_proj, seed + 1).view(batch, seq, -1, self._head_dim).transpose(1, 2)
-            v = lora_linear(x, attn.v_proj, seed + 2).view(batch, seq, -1, self._head_dim).transpose(1, 2)
+            q = linear(x, attn, "q_proj", 0).view(batch, seq, -1, self._head_dim).transpose(1, 2)
+            k = linear(x, attn, "k_proj", 1).view(batch, seq, -1, self._head_dim).transpose(1, 2)
+            v = linear(x, attn, "v_proj", 2).view(batch, seq, -1, self._head_dim).transpose(1, 2)
             q, k = apply_rope(q, k, cos.to(q.dtype), sin.to(q.dtype))
             o = _attention(q, k, v, mask, self._scaling, self._kv_groups)
-            h = h + lora_linear(o.transpose(1, 2).reshape(batch, seq, -1), attn.o_proj, seed + 3)
+            h = h + linear(o.transpose(1, 2).reshape(batch, seq, -1), attn, "o_proj", 3)
             x = rms_norm(h, self.post_attention_layernorm.weight, self.post_attention_layernorm.variance_epsilon)
-            a = swiglu(lora_linear(x, mlp.gate_proj, seed + 4), lora_linear(x, mlp.up_proj, seed + 5))
-            return h + lora_linear(a, mlp.down_proj, seed + 6)
+            a = swiglu(linear(x, mlp, "gate_proj", 4), linear(x, mlp, "up_proj", 5))
+            return h + linear(a, mlp, "down_proj", 6)
 
 
 def _attention(
@@ -216,15 +237,17 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     targets = labels[:, 1:].reshape(-1)
     valid = targets != -100
     head = base.get_output_embeddings()
+    # Every position is scored and ignored ones are masked after: selecting the valid rows would make the host wait
+    # for the GPU in the middle of the step.
     log_probs = ChunkedLogProbFunction.apply(
-        hidden.reshape(-1, hidden.shape[-1])[valid],
+        hidden.reshape(-1, hidden.shape[-1]),
         head.weight,
         head.bias,
-        targets[valid],
+        targets.clamp(min=0),
         1.0,
         32768,
         None,
         1.0,
         ("log_probs",),
     )[0]
-    return -log_probs.sum() / valid.sum().clamp(min=1)
+    return -(log_probs * valid).sum() / valid.sum().clamp(min=1)

@@ -29,7 +29,8 @@ class _Saved:
 class Offloader:
     """Pinned host buffers (one per layer, reused across steps) and the copy stream of one model."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled  # False keeps checkpoints on the GPU (plain checkpointing; to measure the offload)
         self._buffers: dict[int, torch.Tensor] = {}
         self._latest: dict[int, _Saved] = {}
         self._prefetched: dict[int, tuple[_Saved, torch.Tensor, torch.cuda.Event]] = {}
@@ -37,7 +38,7 @@ class Offloader:
 
     def save(self, key: int, x: torch.Tensor) -> _Saved:
         """Start copying x to the host (returns at once); keep x on its device when that is not possible."""
-        if not x.is_cuda:
+        if not (x.is_cuda and self.enabled):
             return _Saved(key, x.shape, x.dtype, kept=x)
         host = self._buffer(key, x)
         if host is None:

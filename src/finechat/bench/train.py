@@ -8,6 +8,9 @@ batches: `warmup` steps, then `steps` timed steps, as ../shared/baselines/seed_s
 - finechat: fastpath.prepare + peft with bf16 adapters (as SFTTrainer leaves them for a 4-bit base) and the
   chunked LM-head loss SFTTrainer computes (fastpath.causal_lm_loss).
 - finechat-nodropout: the same with LoRA dropout 0 (Unsloth's fast path requires that).
+- ablations (at --ablation-shapes): finechat with one part switched off, to measure what it buys:
+  finechat-plainops (plain PyTorch RMSNorm/RoPE/SwiGLU instead of Liger's kernels), finechat-gpucheckpoints
+  (checkpoints kept on the GPU instead of offloaded), finechat-norecompute (no activation checkpointing at all).
 The longest-sequence probe trains single sequences on the finechat model under a memory cap (an 80 GB H100's
 usable memory by default, also on an H200)."""
 
@@ -55,6 +58,7 @@ ARCHS: dict[str, dict[str, Any]] = {
     },
 }
 SYSTEMS = ("finechat", "finechat-nodropout", "seed")
+ABLATIONS = ("finechat-plainops", "finechat-gpucheckpoints", "finechat-norecompute")
 DEFAULT_SHAPES = "4x512,1x2048,8x1024,1x8192,2x4096"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_PARAMS_7B = 7.24e9  # for the 6N FLOP/token utilisation figure, as in the baselines
@@ -73,6 +77,8 @@ class BenchSettings:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     longest: list[int] = field(default_factory=list)  # single-sequence lengths to try on the finechat model
+    ablation_shapes: list[tuple[int, int]] = field(default_factory=list)  # where to measure the ABLATIONS
+    profile_shapes: list[tuple[int, int]] = field(default_factory=list)  # one profiled finechat step each
     memory_cap_gib: float | None = 79.0  # process memory cap (an 80 GB H100 has 79.2 GiB); None: the whole card
     model_dir: str | None = None  # where the random model is saved (default /tmp/finechat-bench-<arch>)
     output: str | None = None  # JSON path (default benchmarks/results/train-<card>-<date>.json)
@@ -106,9 +112,9 @@ def run(settings: BenchSettings, command: str = "finechat bench train") -> dict[
 
     if settings.arch not in ARCHS:
         raise UserError(f"--arch {settings.arch}: expected one of {', '.join(ARCHS)}")
-    unknown = [s for s in settings.systems if s not in SYSTEMS]
+    unknown = [s for s in settings.systems if s not in SYSTEMS + ABLATIONS]
     if unknown:
-        raise UserError(f"--systems: unknown {unknown[0]!r}; expected some of {', '.join(SYSTEMS)}")
+        raise UserError(f"--systems: unknown {unknown[0]!r}; expected some of {', '.join(SYSTEMS + ABLATIONS)}")
     cuda = torch.cuda.is_available()
     if not cuda and settings.arch != "tiny":
         raise UserError(f"--arch {settings.arch} needs a CUDA GPU; use --arch tiny for a CPU dry run")
@@ -136,14 +142,21 @@ def run(settings: BenchSettings, command: str = "finechat bench train") -> dict[
         _write(output, result)  # after every row: a crash later keeps what was measured
 
     # finechat first: it is the likelier to fail, and then the slow seed runs need not be spent.
-    if "finechat" in settings.systems or "finechat-nodropout" in settings.systems or settings.longest:
+    if any(s.startswith("finechat") for s in settings.systems) or settings.longest or settings.profile_shapes:
         model, step = _finechat(path, settings)
+        vocab = model.config.vocab_size
         if "finechat" in settings.systems:
             for bs, seq in settings.shapes:
-                record(_measure("finechat", step, bs, seq, settings, model.config.vocab_size))
+                record(_measure("finechat", step, bs, seq, settings, vocab))
         for seq in settings.longest:
-            row = _measure("finechat", step, 1, seq, settings, model.config.vocab_size, steps=1, warmup=0)
-            record({**row, "probe": "longest"})
+            record({**_measure("finechat", step, 1, seq, settings, vocab, steps=1, warmup=0), "probe": "longest"})
+        for system in [s for s in ABLATIONS if s in settings.systems]:
+            _ablate(model, system, True)
+            for bs, seq in settings.ablation_shapes or settings.shapes:
+                record({**_measure(system, step, bs, seq, settings, vocab), "ablation": True})
+            _ablate(model, system, False)
+        for bs, seq in settings.profile_shapes:
+            result.setdefault("profiles", {})[f"{bs}x{seq}"] = _profile(step, bs, seq, vocab, output)
         if "finechat-nodropout" in settings.systems:
             _set_lora_dropout(model, 0.0)
             for bs, seq in settings.shapes:
@@ -263,6 +276,71 @@ def _finechat(path: Path, settings: BenchSettings):
     return model, step
 
 
+def _ablate(model, system: str, on: bool) -> None:
+    """Switch off (on=True) or back on the part of the fast path that an ablation system leaves out."""
+    from finechat import fastpath, kernels
+
+    if system == "finechat-plainops":
+        kernels.ENABLED["liger"] = not on
+    elif system == "finechat-gpucheckpoints":
+        fastpath.set_options(model, offload=not on)
+    elif system == "finechat-norecompute":
+        fastpath.set_options(model, gradient_checkpointing=not on)
+
+
+def _profile(step, bs: int, seq: int, vocab: int, output: Path) -> dict[str, Any]:
+    """One finechat step under torch.profiler: GPU time per kind of kernel against the step's wall time; the
+    kernel table goes to <output>-profile-<shape>.txt."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if not torch.cuda.is_available():
+        return {}
+    _free()
+    ids = torch.randint(0, vocab, (bs, seq), device="cuda")
+    step(ids)
+    _sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        step(ids)
+        _sync()
+        wall = time.perf_counter() - t
+    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    buckets: dict[str, float] = {}
+    for e in events:
+        buckets[_kernel_kind(e.key)] = buckets.get(_kernel_kind(e.key), 0.0) + e.self_device_time_total / 1e3
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90)
+    path = output.with_name(f"{output.stem}-profile-{bs}x{seq}.txt")
+    path.write_text(table)
+    summary = {
+        "wall_ms_profiled": round(wall * 1e3, 1),
+        "gpu_ms": round(sum(buckets.values()), 1),
+        "gpu_ms_by_kind": {k: round(v, 1) for k, v in sorted(buckets.items(), key=lambda kv: -kv[1])},
+    }
+    print(f"profile {bs}x{seq}: {json.dumps(summary)}", flush=True)
+    return summary
+
+
+def _kernel_kind(name: str) -> str:
+    n = name.lower()
+    kinds = [
+        ("flash/attention", ("flash", "fmha", "attention")),
+        ("bnb dequant", ("dequantize", "kdequant")),
+        ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "sm90", "cublas", "splitk")),
+        ("liger/triton", ("_rms_norm", "_triton_rope", "_swiglu", "liger")),
+        ("lm head (trl)", ("_forward_kernel", "_backward_kernel")),
+        ("copy host<->gpu", ("memcpy htod", "memcpy dtoh", "memcpyhtod", "memcpydtoh")),
+        ("dropout rng", ("bernoulli", "philox", "uniform")),
+        ("optimizer", ("optimizer", "adam")),
+        ("memset/copy", ("memset", "memcpy", "copy")),
+        ("elementwise", ("elementwise", "vectorized", "reduce", "unrolled")),
+    ]
+    for kind, keys in kinds:
+        if any(k in n for k in keys):
+            return kind
+    return "other"
+
+
 def _set_lora_dropout(model, p: float) -> None:
     from torch import nn
 
@@ -332,7 +410,7 @@ def format_table(result: dict[str, Any]) -> str:
     """The rows as a table: each system's tokens/s (peak GiB) per shape, and finechat over seed."""
     rows = result["rows"]
     shapes = list(dict.fromkeys(r["shape"] for r in rows if not r.get("probe")))
-    systems = [s for s in SYSTEMS if any(r["system"] == s and not r.get("probe") for r in rows)]
+    systems = [s for s in SYSTEMS + ABLATIONS if any(r["system"] == s and not r.get("probe") for r in rows)]
     cell = {(r["system"], r["shape"]): r for r in rows if not r.get("probe")}
 
     def fmt(r: dict[str, Any] | None) -> str:

@@ -117,10 +117,15 @@ class _LoRALinear(torch.autograd.Function):
         return dx, dA, dB, None, None, None, None
 
 
-def lora_linear(x: torch.Tensor, layer: nn.Module, seed: int = 0) -> torch.Tensor:
+_LOOK_UP = object()
+
+
+def lora_linear(x: torch.Tensor, layer: nn.Module, seed: int = 0, found: Any = _LOOK_UP) -> torch.Tensor:
     """layer(x) for a peft LoRA linear through the fused function; any other layer (or adapter setup) is called as
-    is. seed picks the dropout mask when the adapter has dropout and the layer is training."""
-    found = lora_adapter(layer)
+    is. seed picks the dropout mask when the adapter has dropout and the layer is training; found is
+    lora_adapter(layer) when the caller has it already."""
+    if found is _LOOK_UP:
+        found = lora_adapter(layer)
     if found is None:
         return layer(x)
     base, adapter = found
