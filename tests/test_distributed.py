@@ -177,3 +177,7 @@ def test_fsdp_settings_are_the_fsdp_qlora_recipe():
     assert distributed.gradient_checkpointing_kwargs(distributed.Plan("fsdp", 2, 0)) == {"use_reentrant": True}
     assert distributed.trainer_kwargs(distributed.Plan(), on_gpu=True) == {}
     assert distributed.trainer_kwargs(distributed.Plan("ddp", 2, 1), on_gpu=False)["use_cpu"] is True
+    fsdp, ddp = distributed.Plan("fsdp", 2, 0), distributed.Plan("ddp", 2, 0)
+    assert distributed.optimizer(fsdp, "paged_adamw_32bit") == "adamw_torch"
+    assert distributed.optimizer(fsdp, "adamw_torch_fused") == "adamw_torch_fused"
+    assert distributed.optimizer(ddp, "paged_adamw_32bit") == "paged_adamw_32bit"

@@ -17,6 +17,7 @@ import struct
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,7 @@ def join() -> Plan:
 
     # The Trainer builds the same PartialState later; joining now lets rank 0 write the run folder while the others
     # wait. On CPU, accelerate runs processes over gloo only when asked for the CPU.
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=1800))  # Trainer's default
     plan = Plan("ddp", state.num_processes, state.process_index)
     if not plan.is_main:
         logging.getLogger("finechat").setLevel(logging.WARNING)  # rank 0 speaks for the run
@@ -209,6 +210,16 @@ def trainer_kwargs(plan: Plan, on_gpu: bool) -> dict[str, Any]:
             "state_dict_type": "FULL_STATE_DICT",  # checkpoints hold a plain peft adapter, as on one GPU
         }
     return kwargs
+
+
+def optimizer(plan: Plan, name: str) -> str:
+    """The optimizer to use: as configured, except that FSDP gets torch's AdamW in place of a bitsandbytes one."""
+    if plan.mode == "fsdp" and any(tag in name for tag in ("paged", "8bit", "bnb", "32bit")):
+        # Paged states live in host-mapped memory that FSDP cannot gather into a checkpoint, and 8-bit states do
+        # not gather at all (accelerate#1362); a LoRA's optimizer state is small enough not to need either.
+        log.info("FSDP: optimizer adamw_torch instead of %s", name)
+        return "adamw_torch"
+    return name
 
 
 def gradient_checkpointing_kwargs(plan: Plan) -> dict[str, Any]:

@@ -32,7 +32,9 @@ def perplexity(model, examples: list[dict[str, list[int]]], batch_size: int = 4)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    with torch.inference_mode():
+    # no_grad, not inference_mode: an FSDP-wrapped model (multi-GPU training) swaps its parameter views in place,
+    # which inference tensors refuse (pytorch#113203).
+    with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             batch = examples[start : start + batch_size]
             width = max(len(e["input_ids"]) for e in batch)

@@ -13,6 +13,7 @@ run_dir/
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -128,9 +129,14 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
 
 
-def plot_loss(run_dir: Path) -> Path:
-    """Draw loss.png from metrics.jsonl: training loss per step and held-out loss where measured."""
-    import matplotlib
+def plot_loss(run_dir: Path) -> Path | None:
+    """Draw loss.png from metrics.jsonl: training loss per step and held-out loss where measured (None, with a
+    warning, where matplotlib is missing: a trained run is not lost over its picture)."""
+    try:
+        import matplotlib
+    except ImportError:  # e.g. a bare GPU image; the numbers are in metrics.jsonl all the same
+        logging.getLogger(__name__).warning("loss.png not drawn: matplotlib is not installed (pip install matplotlib)")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -189,7 +189,7 @@ def _build_trainer(
         lr_scheduler_type=config.lr_scheduler,
         warmup_steps=config.warmup_steps,
         weight_decay=config.weight_decay,
-        optim=config.optimizer,
+        optim=distributed.optimizer(plan, config.optimizer),
         gradient_checkpointing=config.gradient_checkpointing,
         gradient_checkpointing_kwargs=distributed.gradient_checkpointing_kwargs(plan),
         bf16=bf16,

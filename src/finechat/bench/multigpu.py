@@ -1,0 +1,432 @@
+"""`python -m finechat.bench.multigpu`: training tokens/s and peak GPU memory on one GPU, with DDP over N GPUs and
+with FSDP-QLoRA over N GPUs, at the same per-GPU batch, on a random-weight model of a real architecture.
+
+Every mode is a real `finechat train` run, started the way a user starts it (`finechat train ...` on one GPU,
+`finechat train --gpus N --distributed ddp|fsdp` on N), on a model saved to a folder and loaded through
+models.load_base, with a stand-in word-level tokenizer (the real one is not reachable offline) and random words as
+data. The numbers come from the run's metrics.jsonl: tokens/s is rank 0's rate of all processes' tokens (summed over
+GPUs) averaged over the steps after the warm-up, peak_gib rank 0's peak allocated memory during training. Results
+go to benchmarks/results/multigpu-<card>-<date>.json after every mode, so a later failure keeps what was measured.
+
+`--arch tiny --device cpu` is a dry run of the same code path on CPU: DDP over gloo (FSDP needs CUDA)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finechat.errors import UserError
+
+MODES = ("single", "ddp", "fsdp")
+# Multi-GPU machines here: NVLink multicast off (../shared/gpu/README.md), also for the processes torchrun starts.
+NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+@dataclass
+class Settings:
+    """What one bench run measures; each field is a flag."""
+
+    arch: str = "mistral-7b"
+    gpus: int = 2
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    batch_size: int = 4  # sequences per GPU per step, the same in every mode
+    seq: int = 1024
+    steps: int = 20
+    warmup: int = 5  # logged steps left out of tokens/s
+    quantize: str = "nf4"
+    fast_path: bool = False  # the same (Hugging Face) layers in every mode: FSDP cannot wrap the fused ones
+    device: str = "cuda"
+    workdir: str = "/tmp/finechat-multigpu"
+    model_dir: str | None = None  # default /tmp/finechat-bench-<arch>, shared with finechat bench train
+    output: str | None = None
+    timeout_s: int = 480  # per run
+    resume_check: bool = False  # resume ddp and fsdp from their checkpoints for two more steps
+
+
+def run(settings: Settings, command: str) -> dict[str, Any]:
+    """Prepare the model and data, train every mode, write and return the JSON results; prints a table last."""
+    import torch
+
+    from finechat.bench.train import ARCHS
+
+    _check(settings, ARCHS)
+    cuda = settings.device == "cuda"
+    if cuda and torch.cuda.device_count() < max(settings.gpus if m != "single" else 1 for m in settings.modes):
+        raise UserError(f"--gpus {settings.gpus}: this machine shows {torch.cuda.device_count()} CUDA GPU(s)")
+    device = torch.cuda.get_device_name(0) if cuda else "cpu"
+    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    name = f"multigpu-{card_name(device)}-{date[:10]}.json"
+    output = Path(settings.output or "benchmarks/results/")
+    if output.is_dir() or str(settings.output or "/").endswith("/"):
+        output = output / name
+    result: dict[str, Any] = {
+        "kind": "multigpu",
+        "device": device,
+        "date": date,
+        "command": command,
+        "settings": asdict(settings),
+        "software": _versions(),
+        "rows": _previous_rows(output),  # modes measured by an earlier call of the same day and card are kept
+    }
+    workdir = Path(settings.workdir)
+    model_dir = prepare_model(settings.arch, Path(settings.model_dir or f"/tmp/finechat-bench-{settings.arch}"))
+    data = prepare_data(workdir / "data.jsonl", ARCHS[settings.arch]["vocab_size"], _tokens_needed(settings))
+
+    for mode in settings.modes:
+        row = train_mode(mode, settings, model_dir, data, workdir)
+        result["rows"] = [r for r in result["rows"] if r["mode"] != mode] + [row]
+        result["rows"].sort(key=lambda r: MODES.index(r["mode"]))
+        result["summary"] = summarize(result["rows"])
+        _write(output, result)
+        print(json.dumps(row), flush=True)
+    _write(output, result)
+    print(format_table(result))
+    print(f"results written to {output}")
+    return result
+
+
+def prepare_model(arch: str, folder: Path) -> Path:
+    """The random-weight model folder of finechat bench train, plus a stand-in word-level tokenizer."""
+    from finechat.bench.train import ARCHS, make_random_model
+
+    make_random_model(arch, folder)
+    if not (folder / "tokenizer.json").is_file():
+        save_word_tokenizer(folder, ARCHS[arch]["vocab_size"])
+    return folder
+
+
+def save_word_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A tokenizer whose tokens are the words w3..w{vocab_size-1} (plus <unk>, <s>, </s>): one word, one token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
+    )
+    fast.save_pretrained(folder)
+
+
+def prepare_data(path: Path, vocab_size: int, tokens: int) -> Path:
+    """A .jsonl of documents of random words, at least `tokens` tokens in all (written once per size)."""
+    words_per_doc = 1000
+    docs = tokens // words_per_doc + 20  # + held-out documents
+    marker = f"{vocab_size}:{docs}"
+    if path.is_file() and path.with_suffix(".size").read_text() == marker:
+        return path
+    rng = random.Random(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for _ in range(docs):
+            text = " ".join(f"w{rng.randrange(3, vocab_size)}" for _ in range(words_per_doc))
+            f.write(json.dumps({"text": text}) + "\n")
+    path.with_suffix(".size").write_text(marker)
+    return path
+
+
+def train_flags(settings: Settings, model_dir: Path, data: Path, run_dir: Path) -> list[str]:
+    """The `finechat train` flags every mode shares."""
+    dtype = "bfloat16" if settings.device == "cuda" else "float32"
+    return [
+        "train",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--output",
+        str(run_dir),
+        "--max-steps",
+        str(settings.steps),
+        "--batch-size",
+        str(settings.batch_size),
+        "--max-seq-length",
+        str(settings.seq),
+        "--quantize",
+        settings.quantize,
+        "--compute-dtype",
+        dtype,
+        "--fast-path" if settings.fast_path else "--no-fast-path",
+        "--logging-steps",
+        "1",
+        "--save-steps",
+        str(settings.steps),  # one checkpoint, after the last timed step: saving under DDP/FSDP is exercised too
+        "--eval-fraction",
+        "0.02",
+        "--max-eval-docs",
+        "2",
+    ]
+
+
+def train_command(mode: str, settings: Settings, flags: list[str]) -> list[str]:
+    """The command line of one mode: what a user types (torchrun directly on CPU, where --gpus refuses)."""
+    from finechat import distributed
+
+    finechat = [sys.executable, "-m", "finechat"]
+    if mode == "single":
+        return finechat + flags
+    if settings.device == "cuda":
+        return finechat + flags + ["--gpus", str(settings.gpus), "--distributed", mode]
+    return distributed.launch_command(flags + ["--distributed", mode], settings.gpus)
+
+
+def train_mode(mode: str, settings: Settings, model_dir: Path, data: Path, workdir: Path) -> dict[str, Any]:
+    """Run one mode to the end and read its numbers; a failed run gives a row with the error and its log's tail.
+    With settings.resume_check, a finished ddp or fsdp run then resumes from its checkpoint for two more steps."""
+    from finechat import distributed, runs
+
+    gpus = 1 if mode == "single" else settings.gpus
+    plan = distributed.Plan(mode, gpus)
+    row: dict[str, Any] = {"mode": mode, "gpus": gpus, "tok_s": None, "peak_gib": None}
+    row.update(batch_size=settings.batch_size, seq=settings.seq, fast_path=settings.fast_path and mode != "fsdp")
+    row["optimizer"] = distributed.optimizer(plan, "paged_adamw_32bit")  # finechat's default, as train() picks it
+    if mode == "fsdp" and settings.device != "cuda":
+        return {**row, "error": "FSDP needs CUDA GPUs (skipped on CPU)"}
+    run_dir = workdir / "runs" / mode
+    shutil.rmtree(run_dir, ignore_errors=True)
+    t = time.perf_counter()
+    error = _launch(mode, settings, train_flags(settings, model_dir, data, run_dir), workdir / f"{mode}.log")
+    row["seconds"] = round(time.perf_counter() - t, 1)
+    row.update(read_metrics(run_dir, settings.warmup))
+    if error:
+        return {**row, "error": error}
+    row["adapter_layout"] = adapter_layout(run_dir)  # before a resume check rewrites the adapter
+    if settings.resume_check and mode != "single":
+        more = settings.steps + 2
+        flags = ["train", "--output", str(run_dir), "--resume", "--max-steps", str(more)]
+        error = _launch(mode, settings, flags, workdir / f"{mode}-resume.log")
+        steps = [r["step"] for r in runs.read_metrics(run_dir) if "loss" in r]
+        row["resume_ok"] = not error and steps == list(range(1, more + 1))
+        if not row["resume_ok"]:
+            row["resume_error"] = error or f"steps after --resume: {steps[-4:]}"
+    return row
+
+
+def _launch(mode: str, settings: Settings, flags: list[str], log_path: Path) -> str | None:
+    """Run `finechat <flags>` the way the mode runs; None when it exits 0, else what went wrong (log tail)."""
+    env = {**os.environ, **NCCL_ENV, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if settings.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    elif mode == "single":
+        env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    command = train_command(mode, settings, flags)
+    print(f"== {mode}: {' '.join(command[1:])}", flush=True)
+    with log_path.open("w") as log:
+        returncode = _run(command, env, log, settings.timeout_s)
+    if returncode == 0:
+        return None
+    tail = log_path.read_text(errors="replace").splitlines()[-25:]
+    print("\n".join(tail), file=sys.stderr, flush=True)
+    reason = f"timed out after {settings.timeout_s} s" if returncode is None else f"exit code {returncode}"
+    return f"{reason}; log {log_path}: " + " | ".join(line.strip() for line in tail if line.strip())[-2000:]
+
+
+def _run(command: list[str], env: dict[str, str], log, timeout_s: int) -> int | None:
+    """Exit code of command, or None when it ran past timeout_s and was stopped (with every process it started:
+    torchrun passes SIGTERM on to its workers, which live in sessions of their own)."""
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        return None
+
+
+def read_metrics(run_dir: Path, warmup: int) -> dict[str, Any]:
+    """tok_s (mean over logged steps after the warm-up), peak_gib, steps done and last loss from a run folder."""
+    from finechat import runs
+
+    rows = [r for r in runs.read_metrics(run_dir) if "loss" in r]
+    if not rows:
+        return {}
+    timed = [r for r in rows if r["step"] > warmup] or rows
+    rates = [r["tokens_per_s"] for r in timed]
+    peaks = [r["peak_gib"] for r in rows if r.get("peak_gib") is not None]
+    return {
+        "tok_s": round(sum(rates) / len(rates)),
+        "peak_gib": max(peaks) if peaks else None,
+        "steps": rows[-1]["step"],
+        "timed_steps": len(timed),
+        "loss": round(rows[-1]["loss"], 4),
+    }
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets: DDP speed-up over one GPU (>= 1.8x on 2), FSDP peak memory under one GPU's."""
+    by = {r["mode"]: r for r in rows}
+    out: dict[str, Any] = {}
+    single, ddp, fsdp = by.get("single"), by.get("ddp"), by.get("fsdp")
+    if single and ddp and single.get("tok_s") and ddp.get("tok_s"):
+        out["ddp_speedup"] = round(ddp["tok_s"] / single["tok_s"], 3)
+        out["ddp_scaling_efficiency"] = round(out["ddp_speedup"] / ddp["gpus"], 3)
+    if single and fsdp and single.get("peak_gib") and fsdp.get("peak_gib"):
+        out["fsdp_peak_over_single"] = round(fsdp["peak_gib"] / single["peak_gib"], 3)
+    if single and fsdp and single.get("tok_s") and fsdp.get("tok_s"):
+        out["fsdp_speedup"] = round(fsdp["tok_s"] / single["tok_s"], 3)
+    layouts = {r["adapter_layout"] for r in rows if r.get("adapter_layout")}
+    if sum(1 for r in rows if r.get("adapter_layout")) > 1:
+        out["adapters_alike"] = len(layouts) == 1  # same tensor names, shapes and dtypes in every mode
+    return out
+
+
+def adapter_layout(run_dir: Path) -> str | None:
+    """A short digest of the saved adapter's tensor names, shapes and dtypes (None when there is none)."""
+    from safetensors import safe_open
+
+    path = run_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        names = sorted(f.keys())
+        layout = [(k, f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in names]
+    return hashlib.sha1(json.dumps(layout).encode()).hexdigest()[:12]
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The rows as a short table, the targets under it."""
+    s = result["settings"]
+    lines = [
+        f"{result['device']}: {s['arch']}, {s['quantize']}, per-GPU batch {s['batch_size']}x{s['seq']}",
+        f"{'mode':<8}{'gpus':>5}{'tokens/s':>12}{'peak GiB/GPU':>14}  note",
+    ]
+    for r in result["rows"]:
+        tok = f"{r['tok_s']:,}" if r.get("tok_s") else "-"
+        peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-"
+        lines.append(f"{r['mode']:<8}{r['gpus']:>5}{tok:>12}{peak:>14}  {r.get('error', '')[:60]}")
+    summary = result.get("summary", {})
+    if "ddp_speedup" in summary:
+        lines.append(f"DDP speed-up {summary['ddp_speedup']:.2f}x (target >= 1.8x on 2 GPUs)")
+    if "fsdp_peak_over_single" in summary:
+        lines.append(f"FSDP peak memory {summary['fsdp_peak_over_single']:.2f} of one GPU's (target < 1)")
+    if "adapters_alike" in summary:
+        lines.append(f"adapters alike across modes (names, shapes, dtypes): {summary['adapters_alike']}")
+    for r in result["rows"]:
+        if "resume_ok" in r:
+            lines.append(f"{r['mode']} --resume from its checkpoint: {'ok' if r['resume_ok'] else r['resume_error']}")
+    return "\n".join(lines)
+
+
+def card_name(device: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100'; 'cpu' -> 'cpu'."""
+    m = re.search(r"\b([A-Z]\d{2,4}[A-Z]?)\b", device.upper())
+    return m[1].lower() if m else re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+
+
+def _tokens_needed(settings: Settings) -> int:
+    return settings.steps * settings.batch_size * settings.seq * settings.gpus * 5 // 4
+
+
+def _check(settings: Settings, archs: dict[str, Any]) -> None:
+    if settings.arch not in archs:
+        raise UserError(f"--arch {settings.arch}: expected one of {', '.join(archs)}")
+    unknown = [m for m in settings.modes if m not in MODES]
+    if unknown or not settings.modes:
+        raise UserError(f"--modes: expected some of {', '.join(MODES)}, got {','.join(settings.modes)!r}")
+    if settings.device not in ("cuda", "cpu"):
+        raise UserError(f"--device must be cuda or cpu, got {settings.device!r}")
+    if settings.device == "cpu" and settings.arch != "tiny":
+        raise UserError(f"--arch {settings.arch} on CPU would take hours; use --arch tiny for a CPU dry run")
+    if settings.gpus < 2 and any(m != "single" for m in settings.modes):
+        raise UserError("--gpus must be 2 or more for the ddp and fsdp modes")
+    if settings.steps <= settings.warmup:
+        raise UserError(f"--steps ({settings.steps}) must be larger than --warmup ({settings.warmup})")
+    if settings.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("no CUDA GPU here; use --arch tiny --device cpu for a dry run")
+
+
+def _previous_rows(output: Path) -> list[dict[str, Any]]:
+    try:
+        previous = json.loads(output.read_text())
+    except (OSError, ValueError):
+        return []
+    return previous.get("rows", []) if previous.get("kind") == "multigpu" else []
+
+
+def _versions() -> dict[str, str]:
+    from contextlib import suppress
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes"):
+        with suppress(PackageNotFoundError):
+            found[name] = version(name)
+    return found
+
+
+def _write(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: python -m finechat.bench.multigpu [--arch tiny --device cpu] ..."""
+    d = Settings()
+    p = argparse.ArgumentParser(prog="python -m finechat.bench.multigpu", description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default=d.arch, help=f"random-weight model (default: {d.arch}; tiny for CPU)")
+    p.add_argument("--gpus", type=int, default=d.gpus, help=f"GPUs (processes) of ddp and fsdp (default: {d.gpus})")
+    p.add_argument("--modes", default=",".join(d.modes), help=f"what to measure (default: {','.join(d.modes)})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per GPU per step (default: 4)")
+    p.add_argument("--seq", type=int, default=d.seq, help=f"tokens per sequence (default: {d.seq})")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps per mode (default: {d.steps})")
+    p.add_argument("--warmup", type=int, default=d.warmup, help=f"steps left out of tokens/s (default: {d.warmup})")
+    p.add_argument("--quantize", choices=("nf4", "none"), default=d.quantize, help="base weights (default: nf4)")
+    p.add_argument("--fast-path", action="store_true", help="finechat's fused layers in single and ddp (not fsdp)")
+    p.add_argument("--device", default=d.device, help="cuda, or cpu for a dry run with --arch tiny")
+    p.add_argument("--workdir", default=d.workdir, help=f"data, run folders and logs (default: {d.workdir})")
+    p.add_argument("--model-dir", help="folder for the random model (default: /tmp/finechat-bench-ARCH)")
+    p.add_argument("--output", help="JSON path, or a folder for multigpu-CARD-DATE.json (default: benchmarks/results)")
+    p.add_argument("--timeout", type=int, default=d.timeout_s, help=f"seconds per run (default: {d.timeout_s})")
+    p.add_argument("--resume-check", action="store_true", help="then resume ddp and fsdp runs for two more steps")
+    a = p.parse_args(argv)
+    settings = Settings(
+        arch=a.arch,
+        gpus=a.gpus,
+        modes=[m.strip() for m in a.modes.split(",") if m.strip()],
+        batch_size=a.batch_size,
+        seq=a.seq,
+        steps=a.steps,
+        warmup=a.warmup,
+        quantize=a.quantize,
+        fast_path=a.fast_path,
+        device=a.device,
+        workdir=a.workdir,
+        model_dir=a.model_dir,
+        output=a.output,
+        timeout_s=a.timeout,
+        resume_check=a.resume_check,
+    )
+    try:
+        run(
+            settings,
+            command="python -m finechat.bench.multigpu " + " ".join(argv if argv is not None else sys.argv[1:]),
+        )
+    except UserError as e:
+        print(f"finechat bench multigpu: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
