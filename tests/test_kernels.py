@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from finechat.kernels import dropout as dropout_ops
 from finechat.kernels import lora_linear as ll
 from finechat.kernels.rms_norm import rms_norm, rms_norm_reference
 from finechat.kernels.rope import apply_rope, apply_rope_reference
@@ -54,7 +55,8 @@ def check_lora_linear(device, dtype, nf4, dropout, tol):
     got = torch.autograd.grad(y, (x, adapter.A, adapter.B), g)
 
     x2 = x.detach().clone().requires_grad_(True)
-    mask = ll.keep_mask(x2.reshape(-1, 256), dropout, seed).view_as(x2) / (1 - dropout) if dropout else None
+    keep = dropout_ops.masked(torch.ones_like(x2).reshape(-1, 256), dropout, seed).view_as(x2) if dropout else None
+    mask = keep / (1 - dropout) if dropout else None  # the mask the kernel used (Triton's on CUDA)
     weight = ll.dense_weight(base).to(dtype)
     ref = ll.lora_linear_reference(x2, weight, adapter.A, adapter.B, adapter.scale, mask, base.bias)
     want = torch.autograd.grad(ref, (x2, adapter.A, adapter.B), g)
@@ -80,7 +82,7 @@ def test_lora_linear_without_dropout_is_peft_layer_output():
 
 def test_dropout_mask_is_a_function_of_the_seed():
     x = torch.ones(64, 64)
-    a, b, c = ll.keep_mask(x, 0.25, 7), ll.keep_mask(x, 0.25, 7), ll.keep_mask(x, 0.25, 8)
+    a, b, c = (dropout_ops.masked(x, 0.25, s) for s in (7, 7, 8))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(a.unique(), torch.tensor([0.0, 1.0]))
     assert abs((a == 0).float().mean().item() - 0.25) < 0.05
@@ -161,3 +163,17 @@ def test_swiglu_kernel_matches_reference():
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_lora_linear_over_nf4_matches_reference_on_gpu(dropout):
     check_lora_linear("cuda", torch.bfloat16, nf4=True, dropout=dropout, tol=2e-2)
+
+
+@gpu
+def test_triton_dropout_kernels_match_the_reference_arithmetic():
+    from finechat.kernels.dropout import _kernels
+
+    assert _kernels() is not None, "Triton dropout kernels failed their check"
+    x = torch.randn(4097, 4096, device="cuda", dtype=torch.bfloat16)
+    keep = dropout_ops.masked(torch.ones_like(x), 0.05, 42)
+    assert set(keep.unique().tolist()) == {0.0, 1.0} and abs(keep.float().mean().item() - 0.95) < 1e-3
+    assert torch.equal(dropout_ops.masked(x, 0.05, 42), x * keep)
+    dx, t = torch.randn_like(x), torch.randn_like(x)
+    want = dx.float() + 2.0 * t.float() * keep.float()
+    assert rel_err(dropout_ops.masked_add_(dx, t, 0.05, 42, 2.0), want) < 1e-2

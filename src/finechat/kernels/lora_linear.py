@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from finechat.kernels.dropout import masked, masked_add_
+
 
 @dataclass(frozen=True)
 class Adapter:
@@ -57,19 +59,6 @@ def lora_adapter(layer: Any) -> tuple[nn.Module, Adapter] | None:
     return layer.get_base_layer(), Adapter(lora_a.weight, lora_b.weight, float(layer.scaling[name]), p)
 
 
-_generators: dict[torch.device, torch.Generator] = {}
-
-
-def keep_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Dropout keep-mask (0 or 1, each kept with probability 1-p) shaped like `like`, a pure function of seed, so
-    forward and backward agree. The 1/(1-p) of inverted dropout is folded into the adapter scale instead."""
-    gen = _generators.get(like.device)
-    if gen is None:
-        gen = _generators[like.device] = torch.Generator(device=like.device)
-    gen.manual_seed(seed)
-    return torch.empty_like(like).bernoulli_(1.0 - p, generator=gen)
-
-
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, base, scale, p, seed):  # type: ignore[override]
@@ -79,7 +68,7 @@ class _LoRALinear(torch.autograd.Function):
         del w
         if base.bias is not None:
             y += base.bias.to(x.dtype)
-        xd = x2 * keep_mask(x2, p, seed) if p > 0 else x2
+        xd = masked(x2, p, seed) if p > 0 else x2  # dropout's keep-mask without its 1/(1-p)
         xa = xd @ A.to(x.dtype).t()  # [tokens, rank], without the scale
         del xd
         scale = scale / (1.0 - p)  # inverted dropout's 1/(1-p), applied to the small product instead of to x
@@ -97,22 +86,21 @@ class _LoRALinear(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
         a, b = A.to(dtype), B.to(dtype)
         dyb = dy2 @ b  # [tokens, rank]
-        mask = keep_mask(x2, p, ctx.seed) if p > 0 and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]) else None
         dx = dA = dB = None
         if ctx.needs_input_grad[2]:
             dB = (dy2.t() @ xa).mul_(scale).to(B.dtype)
         if ctx.needs_input_grad[1]:
-            xd = x2 * mask if mask is not None else x2
+            xd = masked(x2, p, ctx.seed) if p > 0 else x2  # the forward's mask, regenerated from its seed
             dA = (dyb.t() @ xd).mul_(scale).to(A.dtype)
             del xd
         if ctx.needs_input_grad[0]:
             w = dense_weight(ctx.base).to(dtype)
             dx = dy2 @ w
             del w
-            if mask is None:
-                dx.addmm_(dyb, a, alpha=scale)
+            if p > 0:
+                masked_add_(dx, dyb @ a, p, ctx.seed, scale)
             else:
-                dx.addcmul_(dyb @ a, mask, value=scale)
+                dx.addmm_(dyb, a, alpha=scale)
             dx = dx.view(x.shape)
         return dx, dA, dB, None, None, None, None
 
