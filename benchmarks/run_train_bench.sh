@@ -23,11 +23,11 @@ EOF
 
 if [ "${TESTS:-1}" = 1 ]; then
   # The GPU-marked tests: kernels against their references, fast path against the plain path (bf16, NF4).
-  timeout 180 python3 -m pytest -m gpu -q -rA -p no:cacheprovider ${TEST_FILES:-tests/test_kernels.py tests/test_fastpath.py} \
+  timeout "${TEST_TIMEOUT:-110}" python3 -m pytest -m gpu -q -rA -p no:cacheprovider ${TEST_FILES:-tests/test_kernels.py tests/test_fastpath.py} \
     2>&1 | tee "$OUT/gpu-tests.log" | tail -40
 fi
 
-timeout "${BENCH_TIMEOUT:-400}" python3 -m finechat bench train \
+timeout "${BENCH_TIMEOUT:-270}" python3 -m finechat bench train \
   --systems "${SYSTEMS:-finechat,finechat-nodropout,finechat-plainops,finechat-gpucheckpoints,finechat-norecompute,seed}" \
   --shapes "${SHAPES:-4x512,1x2048,8x1024,1x8192,2x4096}" --steps "${STEPS:-3}" --warmup "${WARMUP:-2}" \
   --ablation-shapes "${ABLATION_SHAPES:-8x1024}" --profile "${PROFILE:-8x1024}" \

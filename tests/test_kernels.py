@@ -111,7 +111,8 @@ def _grads(fn, inputs, g):
     inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
     out = fn(*inputs)
     outs = out if isinstance(out, tuple) else (out,)
-    grads = torch.autograd.grad(outs, inputs, g if isinstance(g, tuple) else (g,))
+    # fresh gradients per call: Liger's RoPE backward rotates its incoming gradient in place
+    grads = torch.autograd.grad(outs, inputs, tuple(t.clone() for t in (g if isinstance(g, tuple) else (g,))))
     return outs, grads
 
 

@@ -141,16 +141,27 @@ def run(settings: BenchSettings, command: str = "finechat bench train") -> dict[
         print(json.dumps(row), flush=True)
         _write(output, result)  # after every row: a crash later keeps what was measured
 
-    # finechat first: it is the likelier to fail, and then the slow seed runs need not be spent.
-    if any(s.startswith("finechat") for s in settings.systems) or settings.longest or settings.profile_shapes:
+    # finechat first: it is the likelier to fail, and then the slow seed runs need not be spent. The seed next, so a
+    # run cut short still has both at every shape; the extras last, on a fresh finechat model (loading takes seconds).
+    if "finechat" in settings.systems:
+        model, step = _finechat(path, settings)
+        for bs, seq in settings.shapes:
+            record(_measure("finechat", step, bs, seq, settings, model.config.vocab_size))
+        del model, step
+        _free()
+    if "seed" in settings.systems:
+        model, step = _seed(path, settings)
+        for bs, seq in settings.shapes:
+            record(_measure("seed", step, bs, seq, settings, model.config.vocab_size))
+        del model, step
+        _free()
+    extras = [s for s in ABLATIONS if s in settings.systems]
+    if settings.longest or extras or settings.profile_shapes or "finechat-nodropout" in settings.systems:
         model, step = _finechat(path, settings)
         vocab = model.config.vocab_size
-        if "finechat" in settings.systems:
-            for bs, seq in settings.shapes:
-                record(_measure("finechat", step, bs, seq, settings, vocab))
         for seq in settings.longest:
             record({**_measure("finechat", step, 1, seq, settings, vocab, steps=1, warmup=0), "probe": "longest"})
-        for system in [s for s in ABLATIONS if s in settings.systems]:
+        for system in extras:
             _ablate(model, system, True)
             for bs, seq in settings.ablation_shapes or settings.shapes:
                 record({**_measure(system, step, bs, seq, settings, vocab), "ablation": True})
@@ -160,14 +171,7 @@ def run(settings: BenchSettings, command: str = "finechat bench train") -> dict[
         if "finechat-nodropout" in settings.systems:
             _set_lora_dropout(model, 0.0)
             for bs, seq in settings.shapes:
-                row = _measure("finechat-nodropout", step, bs, seq, settings, model.config.vocab_size)
-                record({**row, "lora_dropout": 0.0})
-        del model, step
-        _free()
-    if "seed" in settings.systems:
-        model, step = _seed(path, settings)
-        for bs, seq in settings.shapes:
-            record(_measure("seed", step, bs, seq, settings, model.config.vocab_size))
+                record({**_measure("finechat-nodropout", step, bs, seq, settings, vocab), "lora_dropout": 0.0})
         del model, step
         _free()
 
