@@ -1,15 +1,27 @@
 """The one generation engine: chat prompts with history trimming, token streaming, sampling, stop strings, length
-presets and the stop-at-sentence-end criterion. `generate`, `chat` and `serve` all generate through it."""
+presets and the stop-at-sentence-end criterion. `generate`, `chat` and `serve` all generate through it.
+
+Tokens come from the fast decoder (finechat.decode: static KV cache, CUDA graphs on a GPU) through the continuous
+batcher (finechat.batching), which decodes concurrent generations together; models it does not cover, and requests
+longer than its cache slots, are decoded step by step with a DynamicCache."""
 
 from __future__ import annotations
 
+import inspect
+import logging
 import re
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finechat.errors import UserError
+
+if TYPE_CHECKING:
+    from finechat.batching import Batcher
+
+log = logging.getLogger(__name__)
 
 LENGTH_PRESETS = {"short": 100, "medium": 250, "long": 500, "very-long": 20000}
 # A sentence ends at . ! ? (or the ellipsis) plus any closing quotes/brackets, and is followed by whitespace, so
@@ -66,8 +78,8 @@ class Generation:
 
     def __iter__(self) -> Iterator[str]:
         s = self.settings
-        soft, hard = s.limits()
-        hard = min(hard, self.engine.context_window - len(self.prompt_ids))
+        soft, _ = s.limits()
+        hard = self.engine.reply_limit(s, len(self.prompt_ids))
         detok = _Detokenizer(self.engine.tokenizer)
         text, emitted, n, finish = "", 0, 0, "length"
         for token in self.engine.tokens(self.prompt_ids, s, self.cancel):
@@ -113,7 +125,7 @@ class Generation:
 class Engine:
     """A loaded model and tokenizer that turn prompts into replies."""
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, max_batch: int = 1, graphs: bool | None = None):
         self.model, self.tokenizer = model, tokenizer
         from finechat.models import context_window
 
@@ -122,16 +134,81 @@ class Engine:
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
-        # One forward pass at a time: concurrent streams take turns token by token (see README, Serve).
+        # One forward pass at a time: the batcher's steps and step-by-step decoding take turns.
         self.lock = threading.Lock()
+        self.max_batch = max_batch  # generations decoded together; more wait for a free slot
+        self.graphs = self.device.type == "cuda" if graphs is None else graphs  # CUDA graphs of the decode steps
+        self.batcher: Batcher | None = None
+        self.fast_off: str | None = None  # why the fast decoder is not used, once warm_up has decided
+        self.warmup_s = 0.0
+        self._setup = threading.Lock()
+        self._ready = False
 
     @classmethod
-    def load(cls, spec: str, quantize: str = "none", compute_dtype: str = "auto") -> Engine:
-        """Load a model spec (Hub id, folder, .gguf, run folder, smollm2) for generation."""
+    def load(cls, spec: str, quantize: str = "none", compute_dtype: str = "auto", max_batch: int = 1) -> Engine:
+        """Load a model spec (Hub id, folder, .gguf, run folder, smollm2) for generation, warmed up for `max_batch`
+        concurrent generations."""
         from finechat.models import load_for_inference
 
         model, tokenizer = load_for_inference(spec, quantize=quantize, compute_dtype=compute_dtype)
-        return cls(model, tokenizer)
+        engine = cls(model, tokenizer, max_batch=max_batch)
+        engine.warm_up()
+        return engine
+
+    def warm_up(self) -> float:
+        """Set up fast decoding now (KV cache, CUDA graph capture) so that no reply waits for it; returns seconds."""
+        import torch
+
+        from finechat.batching import Batcher
+        from finechat.decode import MIN_CAPACITY, Decoder, plan_capacity, unsupported_reason
+
+        with self._setup:
+            if self._ready:
+                return 0.0
+            start = time.perf_counter()
+            reason = unsupported_reason(self.model)
+            capacity = 0 if reason else plan_capacity(self.model, self.max_batch, self.context_window)
+            if not reason and capacity < MIN_CAPACITY:
+                reason = f"a KV cache of {self.max_batch} x {MIN_CAPACITY} positions does not fit in memory"
+            if reason:
+                log.info("fast decoding off (%s): decoding step by step", reason)
+            else:
+                with self.lock, torch.inference_mode():
+                    decoder = Decoder(self.model, self.max_batch, capacity)
+                    if self.graphs:
+                        decoder.capture()
+                self.batcher = Batcher(decoder, self.eos_ids, self.lock)
+                log.info(
+                    "fast decoding: %d slot(s) of %d positions, %s",
+                    self.max_batch,
+                    capacity,
+                    "CUDA graphs" if decoder.graphs else "eager",
+                )
+            self.fast_off, self._ready = reason, True
+            self.warmup_s = time.perf_counter() - start
+            return self.warmup_s
+
+    def ensure_batch(self, n: int) -> None:
+        """Make room for n generations decoding together (warming up again if the cache was built for fewer)."""
+        with self._setup:
+            if n <= self.max_batch:
+                return
+            self.max_batch = n
+            rebuild = self._ready
+        if rebuild:
+            self.close()
+            self.warm_up()
+
+    def close(self) -> None:
+        """Stop the decoding thread and free the KV cache (the engine warms up again if used later)."""
+        with self._setup:
+            if self.batcher is not None:
+                self.batcher.close()
+            self.batcher, self._ready = None, False
+
+    def reply_limit(self, settings: GenerationSettings, prompt_tokens: int) -> int:
+        """Most tokens a reply may take: the settings' hard limit, within the context window."""
+        return min(settings.limits()[1], self.context_window - prompt_tokens)
 
     def count(self, text: str) -> int:
         """Number of tokens in a text (no special tokens)."""
@@ -178,40 +255,76 @@ class Engine:
     def tokens(
         self, prompt_ids: list[int], settings: GenerationSettings, cancel: threading.Event
     ) -> Iterator[int | None]:
-        """Token ids one at a time (prefill, then one cached step per token); None once cancelled."""
+        """Token ids one at a time; None once cancelled."""
+        if cancel.is_set():
+            yield None
+            return
+        self.warm_up()
+        limit = self.reply_limit(settings, len(prompt_ids))
+        batcher = self.batcher
+        if batcher is None or not batcher.fits(len(prompt_ids) + limit):
+            yield from self._tokens_stepwise(prompt_ids, settings, cancel)
+            return
+        from finechat.batching import END, Request
+
+        request = Request(prompt_ids, limit, _sampler(settings, self.device), cancel)
+        batcher.submit(request)
+        try:
+            while not cancel.is_set():
+                item = request.out.get()
+                if item is END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item is None:
+                    return
+            yield None
+        finally:
+            batcher.leave(request)
+
+    def _tokens_stepwise(
+        self, prompt_ids: list[int], settings: GenerationSettings, cancel: threading.Event
+    ) -> Iterator[int | None]:
+        """Prefill, then one DynamicCache step per token, taking turns with other generations under the lock."""
         import torch
         from transformers import DynamicCache
 
-        sample = _sampler(settings, self.device)
+        pick = _sampler(settings, self.device)
         cache = DynamicCache(config=self.model.config)
+        # Only the last position's logits, as generate computes them (where the model's forward can be told so).
+        last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
         inputs = torch.tensor([prompt_ids], device=self.device)
         while True:
             if cancel.is_set():
                 yield None
                 return
             with self.lock, torch.inference_mode():
-                logits = self.model(input_ids=inputs, past_key_values=cache, use_cache=True).logits[:, -1, :]
-                token = sample(inputs, logits)
+                logits = self.model(input_ids=inputs, past_key_values=cache, use_cache=True, **last).logits
+                scores = logits[:, -1, :].float()
+                token = int(pick(scores) if pick else scores.argmax(-1)[0])
             yield token
             inputs = torch.tensor([[token]], device=self.device)
 
 
 def _sampler(settings: GenerationSettings, device: Any):
-    """A function (input_ids, logits) -> next token id: greedy, or temperature/top-p with a per-request generator."""
+    """None for greedy decoding; else a function scores [1, vocab] -> sampled token id (a tensor), applying
+    temperature and top-p with a per-request generator."""
     import torch
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
     if settings.temperature <= 0:
-        return lambda ids, logits: int(logits.argmax(-1)[0])
+        return None
     generator = torch.Generator(device=device)
     generator.manual_seed(settings.seed if settings.seed is not None else torch.seed())
     warpers = LogitsProcessorList([TemperatureLogitsWarper(settings.temperature)])
     if settings.top_p < 1.0:
         warpers.append(TopPLogitsWarper(settings.top_p))
+    no_ids = torch.zeros(1, 0, dtype=torch.long, device=device)  # the warpers take input ids but ignore them
 
-    def pick(ids, logits):
-        probs = torch.softmax(warpers(ids, logits.float()), dim=-1)
-        return int(torch.multinomial(probs, 1, generator=generator)[0, 0])
+    def pick(scores):
+        probs = torch.softmax(warpers(no_ids, scores), dim=-1)
+        return torch.multinomial(probs, 1, generator=generator)[0, 0]
 
     return pick
 

@@ -311,6 +311,7 @@ def create_app(
     """The server as an ASGI app around a loaded engine."""
     if max_concurrency < 1:
         raise UserError(f"--max-concurrency must be at least 1, got {max_concurrency}")
+    engine.ensure_batch(max_concurrency)  # the engine decodes every admitted generation in one batch
     scheduler = Scheduler(max_concurrency)
     started = int(time.time())
 
@@ -564,7 +565,7 @@ def serve(
     if max_concurrency < 1:
         raise UserError(f"--max-concurrency must be at least 1, got {max_concurrency}")
     sock = listen(host, port)  # before loading the model, so a taken port fails at once
-    engine = Engine.load(model, quantize=quantize)
+    engine = Engine.load(model, quantize=quantize, max_batch=max_concurrency)
     app = create_app(engine, api_key=api_key, max_concurrency=max_concurrency, model_id=model)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", host)

@@ -1,0 +1,160 @@
+"""Continuous batching: one thread steps every running generation together through the decoder. A request joins
+between two steps (after its own prefill) and leaves as soon as it is finished, cancelled or no longer read, so a
+new reply never waits for a long one to end."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from finechat.decode import Decoder
+
+log = logging.getLogger(__name__)
+
+END = object()  # queued after a request's last token
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation in the batcher; its tokens arrive in `out` (ints, then END; None once cancelled)."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    pick: Callable[[Any], Any] | None  # sampler: scores [1, vocab] -> token tensor; None is greedy
+    cancel: threading.Event
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    gone: bool = False  # the reader has stopped reading
+    done: bool = False
+    produced: int = 0
+    position: int = 0  # where the next fed token goes in the cache
+    last: int = 0  # the token to feed next
+
+
+class Batcher:
+    """Runs requests on a Decoder: FIFO admission into its slots, one batched step at a time under `lock`."""
+
+    def __init__(self, decoder: Decoder, eos_ids: Iterable[int], lock: threading.Lock):
+        self.decoder, self.eos_ids, self.lock = decoder, set(eos_ids), lock
+        self.pending: deque[Request] = deque()
+        self.active: list[Request] = []  # active[i] lives in cache slot i
+        self.wake = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+        self.steps = 0
+        self.rows = 0  # sum of batch sizes over steps
+        self.largest = 0
+
+    def fits(self, positions: int) -> bool:
+        """True when a prompt plus reply of this many tokens fits a slot."""
+        return positions <= self.decoder.capacity
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; its tokens start arriving in request.out."""
+        with self.wake:
+            if self.stopping:
+                raise RuntimeError("the engine is closed")
+            self.pending.append(request)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="finechat-decode", daemon=True)
+                self.thread.start()
+            self.wake.notify()
+
+    def leave(self, request: Request) -> None:
+        """The reader is done with a request: free its place (at the next step when it is decoding)."""
+        request.gone = True
+        with self.wake:
+            if request in self.pending:
+                self.pending.remove(request)
+
+    def close(self) -> None:
+        """Stop the decoding thread (requests still running get an error)."""
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+
+    def _run(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                with self.wake:
+                    while not self.pending and not self.active and not self.stopping:
+                        self.wake.wait()
+                    if self.stopping:
+                        break
+                    joining = []
+                    while self.pending and len(self.active) + len(joining) < self.decoder.slots:
+                        joining.append(self.pending.popleft())
+                try:
+                    for request in joining:
+                        self._join(request)
+                    self._drop_finished()
+                    if self.active:
+                        self._step()
+                except Exception as e:  # a failed step fails the generations in it, not the thread
+                    log.exception("decoding step failed")
+                    for request in [*joining, *self.active]:
+                        request.out.put(e)
+                    self.active = []
+        for request in [*self.pending, *self.active]:
+            request.out.put(RuntimeError("the engine was closed during generation"))
+
+    def _join(self, request: Request) -> None:
+        if request.gone or request.cancel.is_set():
+            request.out.put(None)
+            return
+        slot = len(self.active)
+        with self.lock:
+            logits = self.decoder.prefill(slot, request.prompt_ids)
+            (token,) = self._pick([request], logits)
+        request.position = len(request.prompt_ids)
+        self._emit(request, token)
+        self.active.append(request)
+
+    def _step(self) -> None:
+        requests = self.active
+        with self.lock:
+            logits = self.decoder.step([r.last for r in requests], [r.position for r in requests])
+            tokens = self._pick(requests, logits)
+        self.steps += 1
+        self.rows += len(requests)
+        self.largest = max(self.largest, len(requests))
+        for request, token in zip(requests, tokens, strict=True):
+            request.position += 1
+            self._emit(request, token)
+
+    def _emit(self, request: Request, token: int) -> None:
+        request.out.put(token)
+        request.produced += 1
+        request.last = token
+        if token in self.eos_ids or request.produced >= request.max_tokens:
+            request.done = True
+            request.out.put(END)
+
+    def _drop_finished(self) -> None:
+        """Remove finished, cancelled and abandoned requests; the rest move down to slots 0..n-1, in order."""
+        kept = []
+        for slot, request in enumerate(self.active):
+            if request.cancel.is_set() and not request.done:
+                request.out.put(None)
+            elif not (request.done or request.gone):
+                if slot != len(kept):
+                    self.decoder.move(slot, len(kept), request.position)
+                kept.append(request)
+        self.active = kept
+
+    def _pick(self, requests: list[Request], logits: Any) -> list[int]:
+        """Next token of each row: argmax (as generate's greedy search takes it), or the request's sampler."""
+        scores = logits.float()
+        tokens = scores.argmax(-1)
+        for i, request in enumerate(requests):
+            if request.pick is not None:
+                tokens[i] = request.pick(scores[i : i + 1])
+        return tokens.cpu().tolist()  # the copy waits for the GPU without holding the GIL

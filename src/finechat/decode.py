@@ -1,0 +1,299 @@
+"""Fast decoding for Llama-family models (llama, mistral): a static KV cache with one slot per sequence decoded at
+once, a one-sequence step that computes exactly what the model's own forward computes, a batched step with masked
+attention over the slots, and CUDA graphs of both, captured once when the model loads.
+
+The one-sequence step is captured piecewise: one graph from each attention to the next, with the attention itself
+run eagerly over exactly the cached length through transformers' own SDPA call. One graph over a padded cache would
+need a mask, which sends SDPA to another kernel and changes bf16 rounding, so greedy replies could drift from
+`model.generate`'s; piecewise, they are the same computation. Batched steps (two or more sequences) are one graph
+each, per batch size and cache-length bucket: there, every row's tokens already differ from its batch-1 rounding (the
+matrix products run at another shape), as in every batching server."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = ("llama", "mistral")
+BATCH_SIZES = (2, 4, 8, 16, 32, 64)  # batched graphs are captured for these sizes (and for the slot count)
+MIN_LENGTH_BUCKET = 64  # batched steps attend over the cache rounded up to a power of two from here
+GPU_CACHE_FRACTION = 0.4  # of the GPU memory still free after loading: the KV cache's share
+CPU_CACHE_BYTES = 256 << 20
+MIN_CAPACITY = 256  # fewer positions per slot than this: not worth a cache, decode step by step instead
+
+
+def causal_lm(model: Any) -> Any:
+    """The transformers causal LM inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def unsupported_reason(model: Any) -> str | None:
+    """Why the fast decoder cannot run this model, or None when it can."""
+    lm = causal_lm(model)
+    config = lm.config
+    if config.model_type not in SUPPORTED:
+        return f"model type {config.model_type!r} (fast decoding covers {', '.join(SUPPORTED)})"
+    attention = getattr(config, "_attn_implementation", None)
+    if attention != "sdpa":
+        return f"attention implementation {attention!r} (fast decoding reproduces sdpa)"
+    body = getattr(lm, "model", None)
+    if not all(hasattr(body, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return f"unexpected module layout of {type(lm).__name__}"
+    rope = str(getattr(body.rotary_emb, "rope_type", "default"))
+    if "dynamic" in rope or "longrope" in rope:
+        return f"rope type {rope!r} (its frequencies change with the length)"
+    return None
+
+
+def plan_capacity(model: Any, slots: int, context_window: int) -> int:
+    """Positions per slot: the context window, or the largest power of two whose cache for `slots` sequences fits
+    the budget (GPU_CACHE_FRACTION of free GPU memory, CPU_CACHE_BYTES on CPU)."""
+    import torch
+
+    lm = causal_lm(model)
+    config = lm.config
+    weight = lm.model.embed_tokens.weight
+    head_dim = lm.model.layers[0].self_attn.head_dim
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * weight.element_size()
+    if weight.device.type == "cuda":
+        budget = int(torch.cuda.mem_get_info(weight.device)[0] * GPU_CACHE_FRACTION)
+    else:
+        budget = CPU_CACHE_BYTES
+    fit = budget // (per_token * slots)
+    capacity = context_window if fit >= context_window else 1 << max(fit.bit_length() - 1, 0)
+    window = getattr(config, "sliding_window", None)
+    # Within the sliding window the model attends to everything, as this decoder does.
+    return min(capacity, window) if window else capacity
+
+
+class Decoder:
+    """A static KV cache of `slots` sequences of up to `capacity` positions, and the prefill and decode steps."""
+
+    def __init__(self, model: Any, slots: int, capacity: int):
+        import torch
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        self.lm = causal_lm(model)
+        self.body = self.lm.model
+        self.layers = list(self.body.layers)
+        config = self.lm.config
+        attention = self.layers[0].self_attn
+        self.head_dim = attention.head_dim
+        self.kv_heads = config.num_key_value_heads
+        self.slots, self.capacity = slots, capacity
+        weight = self.body.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        # The model's own rotary and attention functions, so the one-sequence step is its forward, op for op.
+        self.apply_rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        self.sdpa = sdpa_attention_forward
+        self.cache_arg = "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
+
+        def zeros(*shape: int, dtype: Any = self.dtype):
+            return torch.zeros(shape, dtype=dtype, device=self.device)
+
+        # Zeros, not empty: masked positions are multiplied by zero weights, and NaN garbage would survive that.
+        self.keys = [zeros(slots, self.kv_heads, capacity, self.head_dim) for _ in self.layers]
+        self.values = [zeros(slots, self.kv_heads, capacity, self.head_dim) for _ in self.layers]
+        self.tokens = zeros(slots, 1, dtype=torch.long)
+        self.positions = zeros(slots, dtype=torch.long)
+        self.rows = torch.arange(slots, device=self.device)
+        self.span = torch.arange(capacity, device=self.device)
+        self.attn_out = zeros(1, 1, config.num_attention_heads * self.head_dim)
+        self.batch_sizes = [b for b in BATCH_SIZES if b < slots] + ([slots] if slots > 1 else [])
+        self.lengths = []
+        n = MIN_LENGTH_BUCKET
+        while n < capacity:
+            self.lengths.append(n)
+            n *= 2
+        self.lengths.append(capacity)
+        self.one_graphs: list[Any] = []  # the piecewise one-sequence step, when captured
+        self.one_outputs: list[Any] = []  # q of each layer, then the logits
+        self.one_inputs: list[Any] = []  # tensors the graphs read: kept referenced so no capture reuses their memory
+        self.batch_graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
+
+    @property
+    def graphs(self) -> bool:
+        """True when the steps replay CUDA graphs."""
+        return bool(self.one_graphs)
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Steps
+
+    def prefill(self, slot: int, prompt_ids: list[int]):
+        """Run the prompt through the model's own forward into `slot`; the logits of its last position ([1, vocab])."""
+        import torch
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.lm.config)
+        ids = torch.tensor([prompt_ids], device=self.device)
+        logits = self.lm(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_arg: cache}).logits[:, -1]
+        n = len(prompt_ids)
+        for i, layer in enumerate(cache.layers):
+            self.keys[i][slot, :, :n].copy_(layer.keys[0])
+            self.values[i][slot, :, :n].copy_(layer.values[0])
+        return logits
+
+    def step(self, tokens: list[int], positions: list[int]):
+        """Feed tokens[i] at positions[i] of slot i (slots 0..n-1); the next-token logits ([n, vocab])."""
+        import torch
+
+        n = len(tokens)
+        if n == 1:
+            self.tokens[:1].fill_(tokens[0])
+            self.positions[:1].fill_(positions[0])
+            return self._one(positions[0] + 1)
+        b = next(s for s in self.batch_sizes if s >= n)
+        length = next(m for m in self.lengths if m > max(positions))
+        pad = [0] * (b - n)  # rows past n are unused slots: they write position 0 of their own slot
+        host = torch.tensor([tokens + pad, positions + pad])
+        self.tokens[:b, 0].copy_(host[0])
+        self.positions[:b].copy_(host[1])
+        graph = self.batch_graphs.get((b, length))
+        if graph is None:
+            return self._batched(b, length)[:n]
+        graph[0].replay()
+        return graph[1][:n]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` cached positions of slot src into slot dst."""
+        for keys, values in zip(self.keys, self.values, strict=True):
+            keys[dst, :, :length].copy_(keys[src, :, :length])
+            values[dst, :, :length].copy_(values[src, :, :length])
+
+    def _one(self, length: int):
+        if self.one_graphs:
+            self.one_graphs[0].replay()
+            for i in range(len(self.layers)):
+                self.attn_out.copy_(self._attend(i, self.one_outputs[i], length))
+                self.one_graphs[i + 1].replay()
+            return self.one_outputs[-1]
+        x, cos, sin = self._embed(1)
+        q = self._project(0, x, cos, sin, 1)
+        for i in range(len(self.layers)):
+            x = self._finish_layer(i, x, self._attend(i, q, length))
+            if i + 1 < len(self.layers):
+                q = self._project(i + 1, x, cos, sin, 1)
+        return self._head(x)
+
+    def _batched(self, b: int, length: int):
+        import torch
+
+        x, cos, sin = self._embed(b)
+        mask = (self.span[:length] <= self.positions[:b, None]).view(b, 1, 1, length)
+        for i, layer in enumerate(self.layers):
+            q = self._project(i, x, cos, sin, b)
+            # The query heads sharing a key/value head become that head's "query positions": no repeated keys.
+            grouped = q.reshape(b, self.kv_heads, -1, self.head_dim)
+            keys, values = self.keys[i][:b, :, :length], self.values[i][:b, :, :length]
+            out = torch.nn.functional.scaled_dot_product_attention(
+                grouped, keys, values, attn_mask=mask, scale=layer.self_attn.scaling
+            )
+            x = self._finish_layer(i, x, out.reshape(b, 1, -1))
+        return self._head(x)
+
+    # The pieces of the model's forward, as transformers' Llama/Mistral modules compute them.
+
+    def _embed(self, b: int):
+        x = self.body.embed_tokens(self.tokens[:b])
+        cos, sin = self.body.rotary_emb(x, self.positions[:b, None])
+        return x, cos, sin
+
+    def _project(self, i: int, x, cos, sin, b: int):
+        """Input norm, q/k/v and rotary of layer i; k and v go into the cache; returns q."""
+        layer = self.layers[i]
+        attention = layer.self_attn
+        h = layer.input_layernorm(x)
+        shape = (b, 1, -1, self.head_dim)
+        q = attention.q_proj(h).view(shape).transpose(1, 2)
+        k = attention.k_proj(h).view(shape).transpose(1, 2)
+        v = attention.v_proj(h).view(shape).transpose(1, 2)
+        q, k = self.apply_rotary(q, k, cos, sin)
+        rows, positions = self.rows[:b], self.positions[:b]
+        self.keys[i][rows, :, positions] = k[:, :, 0]
+        self.values[i][rows, :, positions] = v[:, :, 0]
+        return q
+
+    def _attend(self, i: int, q, length: int):
+        """Slot 0's attention over exactly its `length` cached positions, through transformers' SDPA call."""
+        attention = self.layers[i].self_attn
+        keys, values = self.keys[i][:1, :, :length], self.values[i][:1, :, :length]
+        out, _ = self.sdpa(attention, q, keys, values, None, dropout=0.0, scaling=attention.scaling)
+        return out.reshape(1, 1, -1).contiguous()
+
+    def _finish_layer(self, i: int, x, attended):
+        layer = self.layers[i]
+        x = x + layer.self_attn.o_proj(attended)
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def _head(self, x):
+        return self.lm.lm_head(self.body.norm(x))[:, -1]
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # CUDA graphs
+
+    def capture(self) -> float:
+        """Capture the steps as CUDA graphs (once, at load); returns the seconds it took. A step that cannot be
+        captured stays eager, with a warning."""
+        import torch
+
+        start = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        # Warm up on a side stream first (lazy cuBLAS, bitsandbytes and SDPA set-up must not happen in a capture).
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._one(1)
+            for b in self.batch_sizes:
+                self._batched(b, self.lengths[0])
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        try:
+            self._capture_one(pool)
+        except Exception as e:  # a capture fails with whatever the failing op raises
+            self.one_graphs, self.one_outputs, self.one_inputs = [], [], []
+            log.warning("one-sequence decoding stays eager: CUDA graph capture failed (%s: %s)", type(e).__name__, e)
+        try:
+            for b in reversed(self.batch_sizes):  # largest first, so the smaller graphs reuse its memory
+                for length in reversed(self.lengths):
+                    self.batch_graphs[b, length] = _graph(lambda b=b, n=length: self._batched(b, n), pool)
+        except Exception as e:
+            self.batch_graphs = {}
+            log.warning("batched decoding stays eager: CUDA graph capture failed (%s: %s)", type(e).__name__, e)
+        torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
+    def _capture_one(self, pool: Any) -> None:
+        """One graph up to the first attention, one between each two attentions, one after the last."""
+        n = len(self.layers)
+
+        def first():
+            x, cos, sin = self._embed(1)
+            return x, cos, sin, self._project(0, x, cos, sin, 1)
+
+        graph, (x, cos, sin, q) = _graph(first, pool)
+        graphs, outputs, inputs = [graph], [q], [x, cos, sin]
+        for i in range(1, n + 1):
+
+            def between(i=i, x=x):
+                y = self._finish_layer(i - 1, x, self.attn_out)
+                return y, (self._project(i, y, cos, sin, 1) if i < n else self._head(y))
+
+            graph, (x, out) = _graph(between, pool)
+            graphs.append(graph)
+            outputs.append(out)
+            inputs.append(x)
+        self.one_graphs, self.one_outputs, self.one_inputs = graphs, outputs, inputs
+
+
+def _graph(fn: Any, pool: Any) -> tuple[Any, Any]:
+    """A CUDA graph of fn() and its outputs (static tensors that each replay overwrites)."""
+    import torch
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        out = fn()
+    return graph, out
