@@ -62,6 +62,38 @@ def test_fast_path_matches_plain_loss_and_lora_grads(tiny_mistral_dir, quantize,
     assert abs(got_loss - want_loss) < 1e-5 and err < 1e-4 and cos > 0.9999
 
 
+@pytest.fixture(scope="module")
+def tiny_qwen2_dir(tmp_path_factory):
+    """A 2-layer random Qwen2 (biased q/k/v projections), no tokenizer: load_base needs none."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    folder = tmp_path_factory.mktemp("tiny-qwen2")
+    config = Qwen2Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fast_path_matches_plain_on_other_llama_family_models(tiny_model_dir, tiny_qwen2_dir, arch):
+    folder = tiny_model_dir if arch == "llama" else tiny_qwen2_dir
+    plain, fast = build(folder, fast=False), build(folder, fast=True)
+    ids = batch(plain.config.vocab_size)
+    want_loss, want = loss_and_grads(plain, ids, fast=False)
+    got_loss, got = loss_and_grads(fast, ids, fast=True)
+    err, cos = grad_error(got, want)
+    assert abs(got_loss - want_loss) < 1e-5 and err < 1e-4 and cos > 0.9999
+
+
 def test_dropout_masks_agree_between_forward_and_recompute(tiny_mistral_dir):
     kept = build(tiny_mistral_dir, fast=True, dropout=0.2, checkpointing=False)
     recomputed = build(tiny_mistral_dir, fast=True, dropout=0.2, checkpointing=True)
