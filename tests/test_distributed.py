@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +16,10 @@ from finechat import config as cfg
 from finechat.errors import UserError
 
 STEPS = 40
+FSDP_CPU_SIM = Path(__file__).parent / "fsdp_cpu_sim"
 
 
-def flags(model_dir, data, run_dir, batch_size: int) -> list[str]:
+def flags(model_dir, data, run_dir, batch_size: int, steps: int = STEPS, save_steps: int = 100) -> list[str]:
     """`finechat train` flags of a tiny deterministic run (no LoRA dropout: the processes draw different masks)."""
     return [
         "train",
@@ -28,13 +30,13 @@ def flags(model_dir, data, run_dir, batch_size: int) -> list[str]:
         "--output",
         str(run_dir),
         "--max-steps",
-        str(STEPS),
+        str(steps),
         "--batch-size",
         str(batch_size),
         "--max-seq-length",
         "64",
         "--save-steps",
-        "100",
+        str(save_steps),
         "--quantize",
         "none",
         "--compute-dtype",
@@ -100,6 +102,32 @@ def test_two_processes_train_like_one_stop_together_and_resume(tiny_model_dir, t
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run_dir)
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU simulation of FSDP; GPUs run the real thing")
+def test_fsdp_path_trains_like_one_process_and_resumes(tiny_model_dir, text_file, tmp_path):
+    """FSDP (LoRA layers as their own units, adapter files, checkpoints, --resume) on CPU through tests/fsdp_cpu_sim,
+    which removes only what keeps FSDP1 off CPUs: 2 x batch 2 == 1 x batch 4, step by step, through a resume."""
+    reference = tmp_path / "one"
+    assert cli.main(flags(tiny_model_dir, text_file, reference, 4, steps=6) + ["--optimizer", "adamw_torch"]) == 0
+    env = {**cpu_env(), "FINECHAT_FSDP_CPU_SIM": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(FSDP_CPU_SIM), env.get("PYTHONPATH")) if p)
+    run_dir = tmp_path / "fsdp"
+    first = flags(tiny_model_dir, text_file, run_dir, 2, steps=4, save_steps=2) + ["--distributed", "fsdp"]
+    for argv in (first, ["train", "--output", str(run_dir), "--resume", "--max-steps", "6"]):
+        done = subprocess.run(distributed.launch_command(argv, 2), capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "checkpoint-4" / "pytorch_model_fsdp.bin").is_file()  # the Trainer ran FSDP
+
+    one, two = losses(reference), losses(run_dir)
+    assert sorted(two) == list(range(1, 7)) and max(abs(one[s] - two[s]) for s in one) < 1e-4
+    from safetensors.torch import load_file
+
+    a, b = load_file(reference / "adapter_model.safetensors"), load_file(run_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    checkpoint = load_file(run_dir / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors")
+    assert checkpoint.keys() == a.keys()  # not the empty adapter peft 0.21 writes for an FSDP model
 
 
 @pytest.mark.parametrize(

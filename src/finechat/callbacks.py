@@ -81,6 +81,30 @@ class ProgressAndMetrics(TrainerCallback):
         return sum(rates) / len(rates) if rates else 0.0
 
 
+class FSDPAdapter(TrainerCallback):
+    """Under FSDP, writes the adapter weights into every checkpoint and reads them back on --resume.
+
+    peft 0.21 finds the adapter's weights by module name and strips only the outer FSDP wrapper's prefix, so in a
+    model whose decoder layers and LoRA layers are FSDP units too it finds none: the Trainer's checkpoints (and
+    accelerate's FSDP model file) hold an empty adapter, and a resumed run restarts from the LoRA initialisation.
+    Measured on the CPU/gloo simulation of this path (tests/test_distributed.py)."""
+
+    def __init__(self, model, run_dir: Path):
+        self.keys = distributed.adapter_keys(model)  # before FSDP flattens the parameters
+        self.run_dir = run_dir
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        if state.global_step > 0:  # resumed: the Trainer has loaded everything but the adapter
+            checkpoint = self.run_dir / runs.CHECKPOINTS / f"checkpoint-{state.global_step}"
+            distributed.load_adapter_weights(model, checkpoint / distributed.ADAPTER_WEIGHTS, self.keys)
+
+    def on_save(self, args, state, control, model=None, **kw):
+        state_dict = distributed.gather_full_state_dict(model)
+        if state.is_world_process_zero:
+            staged = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            distributed.write_adapter_weights(staged / distributed.ADAPTER_WEIGHTS, state_dict, self.keys)
+
+
 def _plan(args) -> distributed.Plan:
     return distributed.Plan(world_size=args.world_size, rank=args.process_index)
 

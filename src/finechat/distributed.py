@@ -230,11 +230,66 @@ def gradient_checkpointing_kwargs(plan: Plan) -> dict[str, Any]:
 def save_adapter(trainer, run_dir: Path, plan: Plan) -> None:
     """Write the trained adapter to run_dir exactly as a single-process run does (rank 0 writes; under FSDP every
     process first helps gather the full weights)."""
-    model = trainer.model
-    state_dict = trainer.accelerator.get_state_dict(model) if plan.mode == "fsdp" else None
+    if plan.mode != "fsdp":
+        if plan.is_main:
+            trainer.model.save_pretrained(run_dir, safe_serialization=True)
+        return
+    from finechat.callbacks import FSDPAdapter
+
+    keys = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FSDPAdapter)).keys
+    state_dict = gather_full_state_dict(trainer.model)
     if plan.is_main:
-        model = trainer.accelerator.unwrap_model(model)
-        model.save_pretrained(run_dir, state_dict=state_dict, safe_serialization=True)
+        # peft writes adapter_config.json and the model card; the weights are written again below (see FSDPAdapter).
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(run_dir, state_dict=state_dict)
+        write_adapter_weights(run_dir / ADAPTER_WEIGHTS, state_dict, keys)
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def adapter_keys(model, adapter_name: str = "default") -> dict[str, str]:
+    """For each trainable (adapter) parameter, its key in a peft adapter file -> its name in the model. Taken from the
+    peft model before FSDP flattens its parameters."""
+    return {
+        name.replace(f".{adapter_name}.", "."): name for name, param in model.named_parameters() if param.requires_grad
+    }
+
+
+def gather_full_state_dict(model) -> dict[str, Any]:
+    """The full state dict of an FSDP model on rank 0, in host memory ({} on the other ranks; all must call it)."""
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.state_dict_type(
+        model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+    ):
+        return model.state_dict()
+
+
+def write_adapter_weights(path: Path, state_dict: dict[str, Any], keys: dict[str, str]) -> None:
+    """Write the adapter tensors of a full model state dict as peft names them in adapter_model.safetensors."""
+    from safetensors.torch import save_file
+
+    missing = [name for name in keys.values() if name not in state_dict]
+    if missing:
+        raise RuntimeError(f"adapter weights missing from the gathered state dict: {missing[:3]}")
+    save_file({key: state_dict[name].contiguous() for key, name in keys.items()}, str(path), metadata={"format": "pt"})
+
+
+def load_adapter_weights(model, path: Path, keys: dict[str, str]) -> None:
+    """Load adapter_model.safetensors into an FSDP model (every process reads the small file and takes part)."""
+    from safetensors.torch import load_file
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    tensors = load_file(str(path))
+    unknown = sorted(set(tensors) - set(keys))
+    if unknown or not tensors:
+        raise UserError(f"--resume: {path} does not hold this run's adapter (unexpected: {unknown[:3]})")
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
+        result = model.load_state_dict({keys[k]: v for k, v in tensors.items()}, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"FSDP did not take adapter weights {result.unexpected_keys[:3]}")
 
 
 def finish(plan: Plan) -> None:

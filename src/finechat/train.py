@@ -154,7 +154,7 @@ def _build_trainer(
     from trl import SFTConfig, SFTTrainer
 
     from finechat import fastpath
-    from finechat.callbacks import ProgressAndMetrics
+    from finechat.callbacks import FSDPAdapter, ProgressAndMetrics
 
     on_gpu = torch.cuda.is_available()
     plan = plan or distributed.Plan()
@@ -219,6 +219,8 @@ def _build_trainer(
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    if fsdp:  # first: ProgressAndMetrics publishes the checkpoints this callback completes
+        trainer.add_callback(FSDPAdapter(trainer.model, run_dir))
     trainer.add_callback(ProgressAndMetrics(run_dir, config.save_total_limit))
     if config.quantize == "nf4":
         models.disable_cpu_bf16_repack(trainer.model)
