@@ -75,6 +75,28 @@ def build_model(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
     return folder
 
 
+def tiny_config(model_dir, data, run_dir, **overrides):
+    """A TrainConfig for a few fast CPU steps on a tiny model (full precision unless overridden)."""
+    from finechat import config as cfg
+
+    values = dict(
+        model=str(model_dir),
+        data=str(data),
+        run_dir=str(run_dir),
+        max_steps=4,
+        batch_size=2,
+        max_seq_length=64,
+        logging_steps=1,
+        save_steps=2,
+        quantize="none",
+        compute_dtype="float32",
+        max_eval_docs=4,
+        eval_fraction=0.1,
+    )
+    values.update(overrides)
+    return cfg.load_config(None, values)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama folder (loadable by AutoModelForCausalLM and finechat --model)."""

@@ -1,27 +1,21 @@
 import pytest
 
-from finechat import config as cfg
+from conftest import tiny_config
 from finechat.errors import UserError
 from finechat.train import train
 
 
 def test_push_to_hub_offline_fails_after_the_run_folder_is_written(tiny_model_dir, text_file, tmp_path):
     run_dir = tmp_path / "run"
-    config = cfg.load_config(
-        None,
-        dict(
-            model=str(tiny_model_dir),
-            data=str(text_file),
-            run_dir=str(run_dir),
-            max_steps=1,
-            batch_size=1,
-            max_seq_length=32,
-            quantize="none",
-            compute_dtype="float32",
-            max_eval_docs=1,
-            eval_fraction=0.1,
-            push_to_hub="someone/finechat-test",
-        ),
+    config = tiny_config(
+        tiny_model_dir,
+        text_file,
+        run_dir,
+        max_steps=1,
+        batch_size=1,
+        max_seq_length=32,
+        max_eval_docs=1,
+        push_to_hub="someone/finechat-test",
     )
     with pytest.raises(
         UserError, match=r"--push-to-hub someone/finechat-test: upload failed .* is saved, retry when online"

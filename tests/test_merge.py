@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from finechat import config as cfg
+from conftest import tiny_config
 from finechat.errors import UserError
 from finechat.merge import merge
 from finechat.train import train
@@ -10,24 +10,7 @@ from finechat.train import train
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, text_file, tmp_path_factory):
     run = tmp_path_factory.mktemp("merge") / "run"
-    train(
-        cfg.load_config(
-            None,
-            dict(
-                model=str(tiny_model_dir),
-                data=str(text_file),
-                run_dir=str(run),
-                max_steps=3,
-                batch_size=2,
-                max_seq_length=64,
-                quantize="nf4",
-                compute_dtype="float32",
-                learning_rate=1e-2,
-                max_eval_docs=2,
-                eval_fraction=0.1,
-            ),
-        )
-    )
+    train(tiny_config(tiny_model_dir, text_file, run, max_steps=3, quantize="nf4", learning_rate=1e-2, max_eval_docs=2))
     return run
 
 

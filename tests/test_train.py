@@ -8,29 +8,11 @@ import time
 import pytest
 import torch
 
+from conftest import tiny_config
 from finechat import config as cfg
 from finechat import runs
 from finechat.errors import UserError
 from finechat.train import train
-
-
-def tiny_config(model_dir, data, run_dir, **kw):
-    values = dict(
-        model=str(model_dir),
-        data=str(data),
-        run_dir=str(run_dir),
-        max_steps=4,
-        batch_size=2,
-        max_seq_length=64,
-        logging_steps=1,
-        save_steps=2,
-        quantize="none",
-        compute_dtype="float32",
-        max_eval_docs=4,
-        eval_fraction=0.1,
-    )
-    values.update(kw)
-    return cfg.load_config(None, values)
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,12 @@ HELP = "commands: /reset (forget the conversation), /length NAME (" + "|".join(L
 
 def generate(engine: Engine, prompt: str, settings: GenerationSettings, out: TextIO | None = None) -> str:
     """Reply to one user message, streaming the text to out (stdout); returns the reply."""
-    out = out or sys.stdout
-    ids = engine.chat_prompt([{"role": "user", "content": prompt}], reserve=settings.max_new_tokens)
-    generation = engine.generate(ids, settings)
+    return _stream_reply(engine, [{"role": "user", "content": prompt}], settings, out or sys.stdout)
+
+
+def _stream_reply(engine: Engine, messages: list[dict[str, str]], settings: GenerationSettings, out: TextIO) -> str:
+    """Generate a reply to a conversation, writing it to out piece by piece; returns the whole reply."""
+    generation = engine.generate(engine.chat_prompt(messages, reserve=settings.max_new_tokens), settings)
     for piece in generation:
         out.write(piece)
         out.flush()
@@ -28,10 +31,11 @@ def chat(
     engine: Engine,
     settings: GenerationSettings,
     system: str | None = None,
-    inp: TextIO = sys.stdin,
-    out: TextIO = sys.stdout,
+    inp: TextIO | None = None,
+    out: TextIO | None = None,
 ) -> None:
     """The seed's chatbot: streamed replies, history through the chat template, /reset, /length, /quit."""
+    inp, out = inp or sys.stdin, out or sys.stdout
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     length = next((k for k, v in LENGTH_PRESETS.items() if v == settings.max_new_tokens), str(settings.max_new_tokens))
     out.write(f"finechat — {HELP}\n")
@@ -65,15 +69,9 @@ def chat(
         history.append({"role": "user", "content": text})
         out.write("bot> ")
         try:
-            ids = engine.chat_prompt(history, reserve=settings.max_new_tokens)
+            reply = _stream_reply(engine, history, settings, out)
         except UserError as e:
             history.pop()
             out.write(f"({e})\n")
             continue
-        generation = engine.generate(ids, settings)
-        for piece in generation:
-            out.write(piece)
-            out.flush()
-        out.write("\n")
-        assert generation.result is not None
-        history.append({"role": "assistant", "content": generation.result.text})
+        history.append({"role": "assistant", "content": reply})
