@@ -183,6 +183,30 @@ def test_gpus_relaunch_keeps_every_flag_but_gpus(tmp_path):
     assert command[7:] == ["finechat", *again]
 
 
+def test_gpus_replaces_the_process_by_torchrun(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    """finechat train --gpus 2 becomes torchrun running the same command twice (the DDP test runs that command)."""
+    launched = []
+
+    def execv(path, argv):
+        launched.append(argv)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(os, "execv", execv)
+    argv = flags(tiny_model_dir, text_file, tmp_path / "r", 2) + ["--gpus", "2", "--no-fast-path"]
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    command = launched[0]
+    assert command[:8] == distributed.launch_command([], 2)
+    again, given = cli.build_parser().parse_args(command[8:]), cli.build_parser().parse_args(argv)
+    assert again.gpus is None and all(getattr(again, f.name) == getattr(given, f.name) for f in cfg.fields())
+    assert not (tmp_path / "r").exists()  # the run folder is the processes' to create
+
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "notes.txt").write_text("mine")
+    assert cli.main(argv) == 2 and len(launched) == 1  # an existing folder is refused before launching
+
+
 def test_gpus_needs_that_many_cuda_devices(tiny_model_dir, text_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     code = cli.main(flags(tiny_model_dir, text_file, tmp_path / "r", 2) + ["--gpus", "2"])
