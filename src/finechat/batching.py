@@ -98,6 +98,7 @@ class Batcher:
                     self._drop_finished()
                     if self.active:
                         self._step()
+                        self._drop_finished()
                 except Exception as e:  # a failed step fails the generations in it, not the thread
                     log.exception("decoding step failed")
                     for request in [*joining, *self.active]:

@@ -263,7 +263,7 @@ class Engine:
         limit = self.reply_limit(settings, len(prompt_ids))
         batcher = self.batcher
         if batcher is None or not batcher.fits(len(prompt_ids) + limit):
-            yield from self._tokens_stepwise(prompt_ids, settings, cancel)
+            yield from self._tokens_stepwise(prompt_ids, settings, cancel, limit)
             return
         from finechat.batching import END, Request
 
@@ -284,9 +284,9 @@ class Engine:
             batcher.leave(request)
 
     def _tokens_stepwise(
-        self, prompt_ids: list[int], settings: GenerationSettings, cancel: threading.Event
+        self, prompt_ids: list[int], settings: GenerationSettings, cancel: threading.Event, limit: int
     ) -> Iterator[int | None]:
-        """Prefill, then one DynamicCache step per token, taking turns with other generations under the lock."""
+        """Prefill, then one DynamicCache step per token (up to `limit` or EOS), taking turns under the lock."""
         import torch
         from transformers import DynamicCache
 
@@ -295,7 +295,7 @@ class Engine:
         # Only the last position's logits, as generate computes them (where the model's forward can be told so).
         last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
         inputs = torch.tensor([prompt_ids], device=self.device)
-        while True:
+        for _ in range(limit):
             if cancel.is_set():
                 yield None
                 return
@@ -304,6 +304,8 @@ class Engine:
                 scores = logits[:, -1, :].float()
                 token = int(pick(scores) if pick else scores.argmax(-1)[0])
             yield token
+            if token in self.eos_ids:
+                return
             inputs = torch.tensor([[token]], device=self.device)
 
 

@@ -1,0 +1,196 @@
+"""The fast decoder and continuous batching: greedy replies equal transformers' generate, concurrent generations
+decode in one batch and get the replies they would get alone, cancelled or abandoned ones leave the batch, and what
+the decoder does not cover falls back to step-by-step decoding. GPU tests check the CUDA-graph path."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from finechat import decode
+from finechat.engine import Engine, GenerationSettings
+
+
+def greedy(n: int, **kw) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=n, stop_at_punctuation=False, **kw)
+
+
+def prompt(engine: Engine, i: int = 0) -> list[int]:
+    return engine.chat_prompt([{"role": "user", "content": f"Question {i}: tell me about item {i * 7}."}])
+
+
+def token_ids(engine: Engine, ids: list[int], n: int) -> list[int | None]:
+    return list(engine.tokens(ids, greedy(n), threading.Event()))
+
+
+def generate_ids(engine: Engine, ids: list[int], n: int) -> list[int]:
+    out = engine.model.generate(torch.tensor([ids], device=engine.device), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids) :].tolist()
+
+
+def concurrently(engine: Engine, jobs: list[tuple[list[int], GenerationSettings]]) -> list:
+    """Run the generations in threads that all submit while the engine is held, so they decode as one batch."""
+    results: list = [None] * len(jobs)
+
+    def run(i: int) -> None:
+        results[i] = engine.generate(*jobs[i]).complete()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    with engine.lock:
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+def wait_idle(engine: Engine) -> None:
+    deadline = time.monotonic() + 10
+    while engine.batcher.active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.batcher.active == []
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    engine = Engine.load(str(tiny_model_dir), max_batch=4)
+    yield engine
+    engine.close()
+
+
+def test_the_fast_decoder_runs_llama_and_mistral(engine, tiny_mistral_dir):
+    assert engine.fast_off is None and engine.batcher is not None
+    assert engine.batcher.decoder.capacity == engine.context_window == 512
+    mistral = Engine.load(str(tiny_mistral_dir))
+    ids = prompt(mistral)
+    before = mistral.batcher.steps
+    assert token_ids(mistral, ids, 48) == generate_ids(mistral, ids, 48)
+    assert mistral.batcher.steps - before == 47  # the first token comes from the prefill
+    mistral.close()
+
+
+def test_decode_step_logits_equal_the_model_forward(engine):
+    """A one-sequence step is the model's own cached forward exactly; a batched step agrees to float32 rounding."""
+    from transformers import DynamicCache
+
+    decoder, model = engine.batcher.decoder, engine.model
+    a, b = prompt(engine, 1), prompt(engine, 2)[:-3]
+
+    def reference(ids: list[int], fed: list[int]) -> list[torch.Tensor]:
+        cache = DynamicCache(config=model.config)
+        out = [model(torch.tensor([ids]), past_key_values=cache, logits_to_keep=1).logits[0, -1]]
+        return out + [model(torch.tensor([[t]]), past_key_values=cache).logits[0, -1] for t in fed]
+
+    with engine.lock, torch.inference_mode():
+        ref_a, ref_b = reference(a, [5, 9]), reference(b, [7, 3])
+        assert torch.equal(decoder.prefill(0, a)[0], ref_a[0])
+        assert torch.equal(decoder.step([5], [len(a)])[0], ref_a[1])
+        assert torch.equal(decoder.prefill(1, b)[0], ref_b[0])
+        both = decoder.step([9, 7], [len(a) + 1, len(b)])
+        torch.testing.assert_close(both[0], ref_a[2], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(both[1], ref_b[1], rtol=1e-5, atol=1e-5)
+        decoder.move(1, 0, len(b) + 1)  # the first sequence leaves; the second moves down to slot 0
+        torch.testing.assert_close(decoder.step([3], [len(b) + 1])[0], ref_b[2], rtol=1e-5, atol=1e-5)
+
+
+def test_concurrent_generations_decode_in_one_batch_and_equal_one_at_a_time(engine):
+    """Different prompt lengths and budgets, so requests join and leave mid-batch and the cache is compacted;
+    a stop string and a seeded sampler ride along."""
+    jobs = [(prompt(engine, i), greedy(n)) for i, n in enumerate([10, 25, 40, 17, 33])]
+    full = engine.generate(*jobs[1]).complete().text
+    jobs.append((jobs[1][0], greedy(25, stop=[full[len(full) // 2 : len(full) // 2 + 3]])))
+    jobs.append((prompt(engine, 9), GenerationSettings(max_new_tokens=30, temperature=1.0, seed=3)))
+    alone = [engine.generate(*job).complete() for job in jobs]
+    assert alone[5].finish_reason == "stop" and len(alone[5].text) < len(full)
+    engine.batcher.largest = 0
+    together = concurrently(engine, jobs)
+    assert engine.batcher.largest == 4  # four slots, the rest waited for a free one
+    assert together == alone
+    wait_idle(engine)
+
+
+def test_a_cancelled_generation_stops_and_leaves_the_batch(engine):
+    cancel = threading.Event()
+    generation = engine.generate(prompt(engine, 3), greedy(400), cancel)
+    pieces = iter(generation)
+    next(pieces)
+    cancel.set()
+    "".join(pieces)
+    assert generation.result.finish_reason == "cancelled" and generation.result.completion_tokens < 400
+    wait_idle(engine)
+
+
+def test_an_abandoned_generation_leaves_the_batch(engine):
+    steps = engine.batcher.steps
+    pieces = iter(engine.generate(prompt(engine, 5), greedy(400)))
+    next(pieces)
+    pieces.close()  # the reader stops reading, as a server thread does when its client goes
+    wait_idle(engine)
+    assert engine.batcher.steps - steps < 399
+
+
+def test_a_model_the_decoder_does_not_cover_decodes_step_by_step(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(decode, "unsupported_reason", lambda model: "model type 'x'")
+    engine = Engine.load(str(tiny_model_dir))
+    assert engine.batcher is None and engine.fast_off == "model type 'x'"
+    ids = prompt(engine)
+    assert token_ids(engine, ids, 30) == generate_ids(engine, ids, 30)
+
+
+def test_a_request_longer_than_a_slot_decodes_step_by_step(tiny_model_dir, monkeypatch):
+    # A tiny-model position takes 2 layers x (k, v) x 2 heads x 16 dims x 4 bytes = 512 bytes: 256 positions fit.
+    monkeypatch.setattr(decode, "CPU_CACHE_BYTES", 256 * 512)
+    engine = Engine.load(str(tiny_model_dir))
+    assert engine.batcher.decoder.capacity == 256
+    ids = prompt(engine)
+    steps = engine.batcher.steps
+    assert token_ids(engine, ids, 300 - len(ids)) == generate_ids(engine, ids, 300 - len(ids))
+    assert engine.batcher.steps == steps  # it never went through the batcher
+    assert token_ids(engine, ids, 20) == generate_ids(engine, ids, 20)
+    assert engine.batcher.steps == steps + 19
+    engine.close()
+
+
+def test_ensure_batch_rebuilds_the_cache_for_more_slots(tiny_model_dir):
+    engine = Engine.load(str(tiny_model_dir))
+    assert engine.batcher.decoder.slots == 1
+    engine.ensure_batch(3)
+    assert engine.batcher.decoder.slots == 3 and engine.max_batch == 3
+    engine.ensure_batch(2)
+    assert engine.batcher.decoder.slots == 3
+    ids = prompt(engine)
+    assert token_ids(engine, ids, 20) == generate_ids(engine, ids, 20)
+    engine.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GPU: the CUDA-graph path
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("arch", "quantize"), [("llama", "none"), ("mistral", "nf4")])
+def test_graphs_greedy_equals_generate_on_gpu(tiny_model_dir, tiny_mistral_dir, arch, quantize):
+    folder = tiny_model_dir if arch == "llama" else tiny_mistral_dir
+    engine = Engine.load(str(folder), quantize=quantize, compute_dtype="bfloat16")
+    assert engine.batcher is not None and engine.batcher.decoder.graphs
+    for i in range(3):
+        ids = prompt(engine, i)
+        assert token_ids(engine, ids, 64) == generate_ids(engine, ids, 64)
+    engine.close()
+
+
+@pytest.mark.gpu
+def test_batched_graphs_equal_one_at_a_time_in_float32_on_gpu(tiny_model_dir):
+    engine = Engine.load(str(tiny_model_dir), compute_dtype="float32", max_batch=4)
+    decoder = engine.batcher.decoder
+    assert decoder.graphs and (4, 512) in decoder.batch_graphs
+    jobs = [(prompt(engine, i), greedy(n)) for i, n in enumerate([12, 30, 50, 21, 44, 9])]
+    alone = [engine.generate(*job).complete() for job in jobs]
+    together = concurrently(engine, jobs)
+    assert engine.batcher.largest == 4
+    assert together == alone
+    engine.close()
