@@ -89,7 +89,7 @@ class Batcher:
                         self.wake.wait()
                     if self.stopping:
                         break
-                    joining = []
+                    joining: list[Request] = []
                     while self.pending and len(self.active) + len(joining) < self.decoder.slots:
                         joining.append(self.pending.popleft())
                 try:
@@ -141,7 +141,7 @@ class Batcher:
 
     def _drop_finished(self) -> None:
         """Remove finished, cancelled and abandoned requests; the rest move down to slots 0..n-1, in order."""
-        kept = []
+        kept: list[Request] = []
         for slot, request in enumerate(self.active):
             if request.cancel.is_set() and not request.done:
                 request.out.put(None)

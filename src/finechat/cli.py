@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="GPU measurements behind docs/benchmarks.md")
     bench = p.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
     _bench_train_flags(bench.add_parser("train", help="training tokens/s and peak memory: seed stack vs finechat"))
+    _bench_generate_flags(
+        bench.add_parser("generate", help="decoding tokens/s and time to first token: seed vs engine")
+    )
     return parser
 
 
@@ -145,6 +148,21 @@ def _bench_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-cap-gib", type=float, default=79.0, help="GPU memory cap; 0: whole card (default: 79)")
     p.add_argument("--model-dir", help="folder for the random model (default: /tmp/finechat-bench-ARCH)")
     p.add_argument("--output", help="JSON path (default: benchmarks/results/train-CARD-DATE.json)")
+
+
+def _bench_generate_flags(p: argparse.ArgumentParser) -> None:
+    from finechat.bench.generate import WEIGHTS
+    from finechat.bench.train import ARCHS
+
+    p.add_argument("--arch", choices=list(ARCHS), default="mistral-7b", help="random-weight model architecture")
+    p.add_argument("--weights", default=",".join(WEIGHTS), help=f"weight formats (default: {','.join(WEIGHTS)})")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length of the speed runs (default: 128)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens per reply (default: 128)")
+    p.add_argument("--long-prompt", type=int, default=1000, help="prompt length of the ttft run (default: 1000)")
+    p.add_argument("--streams", default="1,4,16", help="concurrent streams through the engine (default: 1,4,16)")
+    p.add_argument("--no-eager", dest="eager", action="store_false", help="skip the engine without CUDA graphs")
+    p.add_argument("--model-dir", help="folder for the random model (default: /tmp/finechat-bench-ARCH)")
+    p.add_argument("--output", help="JSON path or folder (default: benchmarks/results/decode-CARD-DATE.json)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,6 +315,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench_command == "generate":
+        return cmd_bench_generate(args)
     from finechat.bench.train import BenchSettings, parse_lengths, parse_shapes, run
 
     if args.steps <= 0 or args.warmup < 0:
@@ -316,6 +336,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
         output=args.output,
     )
     run(settings, command="finechat bench train " + " ".join(sys.argv[3:]))
+    return 0
+
+
+def cmd_bench_generate(args: argparse.Namespace) -> int:
+    from finechat.bench.generate import DecodeBenchSettings, parse_counts, run
+
+    if min(args.prompt_tokens, args.new_tokens, args.long_prompt) < 2:
+        raise UserError("--prompt-tokens, --new-tokens and --long-prompt must be at least 2")
+    settings = DecodeBenchSettings(
+        arch=args.arch,
+        weights=[w.strip() for w in args.weights.split(",") if w.strip()],
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        long_prompt=args.long_prompt,
+        streams=parse_counts(args.streams, "--streams"),
+        eager=args.eager,
+        model_dir=args.model_dir,
+        output=args.output,
+    )
+    run(settings, command="finechat bench generate " + " ".join(sys.argv[3:]))
     return 0
 
 

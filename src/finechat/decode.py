@@ -41,7 +41,7 @@ def unsupported_reason(model: Any) -> str | None:
     attention = getattr(config, "_attn_implementation", None)
     if attention != "sdpa":
         return f"attention implementation {attention!r} (fast decoding reproduces sdpa)"
-    body = getattr(lm, "model", None)
+    body: Any = getattr(lm, "model", None)
     if not all(hasattr(body, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
         return f"unexpected module layout of {type(lm).__name__}"
     rope = str(getattr(body.rotary_emb, "rope_type", "default"))
@@ -129,7 +129,7 @@ class Decoder:
         import torch
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.lm.config)
+        cache: Any = DynamicCache(config=self.lm.config)
         ids = torch.tensor([prompt_ids], device=self.device)
         logits = self.lm(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_arg: cache}).logits[:, -1]
         n = len(prompt_ids)
@@ -242,7 +242,6 @@ class Decoder:
         import torch
 
         start = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
         # Warm up on a side stream first (lazy cuBLAS, bitsandbytes and SDPA set-up must not happen in a capture).
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -251,22 +250,26 @@ class Decoder:
             for b in self.batch_sizes:
                 self._batched(b, self.lengths[0])
         torch.cuda.current_stream(self.device).wait_stream(side)
+        self.capture_steps(_graph, torch.cuda.graph_pool_handle())
+        torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
+    def capture_steps(self, graph: Any, pool: Any) -> None:
+        """Record every step with graph(fn, pool) -> (replayable, outputs of fn)."""
         try:
-            self._capture_one(pool)
+            self._capture_one(graph, pool)
         except Exception as e:  # a capture fails with whatever the failing op raises
             self.one_graphs, self.one_outputs, self.one_inputs = [], [], []
             log.warning("one-sequence decoding stays eager: CUDA graph capture failed (%s: %s)", type(e).__name__, e)
         try:
             for b in reversed(self.batch_sizes):  # largest first, so the smaller graphs reuse its memory
                 for length in reversed(self.lengths):
-                    self.batch_graphs[b, length] = _graph(lambda b=b, n=length: self._batched(b, n), pool)
+                    self.batch_graphs[b, length] = graph(lambda b=b, n=length: self._batched(b, n), pool)
         except Exception as e:
             self.batch_graphs = {}
             log.warning("batched decoding stays eager: CUDA graph capture failed (%s: %s)", type(e).__name__, e)
-        torch.cuda.synchronize(self.device)
-        return time.perf_counter() - start
 
-    def _capture_one(self, pool: Any) -> None:
+    def _capture_one(self, graph: Any, pool: Any) -> None:
         """One graph up to the first attention, one between each two attentions, one after the last."""
         n = len(self.layers)
 
@@ -274,16 +277,16 @@ class Decoder:
             x, cos, sin = self._embed(1)
             return x, cos, sin, self._project(0, x, cos, sin, 1)
 
-        graph, (x, cos, sin, q) = _graph(first, pool)
-        graphs, outputs, inputs = [graph], [q], [x, cos, sin]
+        replay, (x, cos, sin, q) = graph(first, pool)
+        graphs, outputs, inputs = [replay], [q], [x, cos, sin]
         for i in range(1, n + 1):
 
             def between(i=i, x=x):
                 y = self._finish_layer(i - 1, x, self.attn_out)
                 return y, (self._project(i, y, cos, sin, 1) if i < n else self._head(y))
 
-            graph, (x, out) = _graph(between, pool)
-            graphs.append(graph)
+            replay, (x, out) = graph(between, pool)
+            graphs.append(replay)
             outputs.append(out)
             inputs.append(x)
         self.one_graphs, self.one_outputs, self.one_inputs = graphs, outputs, inputs

@@ -1,0 +1,382 @@
+"""`finechat bench generate`: chat decoding speed on a random-weight model of a real architecture, measured one
+after the other in one process.
+
+For each of bf16 and NF4 weights (loaded the way a user's checkpoint is: saved to a folder, then
+models.load_for_inference):
+- transformers: plain `model.generate`, greedy, batch 1 (the seed's way; ../shared/baselines/seed_decode.py).
+- finechat: the engine at batch 1, the path `chat` and `generate` take; its first reply after loading is recorded
+  apart ("finechat-first"), to show that warm-up happened at load and not inside it.
+- finechat-eager: the same engine without CUDA graphs (what the graphs buy).
+- finechat-server: N concurrent streams through the engine, one thread each as the server runs them; tok_s is the
+  aggregate over all streams.
+- time to first token of a long prompt (--long-prompt tokens), transformers and finechat.
+Every reply is greedy with stop-at-punctuation off; tok_s is the decode rate after the first token, ttft_ms the time
+to it. The engine's batch-1 tokens are compared with generate's (greedy_equal)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import json
+import logging
+import re
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finechat.errors import UserError
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = ("bf16", "nf4")
+# The issue's targets (75% of the weight-bandwidth limit at batch 1), per card.
+TARGETS = {"h100": {"bf16": 150, "nf4": 250}, "h200": {"bf16": 215, "nf4": 360}}
+TTFT_TARGET_MS = 100
+WARMUP_TARGET_S = 60
+SERVER_SCALING_TARGET = 8
+
+
+@dataclass
+class DecodeBenchSettings:
+    """What `finechat bench generate` measures; each field is a flag of the command."""
+
+    arch: str = "mistral-7b"
+    weights: list[str] = field(default_factory=lambda: list(WEIGHTS))
+    prompt_tokens: int = 128
+    new_tokens: int = 128
+    long_prompt: int = 1000
+    streams: list[int] = field(default_factory=lambda: [1, 4, 16])
+    eager: bool = True  # also measure the engine without CUDA graphs
+    model_dir: str | None = None
+    output: str | None = None
+
+
+def parse_counts(text: str, flag: str) -> list[int]:
+    """'1,4,16' -> [1, 4, 16]."""
+    try:
+        counts = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        counts = []
+    if not counts or any(n < 1 for n in counts):
+        raise UserError(f"{flag} {text}: expected positive counts like 1,4,16")
+    return counts
+
+
+def run(settings: DecodeBenchSettings, command: str = "finechat bench generate") -> dict[str, Any]:
+    """Measure every system for every weight format; print a table, write and return JSON."""
+    import torch
+
+    from finechat.bench.train import ARCHS, make_random_model
+    from finechat.engine import Engine
+    from finechat.models import load_for_inference
+
+    if settings.arch not in ARCHS:
+        raise UserError(f"--arch {settings.arch}: expected one of {', '.join(ARCHS)}")
+    unknown = [w for w in settings.weights if w not in WEIGHTS]
+    if unknown or not settings.weights:
+        raise UserError(f"--weights {','.join(settings.weights)}: expected some of {', '.join(WEIGHTS)}")
+    cuda = torch.cuda.is_available()
+    if not cuda and settings.arch != "tiny":
+        raise UserError(f"--arch {settings.arch} needs a CUDA GPU; use --arch tiny for a CPU dry run")
+    device = torch.cuda.get_device_name(0) if cuda else "cpu"
+    result: dict[str, Any] = {
+        "kind": "decode",
+        "device": device,
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": command,
+        "arch": settings.arch,
+        "settings": asdict(settings),
+        "software": _versions(),
+        "engines": {},
+        "rows": [],
+    }
+    output = Path(settings.output or "benchmarks/results")
+    if output.suffix != ".json":
+        output = output / f"decode-{card(device)}-{result['date'][:10]}.json"
+    path = make_random_model(settings.arch, Path(settings.model_dir or f"/tmp/finechat-bench-{settings.arch}"))
+    vocab = ARCHS[settings.arch]["vocab_size"]
+    _save_tokenizer(path, vocab)
+    rng = torch.Generator().manual_seed(0)
+
+    def prompt(n: int) -> list[int]:
+        return torch.randint(3, vocab, (n,), generator=rng).tolist()
+
+    def record(row: dict[str, Any]) -> None:
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        _write(output, result)  # after every row: a crash later keeps what was measured
+
+    ids, long_ids = prompt(settings.prompt_tokens), prompt(settings.long_prompt)
+    n = settings.new_tokens
+    for weights in settings.weights:
+        t = time.perf_counter()
+        model, tokenizer = load_for_inference(
+            str(path), quantize="nf4" if weights == "nf4" else "none", compute_dtype="bfloat16"
+        )
+        load_s = time.perf_counter() - t
+        common = {"weights": weights, "prompt_tokens": len(ids)}
+
+        plain, plain_tokens = _plain_generate(model, ids, n)
+        record({"system": "transformers", **common, "streams": 1, **plain})
+        ttft = _plain_ttft(model, long_ids)
+        record({"system": "transformers", **common, "prompt_tokens": len(long_ids), "streams": 1, "ttft_ms": ttft})
+
+        engine = Engine(model, tokenizer, max_batch=max(settings.streams))
+        warmup_s = engine.warm_up()
+        decoder = engine.batcher.decoder if engine.batcher else None
+        result["engines"][weights] = {
+            "load_s": round(load_s, 1),
+            "warmup_s": round(warmup_s, 1),
+            "fast_off": engine.fast_off,
+            "cuda_graphs": bool(decoder and decoder.graphs),
+            "batched_graphs": len(decoder.batch_graphs) if decoder else 0,
+            "slots": decoder.slots if decoder else 0,
+            "positions_per_slot": decoder.capacity if decoder else 0,
+            "gpu_memory_gib": round(torch.cuda.memory_allocated() / 2**30, 2) if cuda else None,
+        }
+        print(json.dumps({weights: result["engines"][weights]}), flush=True)
+        record({"system": "finechat-first", **common, "streams": 1, **_reply(engine, ids, n)})
+        row = _reply(engine, ids, n)
+        got = [t for t in engine.tokens(ids, _greedy(n), threading.Event()) if t is not None]
+        same = next((i for i, (a, b) in enumerate(zip(got, plain_tokens, strict=False)) if a != b), len(got))
+        record({"system": "finechat", **common, "streams": 1, **row, "greedy_equal": same, "compared": len(got)})
+        firsts = [_reply(engine, long_ids, 2)["ttft_ms"] for _ in range(3)]
+        record(
+            {
+                "system": "finechat",
+                **common,
+                "prompt_tokens": len(long_ids),
+                "streams": 1,
+                "ttft_ms": statistics.median(firsts),
+                "ttft_ms_runs": firsts,
+            }
+        )
+        for streams in settings.streams:
+            prompts = [prompt(settings.prompt_tokens) for _ in range(streams)]
+            record({"system": "finechat-server", **common, "streams": streams, **_streams(engine, prompts, n)})
+        engine.close()
+        if settings.eager:
+            eager = Engine(model, tokenizer, graphs=False)
+            eager.warm_up()
+            record({"system": "finechat-eager", **common, "streams": 1, **_reply(eager, ids, n)})
+            eager.close()
+            del eager
+        del engine, model, decoder
+        _free()
+
+    result["targets"] = targets(result)
+    _write(output, result)
+    print(format_table(result))
+    print(f"results written to {output}")
+    return result
+
+
+def _greedy(n: int):
+    from finechat.engine import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=n, stop_at_punctuation=False)
+
+
+def _reply(engine: Any, ids: list[int], n: int) -> dict[str, Any]:
+    """Time one streamed reply: to the first piece, then the decode rate over the rest."""
+    start = time.perf_counter()
+    first = None
+    generation = engine.generate(ids, _greedy(n))
+    for _ in generation:
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    assert generation.result is not None and first is not None
+    k = generation.result.completion_tokens
+    return {
+        "new_tokens": k,
+        "ttft_ms": round((first - start) * 1000, 1),
+        "tok_s": round((k - 1) / (end - first), 1) if k > 1 else None,
+    }
+
+
+def _streams(engine: Any, prompts: list[list[int]], n: int) -> dict[str, Any]:
+    """Concurrent replies to the prompts, one thread each; aggregate tokens/s over the wall time."""
+    streams = len(prompts)
+    rows: list[dict[str, Any]] = [{} for _ in range(streams)]
+    batcher = engine.batcher
+    steps, batched = (batcher.steps, batcher.rows) if batcher else (0, 0)
+
+    def one(i: int) -> None:
+        rows[i] = _reply(engine, prompts[i], n)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    tokens = sum(r["new_tokens"] for r in rows)
+    out = {
+        "new_tokens": tokens,
+        "tok_s": round(tokens / wall, 1),
+        "ttft_ms": round(statistics.mean(r["ttft_ms"] for r in rows), 1),
+        "ttft_ms_max": max(r["ttft_ms"] for r in rows),
+        "wall_s": round(wall, 2),
+    }
+    if batcher and batcher.steps > steps:
+        out["mean_batch"] = round((batcher.rows - batched) / (batcher.steps - steps), 1)
+    return out
+
+
+def _plain_generate(model: Any, ids: list[int], n: int) -> tuple[dict[str, Any], list[int]]:
+    """The seed's way: model.generate, greedy, forced to n new tokens; ttft from a one-token call."""
+    import torch
+
+    device = next(model.parameters()).device
+    x = torch.tensor([ids], device=device)
+    kw = {"do_sample": False, "pad_token_id": 0}
+    model.generate(x, max_new_tokens=8, min_new_tokens=8, **kw)  # warm-up, as the baseline script did
+    first = _timed(lambda: model.generate(x, max_new_tokens=1, **kw))
+    start = time.perf_counter()
+    out = model.generate(x, max_new_tokens=n, min_new_tokens=n, **kw)
+    _sync()
+    total = time.perf_counter() - start
+    k = out.shape[1] - len(ids)
+    row = {
+        "new_tokens": k,
+        "ttft_ms": round(first * 1000, 1),
+        "tok_s": round((k - 1) / (total - first), 1),
+        "tok_s_with_prefill": round(k / total, 1),  # how the seed baseline counted
+    }
+    return row, out[0, len(ids) :].tolist()
+
+
+def _plain_ttft(model: Any, ids: list[int]) -> float:
+    import torch
+
+    x = torch.tensor([ids], device=next(model.parameters()).device)
+    return round(1000 * min(_timed(lambda: model.generate(x, max_new_tokens=1, do_sample=False)) for _ in range(3)), 1)
+
+
+def _timed(fn: Any) -> float:
+    _sync()
+    start = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - start
+
+
+def targets(result: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets against this run's numbers (batch-1 targets only on an H100 or H200)."""
+    rows = result["rows"]
+
+    def find(system: str, weights: str, streams: int = 1, long: bool = False) -> dict[str, Any] | None:
+        prompt = result["settings"]["long_prompt"] if long else result["settings"]["prompt_tokens"]
+        return next(
+            (
+                r
+                for r in rows
+                if (r["system"], r["weights"], r["streams"], r["prompt_tokens"]) == (system, weights, streams, prompt)
+            ),
+            None,
+        )
+
+    out: dict[str, Any] = {}
+    bandwidth = TARGETS.get(card(result["device"]))
+    for weights in result["settings"]["weights"]:
+        row = find("finechat", weights)
+        if bandwidth and row and row.get("tok_s"):
+            out[f"{weights}_batch1_tok_s"] = {
+                "target": bandwidth[weights],
+                "got": row["tok_s"],
+                "met": row["tok_s"] >= bandwidth[weights],
+            }
+        engine = result["engines"].get(weights)
+        if engine:
+            out[f"{weights}_warmup_s"] = {
+                "target": WARMUP_TARGET_S,
+                "got": engine["warmup_s"],
+                "met": engine["warmup_s"] <= WARMUP_TARGET_S,
+            }
+        one, many = find("finechat-server", weights, 1), find("finechat-server", weights, 16)
+        if one and many:
+            ratio = round(many["tok_s"] / one["tok_s"], 1)
+            out[f"{weights}_16_streams_vs_1"] = {"target": SERVER_SCALING_TARGET, "got": ratio, "met": ratio >= 8}
+    long = find("finechat", "bf16", long=True)
+    if long:
+        out["bf16_ttft_long_prompt_ms"] = {
+            "target": TTFT_TARGET_MS,
+            "got": long["ttft_ms"],
+            "met": long["ttft_ms"] <= TTFT_TARGET_MS,
+        }
+    return out
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A short text table of the rows."""
+    lines = [
+        f"{result['device']} · {result['arch']} · {result['settings']['new_tokens']} new tokens",
+        f"{'system':<16} {'weights':<7} {'streams':>7} {'prompt':>6} {'tok/s':>8} {'ttft ms':>8}",
+    ]
+    for r in result["rows"]:
+        tok_s = f"{r['tok_s']:.1f}" if r.get("tok_s") else "-"
+        lines.append(
+            f"{r['system']:<16} {r['weights']:<7} {r['streams']:>7} {r['prompt_tokens']:>6} {tok_s:>8} "
+            f"{r.get('ttft_ms', '-'):>8}"
+        )
+    for name, t in result.get("targets", {}).items():
+        lines.append(f"target {name}: {t['got']} vs {t['target']} -> {'met' if t['met'] else 'MISSED'}")
+    return "\n".join(lines)
+
+
+def card(device: str) -> str:
+    """Short card name for file names: 'NVIDIA H100 80GB HBM3' -> 'h100'."""
+    m = re.search(r"\b([A-Z]\d{2,4}[A-Z]?)\b", device.upper())
+    return m[1].lower() if m else re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+
+
+def _save_tokenizer(folder: Path, vocab: int) -> None:
+    """A word-level tokenizer covering every id of the random model ('w123' is id 123), saved beside it once."""
+    if (folder / "tokenizer.json").is_file():
+        return
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
+    )
+    fast.save_pretrained(folder)
+
+
+def _versions() -> dict[str, str]:
+    from contextlib import suppress
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "transformers", "bitsandbytes", "triton"):
+        with suppress(PackageNotFoundError):
+            found[name] = version(name)
+    return found
+
+
+def _free() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _write(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
