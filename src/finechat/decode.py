@@ -182,7 +182,10 @@ class Decoder:
 
     def _batched(self, b: int, length: int):
         import torch
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
+        # Masked attention: the memory-efficient kernel, else plain math (cuDNN's is kept out of the graphs).
+        backends = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
         x, cos, sin = self._embed(b)
         mask = (self.span[:length] <= self.positions[:b, None]).view(b, 1, 1, length)
         for i, layer in enumerate(self.layers):
@@ -190,9 +193,10 @@ class Decoder:
             # The query heads sharing a key/value head become that head's "query positions": no repeated keys.
             grouped = q.reshape(b, self.kv_heads, -1, self.head_dim)
             keys, values = self.keys[i][:b, :, :length], self.values[i][:b, :, :length]
-            out = torch.nn.functional.scaled_dot_product_attention(
-                grouped, keys, values, attn_mask=mask, scale=layer.self_attn.scaling
-            )
+            with sdpa_kernel(backends):
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    grouped, keys, values, attn_mask=mask, scale=layer.self_attn.scaling
+                )
             x = self._finish_layer(i, x, out.reshape(b, 1, -1))
         return self._head(x)
 
