@@ -47,7 +47,7 @@ def test_run_folder_describes_itself(nf4_run, tiny_mistral_dir):
     rows = runs.read_metrics(run_dir)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in rows if "loss" in r)
-    assert any("eval_loss" in r for r in rows)
+    assert [r["step"] for r in rows if "eval_loss" in r][:3] == [0, 2, 4]  # from the base model on, every eval_steps
     assert [p.name for p in runs.checkpoints(run_dir)] == ["checkpoint-2", "checkpoint-4"]
     assert not any((run_dir / runs.STAGING).glob("checkpoint-*"))  # all moved in complete
 

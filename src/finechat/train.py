@@ -198,6 +198,7 @@ def _build_trainer(
         logging_steps=config.logging_steps,
         eval_strategy="steps" if eval_ds is not None else "no",
         eval_steps=config.eval_steps or None,
+        eval_on_start=eval_ds is not None,  # the curve starts from the base model's held-out loss
         save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=None,  # rotation happens in checkpoints/, see runs.publish_checkpoint
