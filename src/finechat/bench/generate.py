@@ -135,6 +135,7 @@ def run(settings: DecodeBenchSettings, command: str = "finechat bench generate")
             "batched_graphs": len(decoder.batch_graphs) if decoder else 0,
             "slots": decoder.slots if decoder else 0,
             "positions_per_slot": decoder.capacity if decoder else 0,
+            "direct_attention": bool(decoder and decoder.direct_attention),
             "gpu_memory_gib": round(torch.cuda.memory_allocated() / 2**30, 2) if cuda else None,
         }
         print(json.dumps({weights: result["engines"][weights]}), flush=True)
@@ -157,6 +158,13 @@ def run(settings: DecodeBenchSettings, command: str = "finechat bench generate")
         for streams in settings.streams:
             prompts = [prompt(settings.prompt_tokens) for _ in range(streams)]
             record({"system": "finechat-server", **common, "streams": streams, **_streams(engine, prompts, n)})
+        if decoder is not None:
+            try:
+                steps = _step_times(engine, settings.prompt_tokens + n // 2)
+            except Exception as e:  # a diagnosis, not a result: never lose the rows after it
+                steps = {"error": f"{type(e).__name__}: {e}"}
+            result["engines"][weights]["step_ms"] = steps
+            print(json.dumps({weights: steps}), flush=True)
         engine.close()
         if settings.eager:
             eager = Engine(model, tokenizer, graphs=False)
@@ -225,6 +233,46 @@ def _streams(engine: Any, prompts: list[list[int]], n: int) -> dict[str, Any]:
     }
     if batcher and batcher.steps > steps:
         out["mean_batch"] = round((batcher.rows - batched) / (batcher.steps - steps), 1)
+    return out
+
+
+def _step_times(engine: Any, position: int, repeats: int = 20) -> dict[str, Any]:
+    """Where a decode step's time goes, at one cache position: the wall time of a one-sequence step as the batcher
+    runs it (with the sync), the GPU time of its graphs alone (replayed back to back, no attention between), and the
+    GPU time of each batched graph (one replay each, so the CPU is out of the way)."""
+    import torch
+
+    decoder = engine.batcher.decoder
+    out: dict[str, Any] = {}
+
+    def gpu_ms(fn: Any) -> float:
+        fn()
+        if not torch.cuda.is_available():  # CPU dry runs: wall time
+            return _timed(lambda: [fn() for _ in range(repeats)]) * 1000 / repeats
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        end.synchronize()
+        return round(start.elapsed_time(end) / repeats, 3)
+
+    with engine.lock, torch.inference_mode():
+        decoder.step([5], [position]).float().argmax(-1).cpu()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            decoder.step([5], [position]).float().argmax(-1).cpu()
+        out["one_wall"] = round((time.perf_counter() - start) * 1000 / repeats, 3)
+        if decoder.one_graphs:
+            out["one_graphs_gpu"] = gpu_ms(lambda: [g.replay() for g in decoder.one_graphs])
+            attend = decoder._attend_direct if decoder.direct_attention else decoder._attend_into
+            q = decoder.one_outputs[0]
+            out["attention_gpu"] = gpu_ms(lambda: [attend(i, q, position + 1) for i in range(len(decoder.layers))])
+        length = next(m for m in decoder.lengths if m > position)
+        for b in decoder.batch_sizes:
+            graph = decoder.batch_graphs.get((b, length))
+            if graph is not None:
+                out[f"batch{b}_gpu"] = gpu_ms(graph[0].replay)
     return out
 
 
