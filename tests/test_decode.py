@@ -195,35 +195,6 @@ def test_the_graph_path_feeds_each_piece_the_right_tensors(tiny_model_dir):
     engine.close()
 
 
-def test_direct_attention_is_used_only_when_it_gives_sdpas_bits(tiny_model_dir, monkeypatch):
-    """On CUDA the one-sequence step may call SDPA's flash kernel directly. On CPU a stand-in kernel (SDPA itself,
-    returning the flash op's tuple) checks the plumbing around it; a kernel that differs is refused."""
-    from torch.nn.attention import SDPBackend
-
-    def flash(q, k, v, dropout, causal, debug, scale):
-        return (torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True),)
-
-    monkeypatch.setattr(torch, "_fused_sdp_choice", lambda *a, **kw: SDPBackend.FLASH_ATTENTION.value)
-    monkeypatch.setattr(torch.ops.aten._scaled_dot_product_flash_attention, "default", flash)
-    engine = Engine.load(str(tiny_model_dir), max_batch=2)
-    jobs = [(prompt(engine, i), greedy(n)) for i, n in enumerate([30, 12])]
-    alone, together = [engine.generate(*job).complete() for job in jobs], concurrently(engine, jobs)
-    decoder = engine.batcher.decoder
-    with engine.lock, torch.inference_mode():
-        before = decoder.keys[0].clone()
-        assert decoder._check_direct_attention()
-        assert torch.equal(decoder.keys[0], before)  # the check leaves the cache as it found it
-        decoder.direct_attention = True
-        decoder.capture_steps(lambda fn, pool: (r := Replay(fn), r.out), None)
-    assert [engine.generate(*job).complete() for job in jobs] == alone
-    assert concurrently(engine, jobs) == together
-    with engine.lock, torch.inference_mode():
-        off = lambda q, k, v, *a, scale: flash(q * 1.001, k, v, *a, scale=scale)  # noqa: E731
-        monkeypatch.setattr(torch.ops.aten._scaled_dot_product_flash_attention, "default", off)
-        assert not decoder._check_direct_attention()
-    engine.close()
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # GPU: the CUDA-graph path
 

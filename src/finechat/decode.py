@@ -71,6 +71,21 @@ def plan_capacity(model: Any, slots: int, context_window: int) -> int:
     return min(capacity, window) if window else capacity
 
 
+def avoid_cudnn_attention() -> bool:
+    """Turn PyTorch's cuDNN attention backend off for this process; True if it was on.
+
+    PyTorch prefers cuDNN attention on Hopper, and cuDNN builds an execution plan for every new sequence length.
+    Measured on an H200 (torch 2.11, cuDNN chosen for the decode step): the first reply after loading decoded at
+    24 tokens/s and the same reply again at 140; a 1,000-token prompt's first prefill took 69 ms, the next ones 31.
+    A chat reaches new lengths with every reply, so decoding is served by flash attention, which plans nothing (vLLM
+    makes the same process-wide switch). transformers' own generate in this process then uses flash as well."""
+    import torch
+
+    was_on = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    return was_on
+
+
 class Decoder:
     """A static KV cache of `slots` sequences of up to `capacity` positions, and the prefill and decode steps."""
 
@@ -114,8 +129,6 @@ class Decoder:
         self.one_graphs: list[Any] = []  # the piecewise one-sequence step, when captured
         self.one_outputs: list[Any] = []  # q of each layer, then the logits
         self.one_inputs: list[Any] = []  # tensors the graphs read: kept referenced so no capture reuses their memory
-        self.attn_heads = self.attn_out.view(1, 1, config.num_attention_heads, self.head_dim)
-        self.direct_attention = False  # call the flash kernel itself (capture() checks it is SDPA's choice, bitwise)
         self.batch_graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
 
     @property
@@ -169,11 +182,10 @@ class Decoder:
 
     def _one(self, length: int):
         if self.one_graphs:
-            # Between the graphs only the attention runs, from Python: this loop is the step's CPU cost.
-            attend = self._attend_direct if self.direct_attention else self._attend_into
+            # Between the graphs only the attention runs, from Python.
             self.one_graphs[0].replay()
             for i in range(len(self.layers)):
-                attend(i, self.one_outputs[i], length)
+                self._attend_into(i, self.one_outputs[i], length)
                 self.one_graphs[i + 1].replay()
             return self.one_outputs[-1]
         x, cos, sin = self._embed(1)
@@ -236,50 +248,6 @@ class Decoder:
     def _attend_into(self, i: int, q, length: int) -> None:
         self.attn_out.copy_(self._attend(i, q, length))
 
-    def _attend_direct(self, i: int, q, length: int) -> None:
-        """_attend_into without transformers' and SDPA's Python around the kernel: the flash kernel that SDPA picks
-        for a decode step, called with the same arguments (checked to give the same bits by capture())."""
-        import torch
-
-        scale = self.layers[i].self_attn.scaling
-        keys, values = self.keys[i][:1].narrow(2, 0, length), self.values[i][:1].narrow(2, 0, length)
-        out = torch.ops.aten._scaled_dot_product_flash_attention.default(
-            q, keys, values, 0.0, False, False, scale=scale
-        )
-        self.attn_heads.copy_(out[0].transpose(1, 2))
-
-    def _check_direct_attention(self) -> bool:
-        """True when SDPA runs a decode step's attention as the flash kernel and calling it directly gives the same
-        bits at every tried length (the first layer's slot 0 holds random keys for the check, then its own again)."""
-        import torch
-        from torch.nn.attention import SDPBackend
-
-        attention = self.layers[0].self_attn
-        keys, values = self.keys[0], self.values[0]
-        q = torch.randn(1, self.attn_heads.shape[2], 1, self.head_dim, dtype=self.dtype, device=self.device)
-        saved = keys[0].clone(), values[0].clone()
-        try:
-            keys[0].normal_()
-            values[0].normal_()
-            for length in sorted({1, 2, 63, 64, 65, 257, min(1000, self.capacity), self.capacity}):
-                k, v = keys[:1, :, :length], values[:1, :, :length]
-                gqa = attention.num_key_value_groups > 1
-                choice = torch._fused_sdp_choice(q, k, v, scale=attention.scaling, enable_gqa=gqa)
-                if choice != SDPBackend.FLASH_ATTENTION.value:
-                    return False
-                want = self._attend(0, q, length)
-                self._attend_direct(0, q, length)
-                if not torch.equal(self.attn_out, want):
-                    log.warning("direct flash attention differs from SDPA's at length %d: not used", length)
-                    return False
-            return True
-        except Exception as e:  # an op or argument this torch lacks: keep SDPA's call
-            log.warning("direct flash attention not used (%s: %s)", type(e).__name__, e)
-            return False
-        finally:
-            keys[0].copy_(saved[0])
-            values[0].copy_(saved[1])
-
     def _finish_layer(self, i: int, x, attended):
         layer = self.layers[i]
         x = x + layer.self_attn.o_proj(attended)
@@ -305,7 +273,6 @@ class Decoder:
             for b in self.batch_sizes:
                 self._batched(b, self.lengths[0])
         torch.cuda.current_stream(self.device).wait_stream(side)
-        self.direct_attention = self._check_direct_attention()
         self.capture_steps(_graph, torch.cuda.graph_pool_handle())
         torch.cuda.synchronize(self.device)
         return time.perf_counter() - start

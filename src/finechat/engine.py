@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LENGTH_PRESETS = {"short": 100, "medium": 250, "long": 500, "very-long": 20000}
+# How many tokens before the soft limit streaming switches to whole sentences (the longest sentence the criterion
+# can still cut back to without having streamed past it).
+HOLD_TOKENS = 48
 # A sentence ends at . ! ? (or the ellipsis) plus any closing quotes/brackets, and is followed by whitespace, so
 # "3.5" or "e.g" mid-token never counts.
 SENTENCE_END = re.compile(r"[.!?…][\"'”’»)\]]*(?=\s)")
@@ -103,8 +106,10 @@ class Generation:
             if n >= hard:
                 break
             safe = len(text) - _stop_prefix_len(text, s.stop)
-            if s.stop_at_punctuation and n >= s.max_new_tokens:
-                safe = emitted  # past the budget: hold text back until a sentence ends
+            if s.stop_at_punctuation and n >= soft - HOLD_TOKENS:
+                # Near the end, stream whole sentences only, so that a reply that runs out of tokens can still be
+                # cut back to a sentence end that was never streamed past.
+                safe = min(safe, _last_sentence_end(text, emitted))
             if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
@@ -160,12 +165,14 @@ class Engine:
         import torch
 
         from finechat.batching import Batcher
-        from finechat.decode import MIN_CAPACITY, Decoder, plan_capacity, unsupported_reason
+        from finechat.decode import MIN_CAPACITY, Decoder, avoid_cudnn_attention, plan_capacity, unsupported_reason
 
         with self._setup:
             if self._ready:
                 return 0.0
             start = time.perf_counter()
+            if self.device.type == "cuda" and avoid_cudnn_attention():
+                log.info("cuDNN attention off for this process: it plans anew for every sequence length")
             reason = unsupported_reason(self.model)
             capacity = 0 if reason else plan_capacity(self.model, self.max_batch, self.context_window)
             if not reason and capacity < MIN_CAPACITY:
@@ -179,34 +186,14 @@ class Engine:
                         decoder.capture()
                 self.batcher = Batcher(decoder, self.eos_ids, self.lock)
                 log.info(
-                    "fast decoding: %d slot(s) of %d positions, %s%s",
+                    "fast decoding: %d slot(s) of %d positions, %s",
                     self.max_batch,
                     capacity,
                     "CUDA graphs" if decoder.graphs else "eager",
-                    ", direct flash attention" if decoder.direct_attention else "",
                 )
             self.fast_off, self._ready = reason, True
-        if self.batcher is not None:
-            self._rehearse()
-        self.warmup_s = time.perf_counter() - start
-        return self.warmup_s
-
-    def _rehearse(self) -> None:
-        """A long prefill and short replies decoded together, before any user's: the decoding thread's start, the
-        graphs' first launches and the memory a long prompt needs are paid here. (Measured on an H200 without this:
-        the first reply after loading decoded at 20 tokens/s, the next ones at 139.)"""
-        from finechat.batching import END, Request
-
-        assert self.batcher is not None
-        long = min(1024 if self.device.type == "cuda" else 16, self.batcher.decoder.capacity - 16)
-        plan = [[0] * long] + [[0] * 8] * min(2, self.max_batch)
-        requests = [Request(ids, 8, None, threading.Event()) for ids in plan]
-        for request in requests:
-            self.batcher.submit(request)
-        for request in requests:
-            while (item := request.out.get()) is not END:
-                if isinstance(item, BaseException):
-                    raise item
+            self.warmup_s = time.perf_counter() - start
+            return self.warmup_s
 
     def ensure_batch(self, n: int) -> None:
         """Make room for n generations decoding together (warming up again if the cache was built for fewer)."""
@@ -378,6 +365,12 @@ def _sentence_end_after(text: str, emitted: int) -> int | None:
         if m.end() >= emitted:
             return m.end()
     return None
+
+
+def _last_sentence_end(text: str, emitted: int) -> int:
+    """End of the last sentence end at or after the streamed part, or the streamed part's end when there is none."""
+    ends = [m.end() for m in SENTENCE_END.finditer(text, max(0, emitted - 8)) if m.end() >= emitted]
+    return ends[-1] if ends else emitted
 
 
 def _stop_prefix_len(text: str, stops: list[str]) -> int:

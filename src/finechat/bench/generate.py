@@ -135,7 +135,6 @@ def run(settings: DecodeBenchSettings, command: str = "finechat bench generate")
             "batched_graphs": len(decoder.batch_graphs) if decoder else 0,
             "slots": decoder.slots if decoder else 0,
             "positions_per_slot": decoder.capacity if decoder else 0,
-            "direct_attention": bool(decoder and decoder.direct_attention),
             "gpu_memory_gib": round(torch.cuda.memory_allocated() / 2**30, 2) if cuda else None,
         }
         print(json.dumps({weights: result["engines"][weights]}), flush=True)
@@ -265,8 +264,8 @@ def _step_times(engine: Any, position: int, repeats: int = 20) -> dict[str, Any]
         out["one_wall"] = round((time.perf_counter() - start) * 1000 / repeats, 3)
         if decoder.one_graphs:
             out["one_graphs_gpu"] = gpu_ms(lambda: [g.replay() for g in decoder.one_graphs])
-            attend = decoder._attend_direct if decoder.direct_attention else decoder._attend_into
             q = decoder.one_outputs[0]
+            attend = decoder._attend_into
             out["attention_gpu"] = gpu_ms(lambda: [attend(i, q, position + 1) for i in range(len(decoder.layers))])
         length = next(m for m in decoder.lengths if m > position)
         for b in decoder.batch_sizes:
