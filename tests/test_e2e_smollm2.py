@@ -66,13 +66,36 @@ def test_train_eval_merge_generate(tmp_path, capsys):
     assert "Paris" in reply and re.search(r"[.!?][\"')\]]*$", reply), reply
 
 
-def test_short_reply_stops_at_a_sentence_end_near_the_budget():
-    from finechat.engine import Engine, GenerationSettings
+@pytest.mark.parametrize("budget", [40, 100])
+@pytest.mark.parametrize(
+    "question",
+    [
+        "Write a long essay about the history of Rome.",
+        "Tell me about the history of the printing press.",
+        "Explain how photosynthesis works in detail.",
+    ],
+)
+def test_replies_stop_at_a_sentence_end_near_the_budget(budget, question):
+    from finechat.engine import GenerationSettings
 
-    engine = Engine.load("smollm2")
-    settings = GenerationSettings(max_new_tokens=40)
+    engine = _smollm2()
+    settings = GenerationSettings(max_new_tokens=budget)
     soft, hard = settings.limits()
-    ids = engine.chat_prompt([{"role": "user", "content": "Write a long essay about the history of Rome."}], reserve=40)
-    result = engine.generate(ids, settings).complete()
-    assert re.search(r"[.!?][\"')\]]*$", result.text), result.text
-    assert soft <= result.completion_tokens <= hard and result.finish_reason == "stop"
+    generation = engine.generate(engine.chat_prompt([{"role": "user", "content": question}], reserve=budget), settings)
+    streamed = "".join(generation)
+    result = generation.result
+    assert streamed == result.text and re.search(r"[.!?][\"')\]]*$", result.text), result.text
+    assert result.completion_tokens <= hard
+    assert result.finish_reason == "stop"
+
+
+_ENGINE = []
+
+
+def _smollm2():
+    """One SmolLM2 engine for the whole module (loading it takes seconds)."""
+    from finechat.engine import Engine
+
+    if not _ENGINE:
+        _ENGINE.append(Engine.load("smollm2"))
+    return _ENGINE[0]
