@@ -4,6 +4,7 @@ new reply never waits for a long one to end."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
@@ -62,6 +63,9 @@ class Batcher:
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="finechat-decode", daemon=True)
                 self.thread.start()
+                # Join the thread before the interpreter tears torch down: a decode thread still parked at exit
+                # aborted the process ("terminate called without an active exception", exit 134).
+                atexit.register(self.close)
             self.wake.notify()
 
     def leave(self, request: Request) -> None:
