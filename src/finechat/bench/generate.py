@@ -16,7 +16,6 @@ to it. The engine's batch-1 tokens are compared with generate's (greedy_equal)."
 from __future__ import annotations
 
 import datetime as dt
-import gc
 import json
 import logging
 import re
@@ -27,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finechat.bench.common import free_memory, save_word_tokenizer, sync
 from finechat.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,8 @@ def run(settings: DecodeBenchSettings, command: str = "finechat bench generate")
         output = output / f"decode-{card(device)}-{result['date'][:10]}.json"
     path = make_random_model(settings.arch, Path(settings.model_dir or f"/tmp/finechat-bench-{settings.arch}"))
     vocab = ARCHS[settings.arch]["vocab_size"]
-    _save_tokenizer(path, vocab)
+    if not (path / "tokenizer.json").is_file():
+        save_word_tokenizer(path, vocab)
     rng = torch.Generator().manual_seed(0)
 
     def prompt(n: int) -> list[int]:
@@ -172,7 +173,7 @@ def run(settings: DecodeBenchSettings, command: str = "finechat bench generate")
             eager.close()
             del eager
         del engine, model, decoder
-        _free()
+        free_memory()
 
     result["targets"] = targets(result)
     _write(output, result)
@@ -286,7 +287,7 @@ def _plain_generate(model: Any, ids: list[int], n: int) -> tuple[dict[str, Any],
     first = _timed(lambda: model.generate(x, max_new_tokens=1, **kw))
     start = time.perf_counter()
     out = model.generate(x, max_new_tokens=n, min_new_tokens=n, **kw)
-    _sync()
+    sync()
     total = time.perf_counter() - start
     k = out.shape[1] - len(ids)
     row = {
@@ -306,10 +307,10 @@ def _plain_ttft(model: Any, ids: list[int]) -> float:
 
 
 def _timed(fn: Any) -> float:
-    _sync()
+    sync()
     start = time.perf_counter()
     fn()
-    _sync()
+    sync()
     return time.perf_counter() - start
 
 
@@ -387,22 +388,6 @@ def card(device: str) -> str:
     return m[1].lower() if m else re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
 
 
-def _save_tokenizer(folder: Path, vocab: int) -> None:
-    """A word-level tokenizer covering every id of the random model ('w123' is id 123), saved beside it once."""
-    if (folder / "tokenizer.json").is_file():
-        return
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
-    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
-    )
-    fast.save_pretrained(folder)
-
-
 def _versions() -> dict[str, str]:
     from contextlib import suppress
     from importlib.metadata import PackageNotFoundError, version
@@ -412,21 +397,6 @@ def _versions() -> dict[str, str]:
         with suppress(PackageNotFoundError):
             found[name] = version(name)
     return found
-
-
-def _free() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _write(path: Path, result: dict[str, Any]) -> None:

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finechat.bench.common import save_word_tokenizer
 from finechat.errors import UserError
 
 MODES = ("single", "ddp", "fsdp")
@@ -106,20 +107,6 @@ def prepare_model(arch: str, folder: Path) -> Path:
     if not (folder / "tokenizer.json").is_file():
         save_word_tokenizer(folder, ARCHS[arch]["vocab_size"])
     return folder
-
-
-def save_word_tokenizer(folder: Path, vocab_size: int) -> None:
-    """A tokenizer whose tokens are the words w3..w{vocab_size-1} (plus <unk>, <s>, </s>): one word, one token."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
-    )
-    fast.save_pretrained(folder)
 
 
 def prepare_data(path: Path, vocab_size: int, tokens: int) -> Path:

@@ -17,7 +17,6 @@ usable memory by default, also on an H200)."""
 from __future__ import annotations
 
 import datetime as dt
-import gc
 import json
 import logging
 import re
@@ -26,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finechat.bench.common import free_memory, sync
 from finechat.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -148,13 +148,13 @@ def run(settings: BenchSettings, command: str = "finechat bench train") -> dict[
         for bs, seq in settings.shapes:
             record(_measure("finechat", step, bs, seq, settings, model.config.vocab_size))
         del model, step
-        _free()
+        free_memory()
     if "seed" in settings.systems:
         model, step = _seed(path, settings)
         for bs, seq in settings.shapes:
             record(_measure("seed", step, bs, seq, settings, model.config.vocab_size))
         del model, step
-        _free()
+        free_memory()
     extras = [s for s in ABLATIONS if s in settings.systems]
     if settings.longest or extras or settings.profile_shapes or "finechat-nodropout" in settings.systems:
         model, step = _finechat(path, settings)
@@ -173,7 +173,7 @@ def run(settings: BenchSettings, command: str = "finechat bench train") -> dict[
             for bs, seq in settings.shapes:
                 record({**_measure("finechat-nodropout", step, bs, seq, settings, vocab), "lora_dropout": 0.0})
         del model, step
-        _free()
+        free_memory()
 
     result["longest_sequence"] = _longest_summary(result["rows"], result.get("memory_cap_gib"))
     _write(output, result)
@@ -197,7 +197,7 @@ def make_random_model(arch: str, folder: Path) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     marker.write_text(json.dumps(ARCHS[arch]))
     del model
-    _free()
+    free_memory()
     log.info("random %s saved to %s in %.0f s", arch, folder, time.perf_counter() - t)
     return folder
 
@@ -300,14 +300,14 @@ def _profile(step, bs: int, seq: int, vocab: int, output: Path) -> dict[str, Any
 
     if not torch.cuda.is_available():
         return {}
-    _free()
+    free_memory()
     ids = torch.randint(0, vocab, (bs, seq), device="cuda")
     step(ids)
-    _sync()
+    sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t = time.perf_counter()
         step(ids)
-        _sync()
+        sync()
         wall = time.perf_counter() - t
     # Kernels only: an operator's row repeats the time of the kernels it launched (the first run counted both).
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -359,7 +359,7 @@ def _measure(system: str, step, bs: int, seq: int, settings: BenchSettings, voca
 
     steps, warmup = kw.get("steps", settings.steps), kw.get("warmup", settings.warmup)
     cuda = torch.cuda.is_available()
-    _free()
+    free_memory()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     row: dict[str, Any] = {"system": system, "shape": f"{bs}x{seq}"}
@@ -367,11 +367,11 @@ def _measure(system: str, step, bs: int, seq: int, settings: BenchSettings, voca
         ids = torch.randint(0, vocab, (bs, seq), device="cuda" if cuda else "cpu")
         for _ in range(warmup):
             step(ids)
-        _sync()
+        sync()
         t = time.perf_counter()
         for _ in range(steps):
             loss = step(ids)
-        _sync()
+        sync()
         step_s = (time.perf_counter() - t) / steps
         tok_s = bs * seq / step_s
         row.update(
@@ -498,21 +498,6 @@ def _matmul_tflops() -> float:
         a @ b
     torch.cuda.synchronize()
     return round(10 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12)
-
-
-def _free() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _gib(n: int) -> float:
