@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import gc
+import json
+from contextlib import suppress
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
+
+from finechat.errors import UserError
 
 
 def free_memory() -> None:
@@ -35,3 +41,29 @@ def save_word_tokenizer(folder: Path, vocab_size: int) -> None:
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
     )
     fast.save_pretrained(folder)
+
+
+def versions(names: tuple[str, ...]) -> dict[str, str]:
+    """Installed versions of the named packages (missing ones left out), recorded with every result."""
+    found = {}
+    for name in names:
+        with suppress(PackageNotFoundError):
+            found[name] = version(name)
+    return found
+
+
+def write_json(path: Path, result: dict[str, Any]) -> None:
+    """Write a result file (folders created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def device_name(arch: str) -> str:
+    """The GPU's name, or "cpu" for the tiny dry-run architecture; other architectures need CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    if arch != "tiny":
+        raise UserError(f"--arch {arch} needs a CUDA GPU; use --arch tiny for a CPU dry run")
+    return "cpu"

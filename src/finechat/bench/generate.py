@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finechat.bench.common import free_memory, save_word_tokenizer, sync
+from finechat.bench.common import device_name, free_memory, save_word_tokenizer, sync, versions, write_json
 from finechat.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,8 @@ def run(settings: DecodeBenchSettings, command: str = "finechat bench generate")
     unknown = [w for w in settings.weights if w not in WEIGHTS]
     if unknown or not settings.weights:
         raise UserError(f"--weights {','.join(settings.weights)}: expected some of {', '.join(WEIGHTS)}")
-    cuda = torch.cuda.is_available()
-    if not cuda and settings.arch != "tiny":
-        raise UserError(f"--arch {settings.arch} needs a CUDA GPU; use --arch tiny for a CPU dry run")
-    device = torch.cuda.get_device_name(0) if cuda else "cpu"
+    device = device_name(settings.arch)
+    cuda = device != "cpu"
     result: dict[str, Any] = {
         "kind": "decode",
         "device": device,
@@ -89,7 +87,7 @@ def run(settings: DecodeBenchSettings, command: str = "finechat bench generate")
         "command": command,
         "arch": settings.arch,
         "settings": asdict(settings),
-        "software": _versions(),
+        "software": versions(("torch", "transformers", "bitsandbytes", "triton")),
         "engines": {},
         "rows": [],
     }
@@ -108,7 +106,7 @@ def run(settings: DecodeBenchSettings, command: str = "finechat bench generate")
     def record(row: dict[str, Any]) -> None:
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
-        _write(output, result)  # after every row: a crash later keeps what was measured
+        write_json(output, result)  # after every row: a crash later keeps what was measured
 
     ids, long_ids = prompt(settings.prompt_tokens), prompt(settings.long_prompt)
     n = settings.new_tokens
@@ -176,7 +174,7 @@ def run(settings: DecodeBenchSettings, command: str = "finechat bench generate")
         free_memory()
 
     result["targets"] = targets(result)
-    _write(output, result)
+    write_json(output, result)
     print(format_table(result))
     print(f"results written to {output}")
     return result
@@ -386,19 +384,3 @@ def card(device: str) -> str:
     """Short card name for file names: 'NVIDIA H100 80GB HBM3' -> 'h100'."""
     m = re.search(r"\b([A-Z]\d{2,4}[A-Z]?)\b", device.upper())
     return m[1].lower() if m else re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-
-
-def _versions() -> dict[str, str]:
-    from contextlib import suppress
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in ("torch", "transformers", "bitsandbytes", "triton"):
-        with suppress(PackageNotFoundError):
-            found[name] = version(name)
-    return found
-
-
-def _write(path: Path, result: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")

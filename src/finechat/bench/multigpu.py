@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finechat.bench.common import save_word_tokenizer
+from finechat.bench.common import save_word_tokenizer, versions, write_json
 from finechat.errors import UserError
 
 MODES = ("single", "ddp", "fsdp")
@@ -79,7 +79,7 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
         "date": date,
         "command": command,
         "settings": asdict(settings),
-        "software": _versions(),
+        "software": versions(("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes")),
         "rows": _previous_rows(output),  # modes measured by an earlier call of the same day and card are kept
     }
     workdir = Path(settings.workdir)
@@ -91,9 +91,9 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
         result["rows"] = [r for r in result["rows"] if r["mode"] != mode] + [row]
         result["rows"].sort(key=lambda r: MODES.index(r["mode"]))
         result["summary"] = summarize(result["rows"])
-        _write(output, result)
+        write_json(output, result)
         print(json.dumps(row), flush=True)
-    _write(output, result)
+    write_json(output, result)
     print(format_table(result))
     print(f"results written to {output}")
     return result
@@ -351,22 +351,6 @@ def _previous_rows(output: Path) -> list[dict[str, Any]]:
     except (OSError, ValueError):
         return []
     return previous.get("rows", []) if previous.get("kind") == "multigpu" else []
-
-
-def _versions() -> dict[str, str]:
-    from contextlib import suppress
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes"):
-        with suppress(PackageNotFoundError):
-            found[name] = version(name)
-    return found
-
-
-def _write(path: Path, result: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

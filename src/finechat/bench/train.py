@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finechat.bench.common import free_memory, sync
+from finechat.bench.common import device_name, free_memory, sync, versions, write_json
 from finechat.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -108,17 +108,14 @@ def parse_lengths(text: str) -> list[int]:
 
 def run(settings: BenchSettings, command: str = "finechat bench train") -> dict[str, Any]:
     """Measure every system at every shape (and the longest-sequence probe); print a table, write and return JSON."""
-    import torch
 
     if settings.arch not in ARCHS:
         raise UserError(f"--arch {settings.arch}: expected one of {', '.join(ARCHS)}")
     unknown = [s for s in settings.systems if s not in SYSTEMS + ABLATIONS]
     if unknown:
         raise UserError(f"--systems: unknown {unknown[0]!r}; expected some of {', '.join(SYSTEMS + ABLATIONS)}")
-    cuda = torch.cuda.is_available()
-    if not cuda and settings.arch != "tiny":
-        raise UserError(f"--arch {settings.arch} needs a CUDA GPU; use --arch tiny for a CPU dry run")
-    device = torch.cuda.get_device_name(0) if cuda else "cpu"
+    device = device_name(settings.arch)
+    cuda = device != "cpu"
     result: dict[str, Any] = {
         "kind": "train",
         "device": device,
@@ -126,7 +123,7 @@ def run(settings: BenchSettings, command: str = "finechat bench train") -> dict[
         "command": command,
         "arch": settings.arch,
         "settings": {**asdict(settings), "shapes": [f"{b}x{s}" for b, s in settings.shapes]},
-        "software": _versions(),
+        "software": versions(("torch", "transformers", "peft", "trl", "bitsandbytes", "liger-kernel", "triton")),
         "fast_path_kernels": _kernels(),
         "rows": [],
     }
@@ -139,7 +136,7 @@ def run(settings: BenchSettings, command: str = "finechat bench train") -> dict[
     def record(row: dict[str, Any]) -> None:
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
-        _write(output, result)  # after every row: a crash later keeps what was measured
+        write_json(output, result)  # after every row: a crash later keeps what was measured
 
     # finechat first: it is the likelier to fail, and then the slow seed runs need not be spent. The seed next, so a
     # run cut short still has both at every shape; the extras last, on a fresh finechat model (loading takes seconds).
@@ -176,7 +173,7 @@ def run(settings: BenchSettings, command: str = "finechat bench train") -> dict[
         free_memory()
 
     result["longest_sequence"] = _longest_summary(result["rows"], result.get("memory_cap_gib"))
-    _write(output, result)
+    write_json(output, result)
     print(format_table(result))
     print(f"results written to {output}")
     return result
@@ -449,17 +446,6 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _versions() -> dict[str, str]:
-    from contextlib import suppress
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "liger-kernel", "triton"):
-        with suppress(PackageNotFoundError):
-            found[name] = version(name)
-    return found
-
-
 def _kernels() -> str:
     """Which implementation the fast path's norm/RoPE/SwiGLU use in this process."""
     import torch
@@ -502,8 +488,3 @@ def _matmul_tflops() -> float:
 
 def _gib(n: int) -> float:
     return round(n / 2**30, 2)
-
-
-def _write(path: Path, result: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
