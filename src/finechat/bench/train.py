@@ -140,18 +140,13 @@ def run(settings: BenchSettings, command: str = "finechat bench train") -> dict[
 
     # finechat first: it is the likelier to fail, and then the slow seed runs need not be spent. The seed next, so a
     # run cut short still has both at every shape; the extras last, on a fresh finechat model (loading takes seconds).
-    if "finechat" in settings.systems:
-        model, step = _finechat(path, settings)
-        for bs, seq in settings.shapes:
-            record(_measure("finechat", step, bs, seq, settings, model.config.vocab_size))
-        del model, step
-        free_memory()
-    if "seed" in settings.systems:
-        model, step = _seed(path, settings)
-        for bs, seq in settings.shapes:
-            record(_measure("seed", step, bs, seq, settings, model.config.vocab_size))
-        del model, step
-        free_memory()
+    for system, build in (("finechat", _finechat), ("seed", _seed)):
+        if system in settings.systems:
+            model, step = build(path, settings)
+            for bs, seq in settings.shapes:
+                record(_measure(system, step, bs, seq, settings, model.config.vocab_size))
+            del model, step
+            free_memory()
     extras = [s for s in ABLATIONS if s in settings.systems]
     if settings.longest or extras or settings.profile_shapes or "finechat-nodropout" in settings.systems:
         model, step = _finechat(path, settings)
