@@ -196,15 +196,105 @@ def test_the_graph_path_feeds_each_piece_the_right_tensors(tiny_model_dir):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The fused decode kernels, under Triton's CPU interpreter (TRITON_INTERPRET=1). The interpreter's exp and rsqrt are
+# numpy's, and it truncates float32 to bfloat16, so exact checks run in float16, whose rounding numpy does right.
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    import os
+
+    pytest.importorskip("triton")
+    from finechat.kernels import decode_ops
+
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    decode_ops._kernels.cache_clear()  # the kernels are built for the interpreter from here
+    yield decode_ops
+    if before is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = before
+    decode_ops._kernels.cache_clear()
+
+
+def test_fused_norm_and_rotary_kernels_round_as_the_modules_do(interpreted):
+    ops = interpreted
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(torch.float16)
+
+    a, b = rand(3, 1, 96), rand(3, 1, 96)
+    s, sq = ops.add_square(a, b)
+    assert torch.equal(s, a + b) and torch.equal(sq, (a + b).float().pow(2))
+    weight, variance = rand(96), sq.mean(-1, keepdim=True)
+    assert torch.equal(ops.rms_apply(s, variance, weight, 1e-5), ops.rms_apply_reference(s, variance, weight, 1e-5))
+    rows, heads, kv_heads, dim, capacity = 2, 4, 2, 16, 8
+    q, k, v = rand(rows, heads * dim), rand(rows, kv_heads * dim), rand(rows, kv_heads * dim)
+    angle = torch.randn(rows, dim // 2, generator=gen)
+    cos, sin = (torch.cat([f(angle), f(angle)], -1).to(torch.float16) for f in (torch.cos, torch.sin))
+    keys, values = torch.zeros(3, kv_heads, capacity, dim, dtype=torch.float16), None
+    values = torch.zeros_like(keys)
+    positions = torch.tensor([5, 2])
+    q_out = ops.rope_into_cache(q, k, v, cos, sin, positions, keys, values)
+    assert torch.equal(q_out[:, :, 0], ops.rope_reference(q.view(rows, heads, dim), cos, sin))
+    k_rot = ops.rope_reference(k.view(rows, kv_heads, dim), cos, sin)
+    assert torch.equal(keys[0, :, 5], k_rot[0]) and torch.equal(keys[1, :, 2], k_rot[1])
+    assert torch.equal(values[1, :, 2], v.view(rows, kv_heads, dim)[1])
+    assert keys.count_nonzero() == values.count_nonzero() == rows * kv_heads * dim  # nothing else written
+    g, u = rand(2, 1, 300), rand(2, 1, 300)
+    torch.testing.assert_close(ops.silu_mul(g, u), ops.silu_mul_reference(g, u), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_fused_decoding_gives_generates_tokens(interpreted, tiny_mistral_dir, dtype):
+    """The fused step is checked bit for bit against the modules' step when the decoder is built (float16 passes
+    even under the interpreter; in float32 numpy's exp may differ from torch's in the last bit, so the float32 run
+    asks for the kernels whatever the check says), and greedy replies, alone and batched, equal transformers'
+    generate."""
+    from finechat.models import load_for_inference
+
+    model, tokenizer = load_for_inference(str(tiny_mistral_dir))
+    model = model.to(getattr(torch, dtype))
+    engine = Engine(model, tokenizer, max_batch=3, fused="auto" if dtype == "float16" else "on")
+    engine.warm_up()
+    decoder = engine.batcher.decoder
+    assert decoder.fused and decoder.fused_check == "bitwise" if dtype == "float16" else decoder.fused
+    jobs = [(prompt(engine, i), greedy(n)) for i, n in enumerate([20, 35, 12])]
+    alone = [token_ids(engine, ids, n.max_new_tokens) for ids, n in jobs]
+    assert alone == [generate_ids(engine, ids, n.max_new_tokens) for ids, n in jobs]
+    texts = [engine.generate(*job).complete() for job in jobs]
+    assert concurrently(engine, jobs) == texts
+    engine.close()
+
+
+def test_fused_kernels_stay_off_when_their_step_differs(interpreted, tiny_mistral_dir, monkeypatch):
+    from finechat.models import load_for_inference
+
+    silu_mul = interpreted.silu_mul
+    monkeypatch.setattr(interpreted, "silu_mul", lambda g, u: silu_mul(g, u) * 1.01)  # a kernel that rounds wrong
+    model, tokenizer = load_for_inference(str(tiny_mistral_dir))
+    engine = Engine(model.half(), tokenizer)
+    engine.warm_up()
+    assert engine.batcher.decoder.fused_check == "differs" and not engine.batcher.decoder.fused
+    ids = prompt(engine)
+    assert token_ids(engine, ids, 30) == generate_ids(engine, ids, 30)
+    engine.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # GPU: the CUDA-graph path
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("arch", "quantize"), [("llama", "none"), ("mistral", "nf4")])
 def test_graphs_greedy_equals_generate_on_gpu(tiny_model_dir, tiny_mistral_dir, arch, quantize):
+    """With the fused kernels, which the decoder runs only when its step is bit-for-bit the modules' step."""
     folder = tiny_model_dir if arch == "llama" else tiny_mistral_dir
     engine = Engine.load(str(folder), quantize=quantize, compute_dtype="bfloat16")
     assert engine.batcher is not None and engine.batcher.decoder.graphs
+    assert engine.batcher.decoder.fused_check == "bitwise" and engine.batcher.decoder.fused
     for i in range(3):
         ids = prompt(engine, i)
         assert token_ids(engine, ids, 64) == generate_ids(engine, ids, 64)

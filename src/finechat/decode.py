@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Any
 
+from finechat.kernels import decode_ops
+
 log = logging.getLogger(__name__)
 
 SUPPORTED = ("llama", "mistral")
@@ -89,7 +91,9 @@ def avoid_cudnn_attention() -> bool:
 class Decoder:
     """A static KV cache of `slots` sequences of up to `capacity` positions, and the prefill and decode steps."""
 
-    def __init__(self, model: Any, slots: int, capacity: int):
+    def __init__(self, model: Any, slots: int, capacity: int, fused: str = "auto"):
+        """fused: "auto" runs the fused kernels when the step they compute is bit-for-bit the unfused one, "on" runs
+        them whenever they work (the bench measures that way too), "off" never."""
         import torch
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -130,6 +134,10 @@ class Decoder:
         self.one_outputs: list[Any] = []  # q of each layer, then the logits
         self.one_inputs: list[Any] = []  # tensors the graphs read: kept referenced so no capture reuses their memory
         self.batch_graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
+        self.fused = False  # the fused kernels of finechat.kernels.decode_ops run the small ops
+        self.fused_check = "off"  # what choose_fused found: off, unavailable, bitwise, differs, failed
+        if fused != "off":
+            self.choose_fused(fused == "on")
 
     @property
     def graphs(self) -> bool:
@@ -189,12 +197,12 @@ class Decoder:
                 self.one_graphs[i + 1].replay()
             return self.one_outputs[-1]
         x, cos, sin = self._embed(1)
-        q = self._project(0, x, cos, sin, 1)
+        x, q = self._project(0, x, None, cos, sin, 1)
         for i in range(len(self.layers)):
-            x = self._finish_layer(i, x, self._attend(i, q, length))
+            x, pending = self._finish_layer(i, x, self._attend(i, q, length))
             if i + 1 < len(self.layers):
-                q = self._project(i + 1, x, cos, sin, 1)
-        return self._head(x)
+                x, q = self._project(i + 1, x, pending, cos, sin, 1)
+        return self._head(x, pending)
 
     def _batched(self, b: int, length: int):
         import torch
@@ -204,8 +212,9 @@ class Decoder:
         backends = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
         x, cos, sin = self._embed(b)
         mask = (self.span[:length] <= self.positions[:b, None]).view(b, 1, 1, length)
+        pending = None
         for i, layer in enumerate(self.layers):
-            q = self._project(i, x, cos, sin, b)
+            x, q = self._project(i, x, pending, cos, sin, b)
             # The query heads sharing a key/value head become that head's "query positions": no repeated keys.
             grouped = q.reshape(b, self.kv_heads, -1, self.head_dim)
             keys, values = self.keys[i][:b, :, :length], self.values[i][:b, :, :length]
@@ -213,30 +222,46 @@ class Decoder:
                 out = torch.nn.functional.scaled_dot_product_attention(
                     grouped, keys, values, attn_mask=mask, scale=layer.self_attn.scaling
                 )
-            x = self._finish_layer(i, x, out.reshape(b, 1, -1))
-        return self._head(x)
+            x, pending = self._finish_layer(i, x, out.reshape(b, 1, -1))
+        return self._head(x, pending)
 
-    # The pieces of the model's forward, as transformers' Llama/Mistral modules compute them.
+    # The pieces of the model's forward, as transformers' Llama/Mistral modules compute them. The residual stream is
+    # carried as (x, pending): the layer's input is x + pending, added where the next norm reads it (one kernel when
+    # fused).
 
     def _embed(self, b: int):
         x = self.body.embed_tokens(self.tokens[:b])
         cos, sin = self.body.rotary_emb(x, self.positions[:b, None])
         return x, cos, sin
 
-    def _project(self, i: int, x, cos, sin, b: int):
-        """Input norm, q/k/v and rotary of layer i; k and v go into the cache; returns q."""
+    def _norm(self, module: Any, x, pending):
+        """(x + pending, module(x + pending)), pending may be None."""
+        if self.fused:
+            return decode_ops.rms_norm(module, x, pending)
+        x = x if pending is None else x + pending
+        return x, module(x)
+
+    def _project(self, i: int, x, pending, cos, sin, b: int):
+        """Residual add, input norm, q/k/v and rotary of layer i; k and v go into the cache; returns the layer's
+        input and q."""
         layer = self.layers[i]
         attention = layer.self_attn
-        h = layer.input_layernorm(x)
+        x, h = self._norm(layer.input_layernorm, x, pending)
+        rows, positions = self.rows[:b], self.positions[:b]
+        if self.fused:
+            q = decode_ops.rope_into_cache(
+                attention.q_proj(h), attention.k_proj(h), attention.v_proj(h), cos, sin, positions,
+                self.keys[i], self.values[i],
+            )  # fmt: skip
+            return x, q
         shape = (b, 1, -1, self.head_dim)
         q = attention.q_proj(h).view(shape).transpose(1, 2)
         k = attention.k_proj(h).view(shape).transpose(1, 2)
         v = attention.v_proj(h).view(shape).transpose(1, 2)
         q, k = self.apply_rotary(q, k, cos, sin)
-        rows, positions = self.rows[:b], self.positions[:b]
         self.keys[i][rows, :, positions] = k[:, :, 0]
         self.values[i][rows, :, positions] = v[:, :, 0]
-        return q
+        return x, q
 
     def _attend(self, i: int, q, length: int):
         """Slot 0's attention over exactly its `length` cached positions, through transformers' SDPA call."""
@@ -249,12 +274,67 @@ class Decoder:
         self.attn_out.copy_(self._attend(i, q, length))
 
     def _finish_layer(self, i: int, x, attended):
+        """The output projection and the MLP of layer i: (x after the attention's residual add, the MLP's output)."""
         layer = self.layers[i]
-        x = x + layer.self_attn.o_proj(attended)
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        x, h = self._norm(layer.post_attention_layernorm, x, layer.self_attn.o_proj(attended))
+        if self.fused:
+            mlp = layer.mlp
+            return x, mlp.down_proj(decode_ops.silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+        return x, layer.mlp(h)
 
-    def _head(self, x):
-        return self.lm.lm_head(self.body.norm(x))[:, -1]
+    def _head(self, x, pending):
+        return self.lm.lm_head(self._norm(self.body.norm, x, pending)[1])[:, -1]
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Fused kernels
+
+    def choose_fused(self, even_if_different: bool) -> None:
+        """Run the small ops as fused kernels when they can run here and, unless even_if_different, when a step
+        computed with them gives bit-for-bit the logits of a step through the model's own modules."""
+        import torch
+
+        if not decode_ops.available(self.device) or not self._fusable():
+            self.fused_check = "unavailable"
+            return
+        try:
+            logits = []
+            for fused in (False, True):
+                self.fused = fused
+                logits.append([self._check_step(position) for position in (3, min(100, self.capacity - 1))])
+        except Exception as e:  # a kernel that fails to compile or launch: decode with the modules
+            self.fused, self.fused_check = False, "failed"
+            log.warning("fused decode kernels failed (%s: %s); decoding with the model's modules", type(e).__name__, e)
+            return
+        same = all(torch.equal(a, b) for a, b in zip(logits[0], logits[1], strict=True))
+        self.fused_check = "bitwise" if same else "differs"
+        self.fused = same or even_if_different
+        if not same:
+            worst = max((a.float() - b.float()).abs().max().item() for a, b in zip(*logits, strict=True))
+            log.log(
+                logging.WARNING if not self.fused else logging.INFO,
+                "fused decode kernels differ from the model's modules (largest logit difference %.3g)%s",
+                worst,
+                "" if self.fused else "; decoding with the modules",
+            )
+
+    def _fusable(self) -> bool:
+        """True when the layers are the plain Llama/Mistral arithmetic the kernels reproduce."""
+        config = self.lm.config
+        layer = self.layers[0]
+        norms = [self.body.norm, layer.input_layernorm, layer.post_attention_layernorm]
+        return (
+            getattr(config, "hidden_act", None) in ("silu", "swish")
+            and self.head_dim % 2 == 0
+            and not hasattr(layer.self_attn, "q_norm")
+            and all(type(n).__name__.endswith("RMSNorm") and hasattr(n, "variance_epsilon") for n in norms)
+            and all(hasattr(layer.mlp, name) for name in ("gate_proj", "up_proj", "down_proj"))
+        )
+
+    def _check_step(self, position: int):
+        """Logits of slot 0 fed token 1 at `position` (what the cache holds before it is whatever it holds)."""
+        self.tokens[:1].fill_(1)
+        self.positions[:1].fill_(position)
+        return self._one(position + 1).clone()
 
     # -----------------------------------------------------------------------------------------------------------------
     # CUDA graphs
@@ -298,15 +378,15 @@ class Decoder:
 
         def first():
             x, cos, sin = self._embed(1)
-            return x, cos, sin, self._project(0, x, cos, sin, 1)
+            return cos, sin, *self._project(0, x, None, cos, sin, 1)
 
-        replay, (x, cos, sin, q) = graph(first, pool)
+        replay, (cos, sin, x, q) = graph(first, pool)
         graphs, outputs, inputs = [replay], [q], [x, cos, sin]
         for i in range(1, n + 1):
 
             def between(i=i, x=x):
-                y = self._finish_layer(i - 1, x, self.attn_out)
-                return y, (self._project(i, y, cos, sin, 1) if i < n else self._head(y))
+                y, pending = self._finish_layer(i - 1, x, self.attn_out)
+                return self._project(i, y, pending, cos, sin, 1) if i < n else (y, self._head(y, pending))
 
             replay, (x, out) = graph(between, pool)
             graphs.append(replay)

@@ -130,7 +130,7 @@ class Generation:
 class Engine:
     """A loaded model and tokenizer that turn prompts into replies."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 1, graphs: bool | None = None):
+    def __init__(self, model, tokenizer, max_batch: int = 1, graphs: bool | None = None, fused: str = "auto"):
         self.model, self.tokenizer = model, tokenizer
         from finechat.models import context_window
 
@@ -143,6 +143,7 @@ class Engine:
         self.lock = threading.Lock()
         self.max_batch = max_batch  # generations decoded together; more wait for a free slot
         self.graphs = self.device.type == "cuda" if graphs is None else graphs  # CUDA graphs of the decode steps
+        self.fused = fused  # fused decode kernels: auto (when bit-for-bit the model's modules), on, off
         self.batcher: Batcher | None = None
         self.fast_off: str | None = None  # why the fast decoder is not used, once warm_up has decided
         self.warmup_s = 0.0
@@ -181,15 +182,17 @@ class Engine:
                 log.info("fast decoding off (%s): decoding step by step", reason)
             else:
                 with self.lock, torch.inference_mode():
-                    decoder = Decoder(self.model, self.max_batch, capacity)
+                    decoder = Decoder(self.model, self.max_batch, capacity, fused=self.fused)
                     if self.graphs:
                         decoder.capture()
                 self.batcher = Batcher(decoder, self.eos_ids, self.lock)
                 log.info(
-                    "fast decoding: %d slot(s) of %d positions, %s",
+                    "fast decoding: %d slot(s) of %d positions, %s, fused kernels %s (%s)",
                     self.max_batch,
                     capacity,
                     "CUDA graphs" if decoder.graphs else "eager",
+                    "on" if decoder.fused else "off",
+                    decoder.fused_check,
                 )
             self.fast_off, self._ready = reason, True
             self.warmup_s = time.perf_counter() - start

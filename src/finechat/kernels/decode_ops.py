@@ -1,0 +1,209 @@
+"""Fused operations for the decode step: each does in one kernel what transformers' Llama/Mistral modules do in
+several, with the same roundings, so that the step's logits stay bit-for-bit those of the unfused modules.
+
+At batch 1 a decode step of a 7B model is bound by how many kernels it launches (about 42 per layer with
+transformers' modules: RMSNorm alone is 8, the rotary embedding about 10), not by the weight bytes it reads. These
+kernels cut that to about 15 per layer:
+
+- `add_square(a, b)`: the residual add and the squares that RMSNorm averages (float32);
+- the mean of those squares stays a torch reduction, so its summation order is exactly the unfused norm's;
+- `rms_apply(s, variance, weight, eps)`: x * rsqrt(variance + eps), rounded to the input dtype, times the weight;
+- `rope_into_cache(...)`: the rotary embedding of q and k, with k and v written straight into the static KV cache;
+- `silu_mul(gate, up)`: SiLU(gate) rounded, times up.
+
+Every intermediate is rounded where PyTorch rounds it (a bf16 tensor between two ops), exp and rsqrt are the CUDA
+math library's, and division is IEEE round-to-nearest, as in PyTorch's kernels. `finechat.decode` checks the fused
+step against the unfused one before using it. Under TRITON_INTERPRET=1 (CPU tests) exp and rsqrt are numpy's, so the
+kernels agree with the references only closely there, not bitwise."""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+
+
+def available(device: torch.device) -> bool:
+    """True when the kernels can run on tensors of this device (CUDA with Triton, or Triton's CPU interpreter)."""
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    return (device.type == "cuda" or interpreting) and _kernels() is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# References: transformers' arithmetic, op by op (what the kernels must reproduce)
+
+
+def add_square_reference(a: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    s = a if b is None else a + b
+    return s, s.float().pow(2)
+
+
+def rms_apply_reference(s: torch.Tensor, variance: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = s.float() * torch.rsqrt(variance + eps)
+    return weight * h.to(s.dtype)
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [rows, heads, dim], cos/sin [rows, dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos[:, None]) + (rotated * sin[:, None])
+
+
+def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(gate) * up
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The fused versions
+
+
+def add_square(a: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a + b, (a + b)² in float32) over rows of the last dimension; b may be None (then a itself)."""
+    width = a.shape[-1]
+    rows = a.numel() // width
+    s = a if b is None else torch.empty_like(a)
+    sq = torch.empty(a.shape, dtype=torch.float32, device=a.device)
+    _kernels().add_square[(rows,)](a, a if b is None else b, s, sq, width, HAS_B=b is not None, BLOCK=_block(width))
+    return s, sq
+
+
+def rms_norm(module: Any, a: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, module(s)) with s = a + b: the residual add and a Llama/Mistral RMSNorm module in three kernels."""
+    s, sq = add_square(a, b)
+    variance = sq.mean(-1, keepdim=True)  # torch's reduction: the same summation order as the module's own
+    return s, rms_apply(s, variance, module.weight, module.variance_epsilon)
+
+
+def rms_apply(s: torch.Tensor, variance: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    width = s.shape[-1]
+    rows = s.numel() // width
+    out = torch.empty(s.shape, dtype=torch.promote_types(s.dtype, weight.dtype), device=s.device)
+    _kernels().rms_apply[(rows,)](s, variance, weight, out, width, eps, PRECISE=_precise(), BLOCK=_block(width))
+    return out
+
+
+def rope_into_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+) -> torch.Tensor:
+    """Rotate q and k (each [rows, heads*dim], one token per row) by cos/sin ([rows, dim]); write k and v into
+    keys/values ([slots, kv_heads, capacity, dim]) of slot `row` at positions[row]; returns q as [rows, heads, 1,
+    dim]."""
+    rows, dim = cos.shape[0], keys.shape[-1]
+    heads, kv_heads = q.shape[-1] // dim, keys.shape[1]
+    q_out = torch.empty(rows, heads, 1, dim, dtype=q.dtype, device=q.device)
+    _kernels().rope_into_cache[(rows, heads + kv_heads)](
+        q, k, v, cos.reshape(rows, dim), sin.reshape(rows, dim), positions, q_out, keys, values,
+        heads, kv_heads, keys.shape[2], DIM=dim,
+    )  # fmt: skip
+    return q_out
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(gate)
+    n = gate.numel()
+    block = 1024
+    _kernels().silu_mul[((n + block - 1) // block,)](gate, up, out, n, PRECISE=_precise(), BLOCK=block)
+    return out
+
+
+def _block(width: int) -> int:
+    return 1 << max(width - 1, 1).bit_length()
+
+
+def _precise() -> bool:
+    """Use the CUDA math library's exp/rsqrt (compiled kernels); the interpreter only knows numpy's."""
+    return os.environ.get("TRITON_INTERPRET") != "1"
+
+
+@functools.cache
+def _kernels() -> Any:
+    try:
+        import triton
+        import triton.language as tl
+        from triton.language.extra import libdevice
+    except ImportError:
+        return None
+
+    @triton.jit
+    def add_square_kernel(a_ptr, b_ptr, s_ptr, sq_ptr, width, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        inside = offs < width
+        a = tl.load(a_ptr + row * width + offs, mask=inside, other=0.0)
+        if HAS_B:
+            b = tl.load(b_ptr + row * width + offs, mask=inside, other=0.0)
+            a = (a.to(tl.float32) + b.to(tl.float32)).to(a.dtype)
+            tl.store(s_ptr + row * width + offs, a, mask=inside)
+        f = a.to(tl.float32)
+        tl.store(sq_ptr + row * width + offs, f * f, mask=inside)
+
+    @triton.jit
+    def rms_apply_kernel(s_ptr, var_ptr, w_ptr, out_ptr, width, eps, PRECISE: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        inside = offs < width
+        s = tl.load(s_ptr + row * width + offs, mask=inside, other=0.0)
+        v = tl.load(var_ptr + row).to(tl.float32) + eps
+        r = libdevice.rsqrt(v) if PRECISE else tl.math.rsqrt(v)
+        h = (s.to(tl.float32) * r).to(s.dtype)
+        w = tl.load(w_ptr + offs, mask=inside, other=0.0)
+        out = w.to(tl.float32) * h.to(tl.float32)
+        tl.store(out_ptr + row * width + offs, out.to(out_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def rope_into_cache_kernel(
+        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, keys_ptr, values_ptr,
+        heads, kv_heads, capacity, DIM: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1)
+        d = tl.arange(0, DIM)
+        half: tl.constexpr = DIM // 2
+        partner = tl.where(d < half, d + half, d - half)
+        c = tl.load(cos_ptr + row * DIM + d).to(tl.float32)
+        s = tl.load(sin_ptr + row * DIM + d).to(tl.float32)
+        if head < heads:  # noqa: SIM108 (a branch on a runtime value: no conditional expression in Triton)
+            src = q_ptr + (row * heads + head) * DIM
+        else:
+            src = k_ptr + (row * kv_heads + head - heads) * DIM
+        x = tl.load(src + d)
+        other = tl.load(src + partner).to(tl.float32)
+        rotated = tl.where(d < half, -other, other)
+        # (x * cos) + (rotate_half(x) * sin), each product rounded to x's dtype as PyTorch rounds it
+        out = ((x.to(tl.float32) * c).to(x.dtype).to(tl.float32) + (rotated * s).to(x.dtype).to(tl.float32)).to(x.dtype)
+        if head < heads:
+            tl.store(q_out_ptr + (row * heads + head) * DIM + d, out)
+        else:
+            kv = head - heads
+            at = ((row * kv_heads + kv) * capacity + tl.load(pos_ptr + row)) * DIM
+            tl.store(keys_ptr + at + d, out)
+            tl.store(values_ptr + at + d, tl.load(v_ptr + (row * kv_heads + kv) * DIM + d))
+
+    @triton.jit
+    def silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, PRECISE: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offs < n
+        g = tl.load(g_ptr + offs, mask=inside, other=0.0)
+        u = tl.load(u_ptr + offs, mask=inside, other=0.0)
+        x = g.to(tl.float32)
+        e = libdevice.exp(-x) if PRECISE else tl.exp(-x)
+        act = tl.math.div_rn(x, 1.0 + e).to(g.dtype)
+        tl.store(out_ptr + offs, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=inside)
+
+    class Kernels:
+        add_square = add_square_kernel
+        rms_apply = rms_apply_kernel
+        rope_into_cache = rope_into_cache_kernel
+        silu_mul = silu_mul_kernel
+
+    return Kernels
