@@ -161,6 +161,9 @@ def _bench_generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--long-prompt", type=int, default=1000, help="prompt length of the ttft run (default: 1000)")
     p.add_argument("--streams", default="1,4,16", help="concurrent streams through the engine (default: 1,4,16)")
     p.add_argument("--no-eager", dest="eager", action="store_false", help="skip the engine without CUDA graphs")
+    p.add_argument(
+        "--no-unfused", dest="unfused", action="store_false", help="skip the engine without the fused decode kernels"
+    )
     p.add_argument("--model-dir", help="folder for the random model (default: /tmp/finechat-bench-ARCH)")
     p.add_argument("--output", help="JSON path or folder (default: benchmarks/results/decode-CARD-DATE.json)")
 
@@ -352,6 +355,7 @@ def cmd_bench_generate(args: argparse.Namespace) -> int:
         long_prompt=args.long_prompt,
         streams=parse_counts(args.streams, "--streams"),
         eager=args.eager,
+        unfused=args.unfused,
         model_dir=args.model_dir,
         output=args.output,
     )

@@ -7,6 +7,9 @@ models.load_for_inference):
 - finechat: the engine at batch 1, the path `chat` and `generate` take; its first reply after loading is recorded
   apart ("finechat-first"), to show that warm-up happened at load and not inside it.
 - finechat-eager: the same engine without CUDA graphs (what the graphs buy).
+- finechat-unfused: the engine with the model's own modules for the small ops instead of the fused decode kernels
+  (what the kernels buy); and, when the kernels were not bit-for-bit the modules at load (so the engine left them
+  off), finechat-fused-on: the engine made to use them anyway, with its greedy agreement with generate.
 - finechat-server: N concurrent streams through the engine, one thread each as the server runs them; tok_s is the
   aggregate over all streams.
 - time to first token of a long prompt (--long-prompt tokens), transformers and finechat.
@@ -50,6 +53,7 @@ class DecodeBenchSettings:
     long_prompt: int = 1000
     streams: list[int] = field(default_factory=lambda: [1, 4, 16])
     eager: bool = True  # also measure the engine without CUDA graphs
+    unfused: bool = True  # also measure the engine without the fused decode kernels
     model_dir: str | None = None
     output: str | None = None
 
@@ -119,6 +123,13 @@ def run(settings: DecodeBenchSettings, command: str = "finechat bench generate")
         common = {"weights": weights, "prompt_tokens": len(ids)}
 
         plain, plain_tokens = _plain_generate(model, ids, n)
+
+        def agree(engine: Any, plain_tokens: list[int] = plain_tokens) -> dict[str, int]:
+            """How many greedy tokens, from the first, equal generate's."""
+            got = [t for t in engine.tokens(ids, _greedy(n), threading.Event()) if t is not None]
+            same = next((i for i, (a, b) in enumerate(zip(got, plain_tokens, strict=False)) if a != b), len(got))
+            return {"greedy_equal": same, "compared": len(got)}
+
         record({"system": "transformers", **common, "streams": 1, **plain})
         ttft = _plain_ttft(model, long_ids)
         record({"system": "transformers", **common, "prompt_tokens": len(long_ids), "streams": 1, "ttft_ms": ttft})
@@ -134,14 +145,13 @@ def run(settings: DecodeBenchSettings, command: str = "finechat bench generate")
             "batched_graphs": len(decoder.batch_graphs) if decoder else 0,
             "slots": decoder.slots if decoder else 0,
             "positions_per_slot": decoder.capacity if decoder else 0,
+            "fused_kernels": bool(decoder and decoder.fused),
+            "fused_check": decoder.fused_check if decoder else None,
             "gpu_memory_gib": round(torch.cuda.memory_allocated() / 2**30, 2) if cuda else None,
         }
         print(json.dumps({weights: result["engines"][weights]}), flush=True)
         record({"system": "finechat-first", **common, "streams": 1, **_reply(engine, ids, n)})
-        row = _reply(engine, ids, n)
-        got = [t for t in engine.tokens(ids, _greedy(n), threading.Event()) if t is not None]
-        same = next((i for i, (a, b) in enumerate(zip(got, plain_tokens, strict=False)) if a != b), len(got))
-        record({"system": "finechat", **common, "streams": 1, **row, "greedy_equal": same, "compared": len(got)})
+        record({"system": "finechat", **common, "streams": 1, **_reply(engine, ids, n), **agree(engine)})
         firsts = [_reply(engine, long_ids, 2)["ttft_ms"] for _ in range(3)]
         record(
             {
@@ -164,6 +174,16 @@ def run(settings: DecodeBenchSettings, command: str = "finechat bench generate")
             result["engines"][weights]["step_ms"] = steps
             print(json.dumps({weights: steps}), flush=True)
         engine.close()
+        variants = [("finechat-unfused", "off")] if settings.unfused else []
+        if decoder is not None and decoder.fused_check == "differs":
+            variants.append(("finechat-fused-on", "on"))
+        for system, fused in variants:
+            other = Engine(model, tokenizer, fused=fused)
+            other.warm_up()
+            _reply(other, ids, n)  # its first reply runs new lengths; the measured one is the second
+            record({"system": system, **common, "streams": 1, **_reply(other, ids, n), **agree(other)})
+            other.close()
+            del other
         if settings.eager:
             eager = Engine(model, tokenizer, graphs=False)
             eager.warm_up()
