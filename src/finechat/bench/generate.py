@@ -286,11 +286,39 @@ def _step_times(engine: Any, position: int, repeats: int = 20) -> dict[str, Any]
             q = decoder.one_outputs[0]
             attend = decoder._attend_into
             out["attention_gpu"] = gpu_ms(lambda: [attend(i, q, position + 1) for i in range(len(decoder.layers))])
+        out.update(_fused_projection_probe(decoder, gpu_ms))
         length = next(m for m in decoder.lengths if m > position)
         for b in decoder.batch_sizes:
             graph = decoder.batch_graphs.get((b, length))
             if graph is not None:
                 out[f"batch{b}_gpu"] = gpu_ms(graph[0].replay)
+    return out
+
+
+def _fused_projection_probe(decoder: Any, gpu_ms: Any) -> dict[str, Any]:
+    """A lever not built yet, probed: one matrix product over the concatenated q/k/v (and gate/up) weights of layer
+    0 instead of three (two), at batch 1: the GPU time each way, and whether the outputs are bit-for-bit equal."""
+    import torch
+
+    layer = decoder.layers[0]
+    groups = {
+        "qkv": [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
+        "gate_up": [layer.mlp.gate_proj, layer.mlp.up_proj],
+    }
+    if not all(type(m) is torch.nn.Linear and m.bias is None for ms in groups.values() for m in ms):
+        return {}
+    out: dict[str, Any] = {}
+    x = torch.randn(1, 1, layer.self_attn.q_proj.in_features, device=decoder.device, dtype=decoder.dtype)
+    for name, modules in groups.items():
+        joined = torch.cat([m.weight for m in modules])
+        apart = [torch.nn.functional.linear(x, m.weight) for m in modules]
+        together = torch.nn.functional.linear(x, joined)
+        out[f"{name}_separate_gpu_us"] = round(
+            1000 * gpu_ms(lambda ms=modules: [torch.nn.functional.linear(x, m.weight) for m in ms]), 1
+        )
+        out[f"{name}_joined_gpu_us"] = round(1000 * gpu_ms(lambda w=joined: torch.nn.functional.linear(x, w)), 1)
+        out[f"{name}_joined_bitwise"] = torch.equal(torch.cat(apart, -1), together)
+        del joined
     return out
 
 
