@@ -153,7 +153,7 @@ def _build_trainer(
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTConfig, SFTTrainer
 
-    from finechat import fastpath
+    from finechat import fastpath, optim
     from finechat.callbacks import FSDPAdapter, ProgressAndMetrics
 
     on_gpu = torch.cuda.is_available()
@@ -161,7 +161,8 @@ def _build_trainer(
     # FSDP wraps the model's own decoder layers and shards uniform dtypes only: no fused layers, no float32 upcast.
     fsdp = plan.mode == "fsdp"
     # The fast path: CUDA + Llama-family, fused layers, offloaded checkpoints.
-    if config.fast_path and not fsdp and fastpath.supported(model):
+    fast = config.fast_path and not fsdp and fastpath.supported(model)
+    if fast:
         model = fastpath.prepare(model, gradient_checkpointing=config.gradient_checkpointing)
     elif config.quantize == "nf4" and not fsdp:
         model = prepare_model_for_kbit_training(
@@ -217,6 +218,8 @@ def _build_trainer(
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=lora,
+        # The fast path's paged AdamW: bitsandbytes' update without a device wait per tensor (finechat.optim).
+        optimizer_cls_and_kwargs=optim.trainer_optimizer(args) if fast else None,
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
