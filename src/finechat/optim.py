@@ -116,10 +116,11 @@ class PagedAdamW32bit(torch.optim.Optimizer):
         super().load_state_dict(state_dict)  # groups and hyper-parameters; the states are replaced below
         for p, saved in by_param.items():
             saved = {**saved, **saved.get(_BNB_NESTED, {})}
-            state = {"step": int(saved["step"])}
+            state: dict[str, Any] = {"step": int(saved["step"])}
             for key in ("state1", "state2"):
-                state[key] = self._state_buffer(p)
-                state[key].copy_(saved[key].reshape(p.shape))  # float32 into float32: exact
+                buf = self._state_buffer(p)
+                buf.copy_(saved[key].reshape(p.shape))  # float32 into float32: exact
+                state[key] = buf
             self.state[p] = state
 
 

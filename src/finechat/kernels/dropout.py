@@ -1,24 +1,42 @@
-"""LoRA-input dropout regenerated from a seed: the keep-mask is never stored, forward and backward recompute it.
+"""LoRA-input dropout regenerated from a seed: the keep-mask is never stored; forward and backward draw it again.
 
-Two operations, each one pass over memory on CUDA (Triton, Philox counter-based random numbers):
-- masked(x, p, seed) = x * keep, where keep is 1 with probability 1-p (no 1/(1-p): the caller folds that into the
-  adapter scale);
-- masked_add_(dx, t, p, seed, scale): dx += scale * t * keep, with the same keep as masked() for that seed and size.
-The plain-PyTorch versions (CPU, or when Triton is missing) draw keep with torch's generator instead: a different but
-equally distributed mask, consistent between forward and backward on one device. Measured on an H200 at 8x1024 on
-Mistral-7B, dropout 0.05 cost 95 ms of a 0.81 s step with the plain-PyTorch version (bernoulli, then a multiply)."""
+The mask of an input x, seen as a matrix [M, N] (rows = tokens, any leading dimensions flattened), is a pure function
+of (seed, p, row, column). On CUDA it comes from Philox-4x32-10 (Triton's `randint4x`), one call per 4 elements:
+columns are cut into groups of 4*Q; in group g, lane l in 0..3 holds columns g*4Q + l*Q + [0, Q), and the element at
+(row r, lane l, position j) takes output l of the Philox counter r*G*Q + g*Q + j (G groups per row). An element is
+kept when its 32-bit draw shifted right by one is at least round(p * 2^31), so it is dropped with probability p
+(within 2^-32). Drawing one value per Philox call (`tl.rand`, the previous version) made the kernels
+arithmetic-bound: 137 ms of GPU time per step at 8x1024 on Mistral-7B (H200), for ~120 GB of memory traffic.
+
+The operations, each one Triton kernel on CUDA and its reference in plain PyTorch beside it:
+- masked(x, p, seed) = x * keep (no 1/(1-p): the caller folds it into the adapter scale);
+- masked_add_(dx, t, p, seed, scale): dx += scale * t * keep;
+- lora_a(x, A, p, seed) = (x * keep) @ A^T: the adapter's first product with the mask applied while x is read,
+  so neither the mask nor the dropped-out copy of x is written (forward and recompute);
+- lora_a_grad(g, x, p, seed, scale) = scale * g^T @ (x * keep), in float32: the gradient of A, reading x once;
+- lora_dx_add_(dx, g, A, p, seed, scale): dx += scale * keep * (g @ A): the adapter's input gradient added with the
+  mask applied, without writing g @ A first.
+The references (CPU, or when Triton is missing) draw keep with torch's generator instead: a different but equally
+distributed mask, consistent between forward and backward on one device. `ENABLED["fused"] = False` makes lora_a,
+lora_a_grad and lora_dx_add_ use masked/masked_add_ and cuBLAS instead of the fused kernels (to measure them)."""
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 
 log = logging.getLogger(__name__)
 
-_BLOCK = 1024
+ENABLED = {"fused": True}  # switched off by `finechat bench train` to measure what the fused kernels buy
+_Q = 32  # columns per Philox lane: the mask's layout depends on it, so every kernel uses the same value
+_GROUP = 4 * _Q
 _generators: dict[torch.device, torch.Generator] = {}
+
+
+# References: plain PyTorch, torch's generator.
 
 
 def keep_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -41,92 +59,205 @@ def masked_add_reference(dx: torch.Tensor, t: torch.Tensor, p: float, seed: int,
     return dx.addcmul_(t, keep_mask(t, p, seed), value=scale)
 
 
+def lora_a_reference(x: torch.Tensor, A: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """(x * keep) @ A^T for x [M, N], A [R, N]."""
+    return masked_reference(x, p, seed) @ A.t()
+
+
+def lora_a_grad_reference(g: torch.Tensor, x: torch.Tensor, p: float, seed: int, scale: float) -> torch.Tensor:
+    """scale * g^T @ (x * keep) in float32, for g [M, R], x [M, N]."""
+    return (g.t() @ masked_reference(x, p, seed)).float().mul_(scale)
+
+
+def lora_dx_add_reference(
+    dx: torch.Tensor, g: torch.Tensor, A: torch.Tensor, p: float, seed: int, scale: float
+) -> torch.Tensor:
+    """dx += scale * keep * (g @ A) for dx [M, N], g [M, R], A [R, N] (keep as masked_reference draws it for dx)."""
+    return masked_add_reference(dx, g @ A, p, seed, scale)
+
+
+# The operations: Triton on CUDA, else the reference.
+
+
 def masked(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """x * keep: one Triton kernel on CUDA, else the reference."""
-    if _use_triton(x):
-        x = x.contiguous()
-        out = torch.empty_like(x)
-        _kernels().masked[(triton_cdiv(x.numel()),)](x, out, x.numel(), p, _seed31(seed), BLOCK=_BLOCK)
-        return out
-    return masked_reference(x, p, seed)
+    if not _use_triton(x):
+        return masked_reference(x, p, seed)
+    x2 = _rows(x)
+    out = torch.empty_like(x2)
+    M, N = x2.shape
+    _kernels().masked[(_cdiv(M, 32), _cdiv(N, _GROUP))](
+        x2, out, M, N, _cdiv(N, _GROUP), _threshold(p), _seed31(seed), BM=32, Q=_Q
+    )
+    return out.view(x.shape)
 
 
 def masked_add_(dx: torch.Tensor, t: torch.Tensor, p: float, seed: int, scale: float) -> torch.Tensor:
     """dx += scale * t * keep in place (dx contiguous, t shaped like dx): one Triton kernel on CUDA, else the
     reference."""
-    if _use_triton(dx) and dx.is_contiguous():
-        t = t.contiguous()
-        _kernels().masked_add[(triton_cdiv(dx.numel()),)](dx, t, dx.numel(), p, _seed31(seed), scale, BLOCK=_BLOCK)
-        return dx
-    return masked_add_reference(dx, t, p, seed, scale)
+    if not (_use_triton(dx) and dx.is_contiguous()):
+        return masked_add_reference(dx, t, p, seed, scale)
+    d2, t2 = _rows(dx), _rows(t)
+    M, N = d2.shape
+    _kernels().masked_add[(_cdiv(M, 32), _cdiv(N, _GROUP))](
+        d2, t2, M, N, _cdiv(N, _GROUP), _threshold(p), _seed31(seed), float(scale), BM=32, Q=_Q
+    )
+    return dx
 
 
-def triton_cdiv(n: int) -> int:
-    return (n + _BLOCK - 1) // _BLOCK
+def lora_a(x: torch.Tensor, A: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """(x * keep) @ A^T for x [M, N] and A [R, N], in x's dtype (float32 accumulation)."""
+    if not _use_triton(x):
+        return lora_a_reference(x, A, p, seed)
+    if not ENABLED["fused"]:
+        return masked(x, p, seed) @ A.t()
+    x = x.contiguous()
+    A = A.to(x.dtype).contiguous()
+    M, N = x.shape
+    R = A.shape[0]
+    out = torch.empty(M, R, device=x.device, dtype=x.dtype)
+    bm = _rows_per_program(M)
+    _kernels().lora_a[(_cdiv(M, bm),)](
+        x, A, out, M, N, R, _cdiv(N, _GROUP), _threshold(p), _seed31(seed), **_dot_args(x, R, bm)
+    )
+    return out
+
+
+def lora_a_grad(g: torch.Tensor, x: torch.Tensor, p: float, seed: int, scale: float) -> torch.Tensor:
+    """scale * g^T @ (x * keep) in float32, for g [M, R] and x [M, N]."""
+    if not _use_triton(x):
+        return lora_a_grad_reference(g, x, p, seed, scale)
+    if not ENABLED["fused"]:
+        return (g.t() @ masked(x, p, seed)).float().mul_(scale)
+    x, g = x.contiguous(), g.to(x.dtype).contiguous()
+    M, N = x.shape
+    R = g.shape[1]
+    groups = _cdiv(N, _GROUP)
+    # Split the rows so that about two programs per SM run; the partial sums add up in a fixed order (no atomics).
+    bm = 64
+    splits = max(1, min(_cdiv(2 * _sm_count(x.device), groups), _cdiv(M, bm)))
+    rows_per_split = _cdiv(_cdiv(M, splits), bm) * bm
+    splits = _cdiv(M, rows_per_split)
+    partial = torch.empty(splits, R, N, device=x.device, dtype=torch.float32)
+    _kernels().lora_a_grad[(groups, splits)](
+        g, x, partial, M, N, R, groups, rows_per_split, _threshold(p), _seed31(seed), **_dot_args(x, R, bm)
+    )
+    out = partial[0] if splits == 1 else partial.sum(0)
+    return out.mul_(scale)
+
+
+def lora_dx_add_(dx: torch.Tensor, g: torch.Tensor, A: torch.Tensor, p: float, seed: int, scale: float) -> torch.Tensor:
+    """dx += scale * keep * (g @ A) in place, for dx [M, N] (contiguous), g [M, R] and A [R, N]."""
+    if not (_use_triton(dx) and dx.is_contiguous()):
+        return lora_dx_add_reference(dx, g, A, p, seed, scale)
+    if not ENABLED["fused"]:
+        return masked_add_(dx, g @ A, p, seed, scale)
+    g, A = g.to(dx.dtype).contiguous(), A.to(dx.dtype).contiguous()
+    M, N = dx.shape
+    R = g.shape[1]
+    bm = 64
+    _kernels().lora_dx_add[(_cdiv(M, bm), _cdiv(N, _GROUP))](
+        dx, g, A, M, N, R, _cdiv(N, _GROUP), _threshold(p), _seed31(seed), float(scale), **_dot_args(dx, R, bm)
+    )
+    return dx
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(-1, x.shape[-1])
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _threshold(p: float) -> int:
+    """Drop an element when its 31-bit draw is below this (a 32-bit kernel argument)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability {p} outside [0, 1)")
+    return min(round(p * 2**31), 2**31 - 1)
 
 
 def _seed31(seed: int) -> int:
     return seed % (2**31 - 1)  # a 32-bit kernel argument whatever seed the caller drew
 
 
+def _rows_per_program(M: int) -> int:
+    """Rows per program of lora_a: as many as still give every SM of a large GPU a program."""
+    for bm in (64, 32):
+        if _cdiv(M, bm) >= 128:
+            return bm
+    return 16
+
+
+def _dot_args(x: torch.Tensor, R: int, bm: int) -> dict:
+    rp = max(16, 1 << (R - 1).bit_length())  # tl.dot wants every side at least 16
+    # float32 inputs: exact float32 products (Triton's default for them is TF32)
+    return dict(BM=bm, Q=_Q, RP=rp, PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _use_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.numel() < 2**31 and _kernels() is not None
+    """Triton runs on CUDA tensors (and on CPU ones under TRITON_INTERPRET=1, to check the kernels without a GPU)."""
+    return (x.is_cuda or (_interpreting() and x.device.type == "cpu")) and _kernels() is not None
 
 
 @functools.cache
 def _kernels():
-    """The compiled Triton kernels, once they passed a check against the reference arithmetic (else None)."""
+    """The compiled Triton kernels (finechat.kernels.dropout_triton), once they passed a check against the reference
+    arithmetic (else None)."""
     try:
-        import triton
-        import triton.language as tl
-    except ImportError:
+        from finechat.kernels import dropout_triton as kernels
+    except ImportError:  # no Triton
         return None
-
-    @triton.jit
-    def masked_kernel(x_ptr, out_ptr, n, p, seed, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < n
-        x = tl.load(x_ptr + offs, mask=inside, other=0.0)
-        keep = tl.rand(seed, offs) >= p
-        tl.store(out_ptr + offs, tl.where(keep, x, 0.0).to(x.dtype), mask=inside)
-
-    @triton.jit
-    def masked_add_kernel(dx_ptr, t_ptr, n, p, seed, scale, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < n
-        dx = tl.load(dx_ptr + offs, mask=inside, other=0.0)
-        t = tl.load(t_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-        keep = tl.rand(seed, offs) >= p
-        out = dx.to(tl.float32) + tl.where(keep, t * scale, 0.0)
-        tl.store(dx_ptr + offs, out.to(dx.dtype), mask=inside)
-
-    class Kernels:
-        masked = masked_kernel
-        masked_add = masked_add_kernel
-
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or _interpreting():
         try:
-            _check(Kernels)
+            _check(kernels)
         except Exception as e:
             log.warning("Triton dropout failed its check (%s: %s); using torch's dropout mask", type(e).__name__, e)
             return None
-    return Kernels
+    return kernels
 
 
 def _check(kernels) -> None:
-    """The two kernels agree with each other and keep about 1-p of the elements."""
-    n, p, seed, scale = 3 * _BLOCK + 17, 0.25, 1234, 1.5
-    ones = torch.ones(n, device="cuda", dtype=torch.bfloat16)
+    """The kernels agree with each other, keep about 1-p of the elements, and the fused ones compute their products."""
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)  # Triton's interpreter lacks bf16 dot
+    M, N, R, p, seed, scale = 67, 2 * _GROUP + 17, 8, 0.25, 1234, 1.5
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, generator=gen).to(dtype)
+
+    groups, thr = _cdiv(N, _GROUP), _threshold(p)
+    ones = torch.ones(M, N, device=device, dtype=dtype)
     keep = torch.empty_like(ones)
-    kernels.masked[(triton_cdiv(n),)](ones, keep, n, p, seed, BLOCK=_BLOCK)
-    x = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    xd = torch.empty_like(x)
-    kernels.masked[(triton_cdiv(n),)](x, xd, n, p, seed, BLOCK=_BLOCK)
-    dx, t = torch.randn_like(x), torch.randn_like(x)
-    want = (dx.float() + scale * t.float() * keep.float()).to(dx.dtype)
-    kernels.masked_add[(triton_cdiv(n),)](dx, t, n, p, seed, scale, BLOCK=_BLOCK)
+    kernels.masked[(_cdiv(M, 32), groups)](ones, keep, M, N, groups, thr, seed, BM=32, Q=_Q)
     frac = keep.float().mean().item()
     if not (set(keep.unique().tolist()) <= {0.0, 1.0} and abs(frac - (1 - p)) < 0.05):
         raise ValueError(f"keep fraction {frac:.3f} for p={p}")
-    if not (torch.equal(xd, x * keep) and torch.allclose(dx.float(), want.float(), rtol=1e-2, atol=1e-2)):
-        raise ValueError("masked and masked_add disagree")
+    x, A, g, dx = randn(M, N), randn(R, N), randn(M, R), randn(M, N)
+    xd = (x * keep).float()
+    xa = torch.empty(M, R, device=device, dtype=dtype)
+    kernels.lora_a[(_cdiv(M, 16),)](x, A, xa, M, N, R, groups, thr, seed, **_dot_args(x, R, 16))
+    partial = torch.empty(2, R, N, device=device, dtype=torch.float32)
+    kernels.lora_a_grad[(groups, 2)](g, x, partial, M, N, R, groups, 64, thr, seed, **_dot_args(x, R, 64))
+    want_dx = dx.float() + scale * keep.float() * (g.float() @ A.float())
+    kernels.lora_dx_add[(_cdiv(M, 64), groups)](dx, g, A, M, N, R, groups, thr, seed, scale, **_dot_args(dx, R, 64))
+    for name, got, want in (
+        ("lora_a", xa, xd @ A.float().t()),
+        ("lora_a_grad", partial.sum(0), g.float().t() @ xd),
+        ("lora_dx_add_", dx, want_dx),
+    ):
+        err = ((got.float() - want).norm() / want.norm()).item()
+        if not err < 1e-2:
+            raise ValueError(f"{name} disagrees with masked: relative error {err:.3g}")

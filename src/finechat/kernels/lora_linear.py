@@ -5,9 +5,10 @@
 What it saves against peft's LoRA layer over bitsandbytes' 4-bit matmul: the adapter product is added inside the
 cuBLAS call (`addmm_` with beta=1) instead of as three elementwise passes over y plus a defensive clone; adapters
 compute in the activation dtype (no float32 detour when the adapter weights are float32); dropout masks are
-regenerated from a seed in backward instead of being kept as a copy of x per adapter; only x and the [tokens, rank]
-product x A^T are saved. The weight is dequantized again in backward, as bitsandbytes does, so no dense copy lives
-between forward and backward."""
+regenerated from a seed in backward instead of being kept as a copy of x per adapter, and applied inside the kernels
+that read x for the adapter's products (finechat.kernels.dropout), so no dropped-out copy of x is ever written; only x
+and the [tokens, rank] product x A^T are saved. The weight is dequantized again in backward, as bitsandbytes does,
+so no dense copy lives between forward and backward."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from finechat.kernels.dropout import masked, masked_add_
+from finechat.kernels.dropout import lora_a, lora_a_grad, lora_dx_add_
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,8 @@ class _LoRALinear(torch.autograd.Function):
         del w
         if base.bias is not None:
             y += base.bias.to(x.dtype)
-        xd = masked(x2, p, seed) if p > 0 else x2  # dropout's keep-mask without its 1/(1-p)
-        xa = xd @ A.to(x.dtype).t()  # [tokens, rank], without the scale
-        del xd
+        # [tokens, rank], without the scale; dropout's keep-mask (without its 1/(1-p)) applied as x is read
+        xa = lora_a(x2, A.to(x.dtype), p, seed) if p > 0 else x2 @ A.to(x.dtype).t()
         scale = scale / (1.0 - p)  # inverted dropout's 1/(1-p), applied to the small product instead of to x
         y.addmm_(xa, B.to(x.dtype).t(), alpha=scale)
         ctx.save_for_backward(x, A, B, xa)
@@ -90,15 +90,16 @@ class _LoRALinear(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             dB = (dy2.t() @ xa).mul_(scale).to(B.dtype)
         if ctx.needs_input_grad[1]:
-            xd = masked(x2, p, ctx.seed) if p > 0 else x2  # the forward's mask, regenerated from its seed
-            dA = (dyb.t() @ xd).mul_(scale).to(A.dtype)
-            del xd
+            if p > 0:  # the forward's mask, regenerated from its seed
+                dA = lora_a_grad(dyb, x2, p, ctx.seed, scale).to(A.dtype)
+            else:
+                dA = (dyb.t() @ x2).mul_(scale).to(A.dtype)
         if ctx.needs_input_grad[0]:
             w = dense_weight(ctx.base).to(dtype)
             dx = dy2 @ w
             del w
             if p > 0:
-                masked_add_(dx, dyb @ a, p, ctx.seed, scale)
+                lora_dx_add_(dx, dyb, a, p, ctx.seed, scale)
             else:
                 dx.addmm_(dyb, a, alpha=scale)
             dx = dx.view(x.shape)
