@@ -98,6 +98,12 @@ def run(settings: DecodeBenchSettings, command: str = "finechat bench generate")
     output = Path(settings.output or "benchmarks/results")
     if output.suffix != ".json":
         output = output / f"decode-{card(device)}-{result['date'][:10]}.json"
+    if cuda:
+        # The engine turns cuDNN attention off for the process when it loads (finechat.decode.avoid_cudnn_attention);
+        # doing it first makes generate and the engine run the same attention kernels, so their tokens compare.
+        from finechat.decode import avoid_cudnn_attention
+
+        avoid_cudnn_attention()
     path = make_random_model(settings.arch, Path(settings.model_dir or f"/tmp/finechat-bench-{settings.arch}"))
     vocab = ARCHS[settings.arch]["vocab_size"]
     if not (path / "tokenizer.json").is_file():
@@ -296,28 +302,29 @@ def _step_times(engine: Any, position: int, repeats: int = 20) -> dict[str, Any]
 
 
 def _fused_projection_probe(decoder: Any, gpu_ms: Any) -> dict[str, Any]:
-    """A lever not built yet, probed: one matrix product over the concatenated q/k/v (and gate/up) weights of layer
-    0 instead of three (two), at batch 1: the GPU time each way, and whether the outputs are bit-for-bit equal."""
+    """A lever not built yet, probed: one matrix product over joined weights of layer 0 (q/k/v, k/v, gate/up)
+    instead of one per projection, at batch 1: the GPU time each way, and whether the outputs are bit-for-bit equal
+    (the fast decoder only uses what keeps its step bit-for-bit the modules' step)."""
     import torch
 
     layer = decoder.layers[0]
+    attention, mlp = layer.self_attn, layer.mlp
     groups = {
-        "qkv": [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
-        "gate_up": [layer.mlp.gate_proj, layer.mlp.up_proj],
+        "qkv": [attention.q_proj, attention.k_proj, attention.v_proj],
+        "kv": [attention.k_proj, attention.v_proj],
+        "gate_up": [mlp.gate_proj, mlp.up_proj],
     }
     if not all(type(m) is torch.nn.Linear and m.bias is None for ms in groups.values() for m in ms):
         return {}
     out: dict[str, Any] = {}
-    x = torch.randn(1, 1, layer.self_attn.q_proj.in_features, device=decoder.device, dtype=decoder.dtype)
+    x = torch.randn(1, 1, attention.q_proj.in_features, device=decoder.device, dtype=decoder.dtype)
+    linear = torch.nn.functional.linear
     for name, modules in groups.items():
         joined = torch.cat([m.weight for m in modules])
-        apart = [torch.nn.functional.linear(x, m.weight) for m in modules]
-        together = torch.nn.functional.linear(x, joined)
-        out[f"{name}_separate_gpu_us"] = round(
-            1000 * gpu_ms(lambda ms=modules: [torch.nn.functional.linear(x, m.weight) for m in ms]), 1
-        )
-        out[f"{name}_joined_gpu_us"] = round(1000 * gpu_ms(lambda w=joined: torch.nn.functional.linear(x, w)), 1)
-        out[f"{name}_joined_bitwise"] = torch.equal(torch.cat(apart, -1), together)
+        apart = torch.cat([linear(x, m.weight) for m in modules], -1)
+        out[f"{name}_separate_gpu_us"] = round(1000 * gpu_ms(lambda ms=modules: [linear(x, m.weight) for m in ms]), 1)
+        out[f"{name}_joined_gpu_us"] = round(1000 * gpu_ms(lambda w=joined: linear(x, w)), 1)
+        out[f"{name}_joined_bitwise"] = torch.equal(apart, linear(x, joined))
         del joined
     return out
 

@@ -12,7 +12,8 @@ kernels cut that to about 15 per layer:
 - `silu_mul(gate, up)`: SiLU(gate) rounded, times up.
 
 Every intermediate is rounded where PyTorch rounds it (a bf16 tensor between two ops), exp and rsqrt are the CUDA
-math library's, and division is IEEE round-to-nearest, as in PyTorch's kernels. `finechat.decode` checks the fused
+math library's, division is IEEE round-to-nearest, and a product followed by a sum is never fused into one
+multiply-add, as in PyTorch's kernels (benchmarks/probes/decode_rounding.py checks each choice on a GPU). `finechat.decode` checks the fused
 step against the unfused one before using it. Under TRITON_INTERPRET=1 (CPU tests) exp and rsqrt are numpy's, so the
 kernels agree with the references only closely there, not bitwise."""
 
@@ -103,7 +104,7 @@ def rope_into_cache(
     q_out = torch.empty(rows, heads, 1, dim, dtype=q.dtype, device=q.device)
     _kernels().rope_into_cache[(rows, heads + kv_heads)](
         q, k, v, cos.reshape(rows, dim), sin.reshape(rows, dim), positions, q_out, keys, values,
-        heads, kv_heads, keys.shape[2], DIM=dim,
+        heads, kv_heads, keys.shape[2], DIM=dim, PRECISE=_precise(),
     )  # fmt: skip
     return q_out
 
@@ -163,7 +164,7 @@ def _kernels() -> Any:
     @triton.jit
     def rope_into_cache_kernel(
         q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, keys_ptr, values_ptr,
-        heads, kv_heads, capacity, DIM: tl.constexpr,
+        heads, kv_heads, capacity, DIM: tl.constexpr, PRECISE: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
@@ -179,8 +180,16 @@ def _kernels() -> Any:
         x = tl.load(src + d)
         other = tl.load(src + partner).to(tl.float32)
         rotated = tl.where(d < half, -other, other)
-        # (x * cos) + (rotate_half(x) * sin), each product rounded to x's dtype as PyTorch rounds it
-        out = ((x.to(tl.float32) * c).to(x.dtype).to(tl.float32) + (rotated * s).to(x.dtype).to(tl.float32)).to(x.dtype)
+        # (x * cos) + (rotate_half(x) * sin), each product rounded to x's dtype as PyTorch rounds it. Plain * and +
+        # let the compiler fuse them into one multiply-add (measured on an H200: a quarter of the outputs then differ
+        # from PyTorch's).
+        if PRECISE:
+            a = libdevice.mul_rn(x.to(tl.float32), c).to(x.dtype).to(tl.float32)
+            b = libdevice.mul_rn(rotated, s).to(x.dtype).to(tl.float32)
+            out = libdevice.add_rn(a, b).to(x.dtype)
+        else:
+            a = (x.to(tl.float32) * c).to(x.dtype).to(tl.float32)
+            out = (a + (rotated * s).to(x.dtype).to(tl.float32)).to(x.dtype)
         if head < heads:
             tl.store(q_out_ptr + (row * heads + head) * DIM + d, out)
         else:
