@@ -130,6 +130,60 @@ def test_fsdp_path_trains_like_one_process_and_resumes(tiny_model_dir, text_file
     assert checkpoint.keys() == a.keys()  # not the empty adapter peft 0.21 writes for an FSDP model
 
 
+def adapter_layout(path: Path) -> dict[str, tuple[list[int], str]]:
+    """Tensor name -> (shape, dtype) of a saved adapter file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in sorted(f.keys())}
+
+
+def adapter_config(run_dir: Path) -> dict:
+    """adapter_config.json, target_modules sorted (peft writes a set, in each process's hash order)."""
+    config = json.loads((run_dir / "adapter_config.json").read_text())
+    return {**config, "target_modules": sorted(config["target_modules"])}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU simulation of FSDP; GPUs run the real thing")
+def test_fsdp_qlora_adapter_is_saved_as_one_process_saves_it(tiny_model_dir, text_file, tmp_path):
+    """QLoRA with bf16 mixed precision, as on GPUs: one process trains and saves the LoRA weights in bf16 (TRL casts
+    them), while accelerate upcasts FSDP's trainable flat parameters to float32. Rank 0 must still write the
+    single-process adapter (same names, shapes, dtypes, adapter_config.json), and --resume must go on from the float32
+    weights: 2 steps + a resumed 3rd equal 3 uninterrupted steps."""
+    qlora = ["--quantize", "nf4", "--compute-dtype", "bfloat16", "--optimizer", "adamw_torch"]
+    reference = tmp_path / "one"
+    assert cli.main(flags(tiny_model_dir, text_file, reference, 4, steps=2) + qlora) == 0
+    env = {**cpu_env(), "FINECHAT_FSDP_CPU_SIM": "1", "FINECHAT_FSDP_CPU_SIM_MIXED_PRECISION": "bf16"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(FSDP_CPU_SIM), env.get("PYTHONPATH")) if p)
+
+    def launch(argv: list[str]) -> None:
+        done = subprocess.run(distributed.launch_command(argv, 2), capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch(flags(tiny_model_dir, text_file, straight, 2, steps=3) + qlora + ["--distributed", "fsdp"])
+    launch(flags(tiny_model_dir, text_file, resumed, 2, steps=2, save_steps=2) + qlora + ["--distributed", "fsdp"])
+    checkpoint = resumed / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / "pytorch_model_fsdp.bin").is_file()  # the Trainer ran FSDP
+
+    single = adapter_layout(reference / distributed.ADAPTER_WEIGHTS)
+    assert {dtype for _, dtype in single.values()} == {"BF16"}
+    for run_dir in (straight, resumed, checkpoint):
+        assert adapter_layout(run_dir / distributed.ADAPTER_WEIGHTS) == single, run_dir
+        assert adapter_config(run_dir) == adapter_config(reference), run_dir
+    training = adapter_layout(checkpoint / distributed.ADAPTER_TRAINING_WEIGHTS)
+    assert training.keys() == single.keys() and {dtype for _, dtype in training.values()} == {"F32"}
+
+    launch(["train", "--output", str(resumed), "--resume", "--max-steps", "3"])
+    assert adapter_layout(resumed / distributed.ADAPTER_WEIGHTS) == single
+    assert sorted(losses(resumed)) == [1, 2, 3] and losses(resumed)[3] == pytest.approx(losses(straight)[3], abs=1e-6)
+    from safetensors.torch import load_file
+
+    a, b = load_file(straight / distributed.ADAPTER_WEIGHTS), load_file(resumed / distributed.ADAPTER_WEIGHTS)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize(
     "requested, processes, weights, gpu, expected",
     [

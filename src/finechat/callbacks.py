@@ -87,22 +87,23 @@ class FSDPAdapter(TrainerCallback):
     peft 0.21 finds the adapter's weights by module name and strips only the outer FSDP wrapper's prefix, so in a
     model whose decoder layers and LoRA layers are FSDP units too it finds none: the Trainer's checkpoints (and
     accelerate's FSDP model file) hold an empty adapter, and a resumed run restarts from the LoRA initialisation.
-    Measured on the CPU/gloo simulation of this path (tests/test_distributed.py)."""
+    Measured on the CPU/gloo simulation of this path (tests/test_distributed.py). The adapter is written in the
+    dtypes of a single-process run (see distributed.ADAPTER_TRAINING_WEIGHTS)."""
 
     def __init__(self, model, run_dir: Path):
-        self.keys = distributed.adapter_keys(model)  # before FSDP flattens the parameters
+        self.layout = distributed.adapter_layout(model)  # before FSDP flattens (and accelerate upcasts) them
         self.run_dir = run_dir
 
     def on_train_begin(self, args, state, control, model=None, **kw):
         if state.global_step > 0:  # resumed: the Trainer has loaded everything but the adapter
             checkpoint = self.run_dir / runs.CHECKPOINTS / f"checkpoint-{state.global_step}"
-            distributed.load_adapter_weights(model, checkpoint / distributed.ADAPTER_WEIGHTS, self.keys)
+            distributed.load_adapter_weights(model, checkpoint, self.layout)
 
     def on_save(self, args, state, control, model=None, **kw):
         state_dict = distributed.gather_full_state_dict(model)
         if state.is_world_process_zero:
             staged = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            distributed.write_adapter_weights(staged / distributed.ADAPTER_WEIGHTS, state_dict, self.keys)
+            distributed.save_checkpoint_adapter(staged, state_dict, self.layout)
 
 
 def _plan(args) -> distributed.Plan:

@@ -236,23 +236,39 @@ def save_adapter(trainer, run_dir: Path, plan: Plan) -> None:
         return
     from finechat.callbacks import FSDPAdapter
 
-    keys = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FSDPAdapter)).keys
+    layout = next(c for c in trainer.callback_handler.callbacks if isinstance(c, FSDPAdapter)).layout
     state_dict = gather_full_state_dict(trainer.model)
     if plan.is_main:
         # peft writes adapter_config.json and the model card; the weights are written again below (see FSDPAdapter).
         trainer.accelerator.unwrap_model(trainer.model).save_pretrained(run_dir, state_dict=state_dict)
-        write_adapter_weights(run_dir / ADAPTER_WEIGHTS, state_dict, keys)
+        write_adapter_weights(run_dir / ADAPTER_WEIGHTS, state_dict, layout)
 
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Under FSDP with mixed precision, accelerate keeps the LoRA weights in float32 (it upcasts every trainable flat
+# parameter), while a single-process QLoRA run trains and saves them in bfloat16 (TRL casts them). A checkpoint then
+# holds the adapter in the single-process format and, beside it, the float32 weights training goes on from.
+ADAPTER_TRAINING_WEIGHTS = "adapter_training_weights.safetensors"
 
 
-def adapter_keys(model, adapter_name: str = "default") -> dict[str, str]:
-    """For each trainable (adapter) parameter, its key in a peft adapter file -> its name in the model. Taken from the
-    peft model before FSDP flattens its parameters."""
-    return {
-        name.replace(f".{adapter_name}.", "."): name for name, param in model.named_parameters() if param.requires_grad
-    }
+@dataclass(frozen=True)
+class AdapterLayout:
+    """A peft adapter file's tensors: for each key, the parameter's name in the model and the dtype a single-process
+    run saves it in."""
+
+    names: dict[str, str]
+    dtypes: dict[str, Any]
+
+
+def adapter_layout(model, adapter_name: str = "default") -> AdapterLayout:
+    """The layout of the trainable (adapter) parameters, read from the peft model before FSDP flattens (and
+    accelerate upcasts) them."""
+    trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    keys = [name.replace(f".{adapter_name}.", ".") for name, _ in trainable]
+    return AdapterLayout(
+        names={key: name for key, (name, _) in zip(keys, trainable, strict=True)},
+        dtypes={key: param.dtype for key, (_, param) in zip(keys, trainable, strict=True)},
+    )
 
 
 def gather_full_state_dict(model) -> dict[str, Any]:
@@ -266,28 +282,43 @@ def gather_full_state_dict(model) -> dict[str, Any]:
         return model.state_dict()
 
 
-def write_adapter_weights(path: Path, state_dict: dict[str, Any], keys: dict[str, str]) -> None:
-    """Write the adapter tensors of a full model state dict as peft names them in adapter_model.safetensors."""
+def write_adapter_weights(path: Path, state_dict: dict[str, Any], layout: AdapterLayout, as_saved: bool = True) -> bool:
+    """Write the adapter tensors of a full model state dict as peft names them, in the dtypes a single-process run
+    saves (as_saved=False: as they are). True when some tensor was narrowed on the way."""
     from safetensors.torch import save_file
 
-    missing = [name for name in keys.values() if name not in state_dict]
+    missing = [name for name in layout.names.values() if name not in state_dict]
     if missing:
         raise RuntimeError(f"adapter weights missing from the gathered state dict: {missing[:3]}")
-    save_file({key: state_dict[name].contiguous() for key, name in keys.items()}, str(path), metadata={"format": "pt"})
+    tensors = {key: state_dict[name] for key, name in layout.names.items()}
+    narrowed = any(t.dtype != layout.dtypes[key] for key, t in tensors.items())
+    if as_saved:
+        tensors = {key: t.to(layout.dtypes[key]) for key, t in tensors.items()}
+    save_file({key: t.contiguous() for key, t in tensors.items()}, str(path), metadata={"format": "pt"})
+    return narrowed
 
 
-def load_adapter_weights(model, path: Path, keys: dict[str, str]) -> None:
-    """Load adapter_model.safetensors into an FSDP model (every process reads the small file and takes part)."""
+def save_checkpoint_adapter(folder: Path, state_dict: dict[str, Any], layout: AdapterLayout) -> None:
+    """Write a checkpoint's adapter as a single-process run does, plus the training weights where those are wider."""
+    if write_adapter_weights(folder / ADAPTER_WEIGHTS, state_dict, layout):
+        write_adapter_weights(folder / ADAPTER_TRAINING_WEIGHTS, state_dict, layout, as_saved=False)
+
+
+def load_adapter_weights(model, folder: Path, layout: AdapterLayout) -> None:
+    """Load a checkpoint's adapter into an FSDP model, from its training weights where it has them (every process
+    reads the small file and takes part)."""
     from safetensors.torch import load_file
     from torch.distributed.fsdp import FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+    path = folder / ADAPTER_TRAINING_WEIGHTS
+    path = path if path.is_file() else folder / ADAPTER_WEIGHTS
     tensors = load_file(str(path))
-    unknown = sorted(set(tensors) - set(keys))
+    unknown = sorted(set(tensors) - set(layout.names))
     if unknown or not tensors:
         raise UserError(f"--resume: {path} does not hold this run's adapter (unexpected: {unknown[:3]})")
     with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
-        result = model.load_state_dict({keys[k]: v for k, v in tensors.items()}, strict=False)
+        result = model.load_state_dict({layout.names[k]: v for k, v in tensors.items()}, strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"FSDP did not take adapter weights {result.unexpected_keys[:3]}")
 

@@ -4,7 +4,9 @@ can be checked without GPUs. What is patched away is what stops FSDP on CPU, not
 - accelerate turns FSDP on only for accelerator devices, and builds its plugin only where a GPU-like device exists;
 - FSDP1 broadcasts module states only from GPUs (sync_module_states) and wants device_id "cpu", not "cpu:0";
 - a full state dict "offloaded to CPU" from CPU tensors keeps views into storage that resharding then frees;
-- finechat.distributed.choose refuses FSDP without CUDA (rightly, for users)."""
+- finechat.distributed.choose refuses FSDP without CUDA (rightly, for users).
+FINECHAT_FSDP_CPU_SIM_MIXED_PRECISION=bf16 turns on the mixed precision a GPU run has (finechat asks for bf16 on CUDA
+only), with what accelerate does to FSDP models under it: trainable flat parameters are upcast to float32."""
 
 import os
 
@@ -27,6 +29,12 @@ if os.environ.get("FINECHAT_FSDP_CPU_SIM") == "1":
         if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type = DistributedType.FSDP
             self.fsdp_plugin = fsdp_plugin
+            # As AcceleratorState does for GPUs: every later AcceleratorState() copies the PartialState's type back.
+            _state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            mixed = os.environ.get("FINECHAT_FSDP_CPU_SIM_MIXED_PRECISION")
+            if mixed:
+                self._mixed_precision = mixed
+                fsdp_plugin.set_mixed_precision(mixed)
 
     _state.AcceleratorState.__init__ = _state_init_cpu_fsdp
 
