@@ -289,3 +289,46 @@ def test_triton_dropout_keeps_one_minus_p_at_scale():
     k = keep.float()
     for a, b in ((k[1:], k[:-1]), (k[:, 1:], k[:, :-1]), (k[:, 128:], k[:, :-128]), (k[:, 32:], k[:, :-32])):
         assert abs((a * b).mean().item() - 0.95**2) < 2e-3
+
+
+def quantized(rows: int, cols: int, dtype: torch.dtype, device: str):
+    import bitsandbytes.functional as bnbf
+
+    gen = torch.Generator(device=device).manual_seed(3)
+    w = (torch.randn(rows, cols, device=device, generator=gen) * 0.02).to(dtype)
+    w[1, :64] *= 40  # one block with a much larger scale
+    return bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+
+
+def test_nf4_dequantize_is_bitsandbytes_on_cpu():
+    from finechat.kernels import nf4
+
+    packed, qs = quantized(24, 160, torch.float32, "cpu")
+    assert torch.equal(nf4.dequantize(packed, qs), nf4.dequantize_reference(packed, qs))
+
+
+@gpu
+@pytest.mark.parametrize("shape", [(320, 1000), (7, 64), (1024, 4096)])
+def test_nf4_kernel_gives_bitsandbytes_bits(shape):
+    from finechat.kernels import nf4
+
+    device = kernel_device()
+    kernel = nf4._kernel()
+    assert kernel is not None, "the NF4 kernel failed its check against bitsandbytes"
+    # bf16 only on CUDA: Triton's interpreter truncates to bf16 where the GPU rounds to nearest
+    dtypes = [torch.bfloat16, torch.float16, torch.float32] if device == "cuda" else [torch.float16, torch.float32]
+    for dtype in dtypes:
+        packed, qs = quantized(*shape, dtype, device)
+        want = nf4.dequantize_reference(packed, qs)
+        got = nf4.dequantize(packed, qs) if device == "cuda" else nf4._dequantize(kernel, packed, qs)
+        assert got.dtype == dtype and torch.equal(got, want), dtype
+
+
+@gpu
+def test_nf4_kernel_at_mistral_size_on_gpu():
+    from finechat.kernels import nf4
+
+    if not torch.cuda.is_available():
+        pytest.skip("59M weights are too many for the interpreter")
+    packed, qs = quantized(14336, 4096, torch.bfloat16, "cuda")
+    assert nf4._kernel() is not None and torch.equal(nf4.dequantize(packed, qs), nf4.dequantize_reference(packed, qs))

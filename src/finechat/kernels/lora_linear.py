@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from finechat.kernels import nf4
 from finechat.kernels.dropout import lora_a, lora_a_grad, lora_dx_add_
 
 
@@ -37,9 +38,7 @@ def dense_weight(base: nn.Module) -> torch.Tensor:
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is None:
         return weight
-    import bitsandbytes.functional as bnbf
-
-    return bnbf.dequantize_4bit(weight.data, quant_state)
+    return nf4.dequantize(weight.data, quant_state)
 
 
 def lora_adapter(layer: Any) -> tuple[nn.Module, Adapter] | None:
