@@ -12,13 +12,15 @@ from finechat.cli import main
 def test_tiny_dry_run_writes_rows_for_both_systems(tmp_path, capsys):
     out = tmp_path / "train.json"
     argv = ["bench", "train", "--arch", "tiny", "--shapes", "2x32", "--steps", "1", "--warmup", "0"]
-    argv += ["--systems", "finechat,seed", "--longest", "64", "--model-dir", str(tmp_path / "m"), "--output", str(out)]
+    argv += ["--systems", "finechat,seed,finechat-bnbadamw", "--ablation-shapes", "2x32", "--longest", "64"]
+    argv += ["--model-dir", str(tmp_path / "m"), "--output", str(out)]
     assert main(argv) == 0
     result = json.loads(out.read_text())
     assert result["kind"] == "train" and result["device"] == "cpu"
     rows = {(r["system"], r["shape"]): r for r in result["rows"]}
-    assert set(rows) == {("finechat", "2x32"), ("seed", "2x32"), ("finechat", "1x64")}
+    assert set(rows) == {("finechat", "2x32"), ("seed", "2x32"), ("finechat", "1x64"), ("finechat-bnbadamw", "2x32")}
     assert all(r["tok_s"] > 0 and "peak_gib" in r for r in rows.values())
+    assert all(0 < r["step_ms_min"] <= r["step_ms_median"] and r["host_cpu_s"] > 0 for r in rows.values())
     assert result["longest_sequence"]["largest_trained"] == 64
     assert "2x32" in capsys.readouterr().out
 

@@ -10,7 +10,12 @@ batches: `warmup` steps, then `steps` timed steps, as ../shared/baselines/seed_s
 - finechat-nodropout: the same with LoRA dropout 0 (Unsloth's fast path requires that).
 - ablations (at --ablation-shapes): finechat with one part switched off, to measure what it buys:
   finechat-plainops (plain PyTorch RMSNorm/RoPE/SwiGLU instead of Liger's kernels), finechat-gpucheckpoints
-  (checkpoints kept on the GPU instead of offloaded), finechat-norecompute (no activation checkpointing at all).
+  (checkpoints kept on the GPU instead of offloaded), finechat-norecompute (no activation checkpointing at all),
+  finechat-bnbadamw (bitsandbytes' PagedAdamW32bit instead of finechat.optim's), finechat-unfuseddropout (the
+  dropout mask written out and cuBLAS for the adapter products instead of the fused kernels), finechat-bnbdequant
+  (bitsandbytes' dequantize_4bit instead of finechat's NF4 kernel).
+Every row has the mean step time (what tokens/s is computed from), the median and fastest step, and the main
+thread's CPU time per step: when that is close to the step time, the step is bound by the host, not the GPU.
 The longest-sequence probe trains single sequences on the finechat model under a memory cap (an 80 GB H100's
 usable memory by default, also on an H200)."""
 
@@ -58,7 +63,14 @@ ARCHS: dict[str, dict[str, Any]] = {
     },
 }
 SYSTEMS = ("finechat", "finechat-nodropout", "seed")
-ABLATIONS = ("finechat-plainops", "finechat-gpucheckpoints", "finechat-norecompute")
+ABLATIONS = (
+    "finechat-plainops",
+    "finechat-gpucheckpoints",
+    "finechat-norecompute",
+    "finechat-bnbadamw",
+    "finechat-unfuseddropout",
+    "finechat-bnbdequant",
+)
 DEFAULT_SHAPES = "4x512,1x2048,8x1024,1x8192,2x4096"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_PARAMS_7B = 7.24e9  # for the 6N FLOP/token utilisation figure, as in the baselines
@@ -154,10 +166,10 @@ def run(settings: BenchSettings, command: str = "finechat bench train") -> dict[
         for seq in settings.longest:
             record({**_measure("finechat", step, 1, seq, settings, vocab, steps=1, warmup=0), "probe": "longest"})
         for system in extras:
-            _ablate(model, system, True)
+            _ablate(model, step, system, True)
             for bs, seq in settings.ablation_shapes or settings.shapes:
                 record({**_measure(system, step, bs, seq, settings, vocab), "ablation": True})
-            _ablate(model, system, False)
+            _ablate(model, step, system, False)
         for bs, seq in settings.profile_shapes:
             result.setdefault("profiles", {})[f"{bs}x{seq}"] = _profile(step, bs, seq, vocab, output)
         if "finechat-nodropout" in settings.systems:
@@ -219,10 +231,33 @@ def _load(path: Path):
     return model
 
 
-def _optimizer(model):
+def _bnb_optimizer(model):
+    """The seed's optimizer: bitsandbytes' paged AdamW with 32-bit states."""
     import bitsandbytes as bnb
 
     return bnb.optim.PagedAdamW32bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+
+
+def _finechat_optimizer(model):
+    """finechat's: the same update and states without a device wait per tensor (finechat.optim)."""
+    from finechat.optim import PagedAdamW32bit
+
+    return PagedAdamW32bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+
+
+class _Step:
+    """One training step on a batch of token ids: loss, backward, optimizer step, gradients dropped."""
+
+    def __init__(self, loss, optimizer) -> None:
+        self.loss = loss
+        self.optimizer = optimizer  # replaced by the finechat-bnbadamw ablation
+
+    def __call__(self, ids):
+        loss = self.loss(ids)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
 
 def _seed(path: Path, settings: BenchSettings):
@@ -234,16 +269,7 @@ def _seed(path: Path, settings: BenchSettings):
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, _lora_config(settings, settings.lora_dropout))
     model.train()
-    opt = _optimizer(model)
-
-    def step(ids):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return model, step
+    return model, _Step(lambda ids: model(input_ids=ids, labels=ids).loss, _bnb_optimizer(model))
 
 
 def _finechat(path: Path, settings: BenchSettings):
@@ -260,21 +286,13 @@ def _finechat(path: Path, settings: BenchSettings):
         if param.requires_grad:  # SFTTrainer keeps QLoRA adapters in the compute dtype (bf16)
             param.data = param.data.to(dtype)
     model.train()
-    opt = _optimizer(model)
-
-    def step(ids):
-        loss = fastpath.causal_lm_loss(model, ids, ids)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return model, step
+    return model, _Step(lambda ids: fastpath.causal_lm_loss(model, ids, ids), _finechat_optimizer(model))
 
 
-def _ablate(model, system: str, on: bool) -> None:
+def _ablate(model, step: _Step, system: str, on: bool) -> None:
     """Switch off (on=True) or back on the part of the fast path that an ablation system leaves out."""
     from finechat import fastpath, kernels
+    from finechat.kernels import dropout, nf4
 
     if system == "finechat-plainops":
         kernels.ENABLED["liger"] = not on
@@ -282,6 +300,12 @@ def _ablate(model, system: str, on: bool) -> None:
         fastpath.set_options(model, offload=not on)
     elif system == "finechat-norecompute":
         fastpath.set_options(model, gradient_checkpointing=not on)
+    elif system == "finechat-bnbadamw":
+        step.optimizer = _bnb_optimizer(model) if on else _finechat_optimizer(model)
+    elif system == "finechat-unfuseddropout":
+        dropout.ENABLED["fused"] = not on
+    elif system == "finechat-bnbdequant":
+        nf4.ENABLED["fused"] = not on
 
 
 def _profile(step, bs: int, seq: int, vocab: int, output: Path) -> dict[str, Any]:
@@ -360,16 +384,23 @@ def _measure(system: str, step, bs: int, seq: int, settings: BenchSettings, voca
         for _ in range(warmup):
             step(ids)
         sync()
-        t = time.perf_counter()
+        marks = _StepMarks(cuda)
+        t, cpu = time.perf_counter(), time.thread_time()
         for _ in range(steps):
             loss = step(ids)
+            marks.mark()
         sync()
         step_s = (time.perf_counter() - t) / steps
+        host_s = (time.thread_time() - cpu) / steps
+        step_ms = sorted(marks.elapsed_ms())
         tok_s = bs * seq / step_s
         row.update(
             tok_s=round(tok_s),
             peak_gib=_gib(torch.cuda.max_memory_allocated()) if cuda else None,
             step_s=round(step_s, 3),
+            step_ms_median=round(step_ms[len(step_ms) // 2], 1),
+            step_ms_min=round(step_ms[0], 1),
+            host_cpu_s=round(host_s, 3),  # main-thread CPU time per step; ≈ step_s when host-bound
             mfu_6N=round(tok_s * 6 * N_PARAMS_7B / 790e12, 3),
             peak_reserved_gib=_gib(torch.cuda.max_memory_reserved()) if cuda else None,
             loss=round(float(loss), 3),
@@ -380,6 +411,32 @@ def _measure(system: str, step, bs: int, seq: int, settings: BenchSettings, voca
         log.exception("%s %dx%d failed", system, bs, seq)
         row.update(tok_s=None, peak_gib=None, error=f"{type(e).__name__}: {str(e)[:300]}")
     return row
+
+
+class _StepMarks:
+    """Step boundaries on the GPU's timeline (CUDA events, no waiting between steps) or the host's clock."""
+
+    def __init__(self, cuda: bool) -> None:
+        import torch
+
+        self._event = (lambda: torch.cuda.Event(enable_timing=True)) if cuda else None
+        self._marks: list[Any] = []
+        self.mark()
+
+    def mark(self) -> None:
+        if self._event is None:
+            self._marks.append(time.perf_counter())
+        else:
+            event = self._event()
+            event.record()
+            self._marks.append(event)
+
+    def elapsed_ms(self) -> list[float]:
+        """Milliseconds between consecutive marks (call after synchronizing)."""
+        pairs = zip(self._marks, self._marks[1:], strict=False)
+        if self._event is None:
+            return [(b - a) * 1e3 for a, b in pairs]
+        return [a.elapsed_time(b) for a, b in pairs]
 
 
 def _longest_summary(rows: list[dict[str, Any]], cap: float | None) -> dict[str, Any] | None:
@@ -441,13 +498,19 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _kernels() -> str:
-    """Which implementation the fast path's norm/RoPE/SwiGLU use in this process."""
+def _kernels() -> dict[str, str]:
+    """Which implementation each fused operation of the fast path uses in this process (a kernel that failed its
+    first-use check shows here as its fallback)."""
     import torch
 
-    from finechat.kernels import liger_ops
+    from finechat.kernels import dropout, liger_ops, nf4
 
-    return "liger" if torch.cuda.is_available() and liger_ops() is not None else "reference (plain PyTorch)"
+    cuda = torch.cuda.is_available()
+    return {
+        "rms_norm_rope_swiglu": "liger" if cuda and liger_ops() is not None else "reference (plain PyTorch)",
+        "lora_dropout": "triton (philox 4x, fused)" if cuda and dropout._kernels() is not None else "torch bernoulli",
+        "nf4_dequantize": "triton" if cuda and nf4._kernel() is not None else "bitsandbytes",
+    }
 
 
 def _card(device: str) -> str:
