@@ -101,9 +101,7 @@ class PagedAdamW32bit(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state, after the GPU has finished writing the paged states (the host reads those)."""
-        if torch.cuda.is_available() and any(
-            getattr(s.get("state1"), "is_paged", False) for s in self.state.values()
-        ):
+        if torch.cuda.is_available() and any(getattr(s.get("state1"), "is_paged", False) for s in self.state.values()):
             torch.cuda.synchronize()
         return super().state_dict()
 
