@@ -151,10 +151,11 @@ def _build_trainer(
     import torch
     from peft import LoraConfig, prepare_model_for_kbit_training
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from finechat import fastpath, optim
     from finechat.callbacks import FSDPAdapter, ProgressAndMetrics
+    from finechat.trainer import Trainer
 
     on_gpu = torch.cuda.is_available()
     plan = plan or distributed.Plan()
@@ -211,7 +212,7 @@ def _build_trainer(
         dataloader_num_workers=0,
         **distributed.trainer_kwargs(plan, on_gpu),
     )
-    trainer = SFTTrainer(
+    trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -220,6 +221,7 @@ def _build_trainer(
         peft_config=lora,
         # The fast path's paged AdamW: bitsandbytes' update without a device wait per tensor (finechat.optim).
         optimizer_cls_and_kwargs=optim.trainer_optimizer(args) if fast else None,
+        keep_dtypes=not fsdp,  # --resume gives back a bf16 adapter in bf16 (finechat.trainer)
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
