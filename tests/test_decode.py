@@ -231,7 +231,7 @@ def test_fused_norm_and_rotary_kernels_round_as_the_modules_do(interpreted):
     weight, variance = rand(96), sq.mean(-1, keepdim=True)
     assert torch.equal(ops.rms_apply(s, variance, weight, 1e-5), ops.rms_apply_reference(s, variance, weight, 1e-5))
     rows, heads, kv_heads, dim, capacity = 2, 4, 2, 16, 8
-    q, k, v = rand(rows, heads * dim), rand(rows, kv_heads * dim), rand(rows, kv_heads * dim)
+    q, (k, v) = rand(rows, heads * dim), rand(rows, 2 * kv_heads * dim).chunk(2, -1)  # k, v: slices of one product
     angle = torch.randn(rows, dim // 2, generator=gen)
     cos, sin = (torch.cat([f(angle), f(angle)], -1).to(torch.float16) for f in (torch.cos, torch.sin))
     keys, values = torch.zeros(3, kv_heads, capacity, dim, dtype=torch.float16), None
@@ -261,6 +261,8 @@ def test_fused_decoding_gives_generates_tokens(interpreted, tiny_mistral_dir, dt
     engine.warm_up()
     decoder = engine.batcher.decoder
     assert decoder.fused and decoder.fused_check == "bitwise" if dtype == "float16" else decoder.fused
+    # one k/v product is kept only where bit-for-bit two (float16 "auto"), always with "on" (float32)
+    assert (decoder.kv_weights is not None) == (decoder.kv_check == "bitwise" or dtype == "float32")
     jobs = [(prompt(engine, i), greedy(n)) for i, n in enumerate([20, 35, 12])]
     alone = [token_ids(engine, ids, n.max_new_tokens) for ids, n in jobs]
     assert alone == [generate_ids(engine, ids, n.max_new_tokens) for ids, n in jobs]

@@ -153,6 +153,7 @@ def run(settings: DecodeBenchSettings, command: str = "finechat bench generate")
             "positions_per_slot": decoder.capacity if decoder else 0,
             "fused_kernels": bool(decoder and decoder.fused),
             "fused_check": decoder.fused_check if decoder else None,
+            "joined_kv_check": decoder.kv_check if decoder else None,
             "gpu_memory_gib": round(torch.cuda.memory_allocated() / 2**30, 2) if cuda else None,
         }
         print(json.dumps({weights: result["engines"][weights]}), flush=True)
@@ -181,7 +182,7 @@ def run(settings: DecodeBenchSettings, command: str = "finechat bench generate")
             print(json.dumps({weights: steps}), flush=True)
         engine.close()
         variants = [("finechat-unfused", "off")] if settings.unfused else []
-        if decoder is not None and decoder.fused_check == "differs":
+        if decoder is not None and "differs" in (decoder.fused_check, decoder.kv_check):
             variants.append(("finechat-fused-on", "on"))
         for system, fused in variants:
             other = Engine(model, tokenizer, fused=fused)

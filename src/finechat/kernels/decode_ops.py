@@ -96,15 +96,18 @@ def rope_into_cache(
     keys: torch.Tensor,
     values: torch.Tensor,
 ) -> torch.Tensor:
-    """Rotate q and k (each [rows, heads*dim], one token per row) by cos/sin ([rows, dim]); write k and v into
-    keys/values ([slots, kv_heads, capacity, dim]) of slot `row` at positions[row]; returns q as [rows, heads, 1,
-    dim]."""
+    """Rotate q and k ([rows, heads*dim] each, one token per row, the last dimension contiguous: k and v may be
+    column slices of one product) by cos/sin ([rows, dim]); write k and v into keys/values ([slots, kv_heads,
+    capacity, dim]) of slot `row` at positions[row]; returns q as [rows, heads, 1, dim]."""
     rows, dim = cos.shape[0], keys.shape[-1]
     heads, kv_heads = q.shape[-1] // dim, keys.shape[1]
+    q, k, v = (t.reshape(rows, t.shape[-1]) for t in (q, k, v))  # views: one token per row
+    if not all(t.stride(-1) == 1 for t in (q, k, v)):
+        raise ValueError("rope_into_cache: q, k and v need a contiguous last dimension")
     q_out = torch.empty(rows, heads, 1, dim, dtype=q.dtype, device=q.device)
     _kernels().rope_into_cache[(rows, heads + kv_heads)](
-        q, k, v, cos.reshape(rows, dim), sin.reshape(rows, dim), positions, q_out, keys, values,
-        heads, kv_heads, keys.shape[2], DIM=dim, PRECISE=_precise(),
+        q, k, v, q.stride(0), k.stride(0), v.stride(0), cos.reshape(rows, dim), sin.reshape(rows, dim), positions,
+        q_out, keys, values, heads, kv_heads, keys.shape[2], DIM=dim, PRECISE=_precise(),
     )  # fmt: skip
     return q_out
 
@@ -163,7 +166,7 @@ def _kernels() -> Any:
 
     @triton.jit
     def rope_into_cache_kernel(
-        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, keys_ptr, values_ptr,
+        q_ptr, k_ptr, v_ptr, q_row, k_row, v_row, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, keys_ptr, values_ptr,
         heads, kv_heads, capacity, DIM: tl.constexpr, PRECISE: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
@@ -174,9 +177,9 @@ def _kernels() -> Any:
         c = tl.load(cos_ptr + row * DIM + d).to(tl.float32)
         s = tl.load(sin_ptr + row * DIM + d).to(tl.float32)
         if head < heads:  # noqa: SIM108 (a branch on a runtime value: no conditional expression in Triton)
-            src = q_ptr + (row * heads + head) * DIM
+            src = q_ptr + row * q_row + head * DIM
         else:
-            src = k_ptr + (row * kv_heads + head - heads) * DIM
+            src = k_ptr + row * k_row + (head - heads) * DIM
         x = tl.load(src + d)
         other = tl.load(src + partner).to(tl.float32)
         rotated = tl.where(d < half, -other, other)
@@ -196,7 +199,7 @@ def _kernels() -> Any:
             kv = head - heads
             at = ((row * kv_heads + kv) * capacity + tl.load(pos_ptr + row)) * DIM
             tl.store(keys_ptr + at + d, out)
-            tl.store(values_ptr + at + d, tl.load(v_ptr + (row * kv_heads + kv) * DIM + d))
+            tl.store(values_ptr + at + d, tl.load(v_ptr + row * v_row + kv * DIM + d))
 
     @triton.jit
     def silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, PRECISE: tl.constexpr, BLOCK: tl.constexpr):
