@@ -97,6 +97,19 @@ def test_decode_step_logits_equal_the_model_forward(engine):
         torch.testing.assert_close(decoder.step([3], [len(b) + 1])[0], ref_b[2], rtol=1e-5, atol=1e-5)
 
 
+def test_prompts_arriving_together_prefill_in_one_forward(engine):
+    """Right-padded, masked: each row's logits and cached keys/values agree with its own prefill."""
+    decoder = engine.batcher.decoder
+    a, b, c = prompt(engine, 1), prompt(engine, 2)[:-5], prompt(engine, 3)[:-2]
+    with engine.lock, torch.inference_mode():
+        alone = [decoder.prefill(0, ids)[0] for ids in (a, b, c)]
+        keys = decoder.keys[0][0, :, : len(c)].clone()
+        together = decoder.prefill_many([2, 0, 1], [a, b, c])
+        for got, want in zip(together, alone, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(decoder.keys[0][1, :, : len(c)], keys, rtol=1e-5, atol=1e-5)
+
+
 def test_concurrent_generations_decode_in_one_batch_and_equal_one_at_a_time(engine):
     """Different prompt lengths and budgets, so requests join and leave mid-batch and the cache is compacted;
     a stop string and a seeded sampler ride along."""

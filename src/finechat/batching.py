@@ -18,6 +18,8 @@ from finechat.decode import Decoder
 log = logging.getLogger(__name__)
 
 END = object()  # queued after a request's last token
+# Requests that arrive together are prefilled in one forward, up to this many (padded) prompt tokens at once.
+PREFILL_TOKENS = 8192
 
 
 @dataclass(eq=False)
@@ -97,8 +99,8 @@ class Batcher:
                     while self.pending and len(self.active) + len(joining) < self.decoder.slots:
                         joining.append(self.pending.popleft())
                 try:
-                    for request in joining:
-                        self._join(request)
+                    for group in self._prefill_groups(joining):
+                        self._join(group)
                     self._drop_finished()
                     if self.active:
                         self._step()
@@ -111,17 +113,31 @@ class Batcher:
         for request in [*self.pending, *self.active]:
             request.out.put(RuntimeError("the engine was closed during generation"))
 
-    def _join(self, request: Request) -> None:
-        if request.gone or request.cancel.is_set():
-            request.out.put(None)
-            return
-        slot = len(self.active)
+    def _prefill_groups(self, joining: list[Request]) -> list[list[Request]]:
+        """The joining requests still wanted, in groups of at most PREFILL_TOKENS padded tokens (one forward each)."""
+        groups: list[list[Request]] = []
+        for request in joining:
+            if request.gone or request.cancel.is_set():
+                request.out.put(None)
+                continue
+            group = groups[-1] if groups else None
+            width = max([len(request.prompt_ids), *(len(r.prompt_ids) for r in group or [])])
+            if group is None or width * (len(group) + 1) > PREFILL_TOKENS:
+                groups.append([request])
+            else:
+                group.append(request)
+        return groups
+
+    def _join(self, requests: list[Request]) -> None:
+        """Prefill requests together into the next free slots; each gets its first token and starts decoding."""
+        slots = list(range(len(self.active), len(self.active) + len(requests)))
         with self.lock:
-            logits = self.decoder.prefill(slot, request.prompt_ids)
-            (token,) = self._pick([request], logits)
-        request.position = len(request.prompt_ids)
-        self._emit(request, token)
-        self.active.append(request)
+            logits = self.decoder.prefill_many(slots, [r.prompt_ids for r in requests])
+            tokens = self._pick(requests, logits)
+        for request, token in zip(requests, tokens, strict=True):
+            request.position = len(request.prompt_ids)
+            self._emit(request, token)
+            self.active.append(request)
 
     def _step(self) -> None:
         requests = self.active

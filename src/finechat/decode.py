@@ -165,6 +165,39 @@ class Decoder:
             self.values[i][slot, :, :n].copy_(layer.values[0])
         return logits
 
+    def prefill_many(self, slots: list[int], prompts: list[list[int]]):
+        """Several prompts through one forward (right-padded, with an attention mask) into their slots; the logits of
+        each one's last position ([n, vocab]). One prompt takes `prefill` (bit-for-bit the model's own prefill);
+        batched rows agree with it to rounding, as batched decode rows do."""
+        import torch
+        from transformers import DynamicCache
+
+        if len(prompts) == 1:
+            return self.prefill(slots[0], prompts[0])
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = torch.tensor(prompt)
+            mask[row, : len(prompt)] = 1
+        ends = sorted({n - 1 for n in lengths})
+        cache: Any = DynamicCache(config=self.lm.config)
+        logits = self.lm(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            use_cache=True,
+            logits_to_keep=torch.tensor(ends, device=self.device),
+            **{self.cache_arg: cache},
+        ).logits
+        rows = torch.arange(len(prompts), device=self.device)
+        picked = torch.tensor([ends.index(n - 1) for n in lengths], device=self.device)
+        for i, layer in enumerate(cache.layers):
+            for row, (slot, n) in enumerate(zip(slots, lengths, strict=True)):
+                self.keys[i][slot, :, :n].copy_(layer.keys[row, :, :n])
+                self.values[i][slot, :, :n].copy_(layer.values[row, :, :n])
+        return logits[rows, picked]
+
     def step(self, tokens: list[int], positions: list[int]):
         """Feed tokens[i] at positions[i] of slot i (slots 0..n-1); the next-token logits ([n, vocab])."""
         import torch
