@@ -235,27 +235,23 @@ def test_fused_dropout_ops_match_mask_then_matmul(shape, rank):
     for dtype in kernel_dtypes():
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         gen = torch.Generator(device=device).manual_seed(0)
-        x, A, g, dx = (
-            torch.randn(*s, device=device, generator=gen).to(dtype) for s in ((M, N), (rank, N), (M, rank), (M, N))
-        )
+        x, A, g = (torch.randn(*s, device=device, generator=gen).to(dtype) for s in ((M, N), (rank, N), (M, rank)))
         keep = dropout_ops.masked(torch.ones_like(x), p, seed).float()
         xd = x.float() * keep
         assert torch.equal(dropout_ops.masked(x, p, seed), (x.float() * keep).to(dtype))
         got = {
             "lora_a": dropout_ops.lora_a(x, A, p, seed),
             "lora_a_grad": dropout_ops.lora_a_grad(g, x, p, seed, scale),
-            "lora_dx_add_": dropout_ops.lora_dx_add_(dx.clone(), g, A, p, seed, scale),
-            "masked_add_": dropout_ops.masked_add_(dx.clone(), g @ A, p, seed, scale),
+            "lora_dx": dropout_ops.lora_dx(g, A, p, seed, scale),
         }
         want = {
             "lora_a": xd @ A.float().t(),
             "lora_a_grad": scale * (g.float().t() @ xd),
-            "lora_dx_add_": dx.float() + scale * keep * (g.float() @ A.float()),
-            "masked_add_": dx.float() + scale * keep * (g @ A).float(),
+            "lora_dx": scale * keep * (g.float() @ A.float()),
         }
         for name in want:
             assert rel_err(got[name], want[name]) < tol, (name, dtype)
-        assert got["lora_a_grad"].dtype == torch.float32 and got["lora_a"].dtype == dtype
+        assert got["lora_a_grad"].dtype == torch.float32 and got["lora_a"].dtype == got["lora_dx"].dtype == dtype
 
 
 @gpu
@@ -264,13 +260,18 @@ def test_unfused_dropout_ops_give_the_fused_results():
     device = kernel_device()
     gen = torch.Generator(device=device).manual_seed(0)
     x, A, g = (torch.randn(*s, device=device, generator=gen) for s in ((50, 200), (8, 200), (50, 8)))
-    dx = torch.randn_like(x)
-    fused = [dropout_ops.lora_a(x, A, 0.1, 5), dropout_ops.lora_a_grad(g, x, 0.1, 5, 2.0)]
-    fused.append(dropout_ops.lora_dx_add_(dx.clone(), g, A, 0.1, 5, 2.0))
+
+    def ops():
+        return [
+            dropout_ops.lora_a(x, A, 0.1, 5),
+            dropout_ops.lora_a_grad(g, x, 0.1, 5, 2.0),
+            dropout_ops.lora_dx(g, A, 0.1, 5, 2.0),
+        ]
+
+    fused = ops()
     dropout_ops.ENABLED["fused"] = False
     try:
-        plain = [dropout_ops.lora_a(x, A, 0.1, 5), dropout_ops.lora_a_grad(g, x, 0.1, 5, 2.0)]
-        plain.append(dropout_ops.lora_dx_add_(dx.clone(), g, A, 0.1, 5, 2.0))
+        plain = ops()
     finally:
         dropout_ops.ENABLED["fused"] = True
     assert all(rel_err(a, b) < 1e-5 for a, b in zip(fused, plain, strict=True))

@@ -346,12 +346,12 @@ def _kernel_kind(name: str) -> str:
     n = name.lower()
     kinds = [
         ("flash/attention", ("flash", "fmha", "attention")),
-        ("bnb dequant", ("dequantize", "kdequant")),
+        ("nf4 dequant", ("dequantize", "kdequant")),
         ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "sm90", "cublas", "splitk")),
         ("liger/triton", ("_rms_norm", "_triton_rope", "_swiglu", "liger")),
         ("lm head (trl)", ("_forward_kernel", "_backward_kernel")),
         ("copy host<->gpu", ("memcpy htod", "memcpy dtoh", "memcpyhtod", "memcpydtoh")),
-        ("dropout", ("bernoulli", "philox", "uniform", "masked_kernel", "masked_add_kernel")),
+        ("dropout (fused with lora A)", ("bernoulli", "philox", "uniform", "masked", "lora_a", "lora_dx")),
         ("optimizer", ("optimizer", "adam")),
         ("memset/copy", ("memset", "memcpy", "copy")),
         ("elementwise", ("elementwise", "vectorized", "reduce", "unrolled")),

@@ -10,15 +10,14 @@ arithmetic-bound: 137 ms of GPU time per step at 8x1024 on Mistral-7B (H200), fo
 
 The operations, each one Triton kernel on CUDA and its reference in plain PyTorch beside it:
 - masked(x, p, seed) = x * keep (no 1/(1-p): the caller folds it into the adapter scale);
-- masked_add_(dx, t, p, seed, scale): dx += scale * t * keep;
 - lora_a(x, A, p, seed) = (x * keep) @ A^T: the adapter's first product with the mask applied while x is read,
   so neither the mask nor the dropped-out copy of x is written (forward and recompute);
 - lora_a_grad(g, x, p, seed, scale) = scale * g^T @ (x * keep), in float32: the gradient of A, reading x once;
-- lora_dx_add_(dx, g, A, p, seed, scale): dx += scale * keep * (g @ A): the adapter's input gradient added with the
-  mask applied, without writing g @ A first.
+- lora_dx(g, A, p, seed, scale) = scale * keep * (g @ A): the adapter's part of the input gradient, with the mask
+  applied as it is written (g @ A is never written unmasked).
 The references (CPU, or when Triton is missing) draw keep with torch's generator instead: a different but equally
 distributed mask, consistent between forward and backward on one device. `ENABLED["fused"] = False` makes lora_a,
-lora_a_grad and lora_dx_add_ use masked/masked_add_ and cuBLAS instead of the fused kernels (to measure them)."""
+lora_a_grad and lora_dx use masked() and cuBLAS instead of the fused kernels (to measure them)."""
 
 from __future__ import annotations
 
@@ -54,11 +53,6 @@ def masked_reference(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return x * keep_mask(x, p, seed)
 
 
-def masked_add_reference(dx: torch.Tensor, t: torch.Tensor, p: float, seed: int, scale: float) -> torch.Tensor:
-    """dx += scale * t * keep with torch's generator (keep as masked_reference draws it for t's size)."""
-    return dx.addcmul_(t, keep_mask(t, p, seed), value=scale)
-
-
 def lora_a_reference(x: torch.Tensor, A: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """(x * keep) @ A^T for x [M, N], A [R, N]."""
     return masked_reference(x, p, seed) @ A.t()
@@ -69,11 +63,9 @@ def lora_a_grad_reference(g: torch.Tensor, x: torch.Tensor, p: float, seed: int,
     return (g.t() @ masked_reference(x, p, seed)).float().mul_(scale)
 
 
-def lora_dx_add_reference(
-    dx: torch.Tensor, g: torch.Tensor, A: torch.Tensor, p: float, seed: int, scale: float
-) -> torch.Tensor:
-    """dx += scale * keep * (g @ A) for dx [M, N], g [M, R], A [R, N] (keep as masked_reference draws it for dx)."""
-    return masked_add_reference(dx, g @ A, p, seed, scale)
+def lora_dx_reference(g: torch.Tensor, A: torch.Tensor, p: float, seed: int, scale: float) -> torch.Tensor:
+    """scale * keep * (g @ A) for g [M, R], A [R, N] (keep as masked_reference draws it for an [M, N] input)."""
+    return masked_reference(g @ A, p, seed).mul_(scale)
 
 
 # The operations: Triton on CUDA, else the reference.
@@ -90,19 +82,6 @@ def masked(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
         x2, out, M, N, _cdiv(N, _GROUP), _threshold(p), _seed31(seed), BM=32, Q=_Q
     )
     return out.view(x.shape)
-
-
-def masked_add_(dx: torch.Tensor, t: torch.Tensor, p: float, seed: int, scale: float) -> torch.Tensor:
-    """dx += scale * t * keep in place (dx contiguous, t shaped like dx): one Triton kernel on CUDA, else the
-    reference."""
-    if not (_use_triton(dx) and dx.is_contiguous()):
-        return masked_add_reference(dx, t, p, seed, scale)
-    d2, t2 = _rows(dx), _rows(t)
-    M, N = d2.shape
-    _kernels().masked_add[(_cdiv(M, 32), _cdiv(N, _GROUP))](
-        d2, t2, M, N, _cdiv(N, _GROUP), _threshold(p), _seed31(seed), float(scale), BM=32, Q=_Q
-    )
-    return dx
 
 
 def lora_a(x: torch.Tensor, A: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -146,20 +125,21 @@ def lora_a_grad(g: torch.Tensor, x: torch.Tensor, p: float, seed: int, scale: fl
     return out.mul_(scale)
 
 
-def lora_dx_add_(dx: torch.Tensor, g: torch.Tensor, A: torch.Tensor, p: float, seed: int, scale: float) -> torch.Tensor:
-    """dx += scale * keep * (g @ A) in place, for dx [M, N] (contiguous), g [M, R] and A [R, N]."""
-    if not (_use_triton(dx) and dx.is_contiguous()):
-        return lora_dx_add_reference(dx, g, A, p, seed, scale)
+def lora_dx(g: torch.Tensor, A: torch.Tensor, p: float, seed: int, scale: float) -> torch.Tensor:
+    """scale * keep * (g @ A) for g [M, R] and A [R, N], in g's dtype (float32 products)."""
+    if not _use_triton(g):
+        return lora_dx_reference(g, A, p, seed, scale)
     if not ENABLED["fused"]:
-        return masked_add_(dx, g @ A, p, seed, scale)
-    g, A = g.to(dx.dtype).contiguous(), A.to(dx.dtype).contiguous()
-    M, N = dx.shape
-    R = g.shape[1]
+        return masked(g @ A.to(g.dtype), p, seed).mul_(scale)
+    g, A = g.contiguous(), A.to(g.dtype).contiguous()
+    M, R = g.shape
+    N = A.shape[1]
+    out = torch.empty(M, N, device=g.device, dtype=g.dtype)
     bm = 64
-    _kernels().lora_dx_add[(_cdiv(M, bm), _cdiv(N, _GROUP))](
-        dx, g, A, M, N, R, _cdiv(N, _GROUP), _threshold(p), _seed31(seed), float(scale), **_dot_args(dx, R, bm)
+    _kernels().lora_dx[(_cdiv(M, bm), _cdiv(N, _GROUP))](
+        out, g, A, M, N, R, _cdiv(N, _GROUP), _threshold(p), _seed31(seed), float(scale), **_dot_args(g, R, bm)
     )
-    return dx
+    return out
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -251,12 +231,11 @@ def _check(kernels) -> None:
     kernels.lora_a[(_cdiv(M, 16),)](x, A, xa, M, N, R, groups, thr, seed, **_dot_args(x, R, 16))
     partial = torch.empty(2, R, N, device=device, dtype=torch.float32)
     kernels.lora_a_grad[(groups, 2)](g, x, partial, M, N, R, groups, 64, thr, seed, **_dot_args(x, R, 64))
-    want_dx = dx.float() + scale * keep.float() * (g.float() @ A.float())
-    kernels.lora_dx_add[(_cdiv(M, 64), groups)](dx, g, A, M, N, R, groups, thr, seed, scale, **_dot_args(dx, R, 64))
+    kernels.lora_dx[(_cdiv(M, 64), groups)](dx, g, A, M, N, R, groups, thr, seed, scale, **_dot_args(dx, R, 64))
     for name, got, want in (
         ("lora_a", xa, xd @ A.float().t()),
         ("lora_a_grad", partial.sum(0), g.float().t() @ xd),
-        ("lora_dx_add_", dx, want_dx),
+        ("lora_dx", dx, scale * keep.float() * (g.float() @ A.float())),
     ):
         err = ((got.float() - want).norm() / want.norm()).item()
         if not err < 1e-2:

@@ -44,27 +44,6 @@ def masked(x_ptr, out_ptr, M, N, G, threshold, seed, BM: tl.constexpr, Q: tl.con
 
 
 @triton.jit
-def masked_add_lane(dx_ptr, t_ptr, rows, col0, M, N, draw, threshold, scale, Q: tl.constexpr):
-    offs, inside, _ = tile(rows, col0, M, N, Q)
-    dx = tl.load(dx_ptr + offs, mask=inside, other=0.0)
-    t = tl.load(t_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-    out = dx.to(tl.float32) + tl.where(kept(draw, threshold), t * scale, 0.0)
-    tl.store(dx_ptr + offs, out.to(dx.dtype), mask=inside)
-
-
-@triton.jit
-def masked_add(dx_ptr, t_ptr, M, N, G, threshold, seed, scale, BM: tl.constexpr, Q: tl.constexpr):
-    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-    group = tl.program_id(1)
-    r0, r1, r2, r3 = draws(seed, rows, group, G, Q)
-    col0 = group * 4 * Q
-    masked_add_lane(dx_ptr, t_ptr, rows, col0, M, N, r0, threshold, scale, Q)
-    masked_add_lane(dx_ptr, t_ptr, rows, col0 + Q, M, N, r1, threshold, scale, Q)
-    masked_add_lane(dx_ptr, t_ptr, rows, col0 + 2 * Q, M, N, r2, threshold, scale, Q)
-    masked_add_lane(dx_ptr, t_ptr, rows, col0 + 3 * Q, M, N, r3, threshold, scale, Q)
-
-
-@triton.jit
 def lora_a_lane(
     acc, x_ptr, a_ptr, rows, col0, M, N, R, draw, threshold, Q: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr
 ):
@@ -140,21 +119,20 @@ def lora_a_grad(
 
 @triton.jit
 def lora_dx_lane(
-    dx_ptr, g, a_ptr, rows, col0, M, N, R, draw, threshold, scale,
+    out_ptr, g, a_ptr, rows, col0, M, N, R, draw, threshold, scale,
     Q: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     offs, inside, cols = tile(rows, col0, M, N, Q)
     r = tl.arange(0, RP)
     a = tl.load(a_ptr + r[:, None] * N + cols[None, :], mask=(r[:, None] < R) & (cols[None, :] < N), other=0.0)
     t = tl.dot(g, a, input_precision=PRECISION)  # [BM, RP] @ [RP, Q], float32
-    dx = tl.load(dx_ptr + offs, mask=inside, other=0.0)
-    out = dx.to(tl.float32) + tl.where(kept(draw, threshold), t * scale, 0.0)
-    tl.store(dx_ptr + offs, out.to(dx.dtype), mask=inside)
+    out = tl.where(kept(draw, threshold), t * scale, 0.0)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
-def lora_dx_add(
-    dx_ptr, g_ptr, a_ptr, M, N, R, G, threshold, seed, scale,
+def lora_dx(
+    out_ptr, g_ptr, a_ptr, M, N, R, G, threshold, seed, scale,
     BM: tl.constexpr, Q: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
@@ -163,7 +141,7 @@ def lora_dx_add(
     g = tl.load(g_ptr + rows[:, None] * R + r[None, :], mask=(rows[:, None] < M) & (r[None, :] < R), other=0.0)
     r0, r1, r2, r3 = draws(seed, rows, group, G, Q)
     col0 = group * 4 * Q
-    lora_dx_lane(dx_ptr, g, a_ptr, rows, col0, M, N, R, r0, threshold, scale, Q, RP, PRECISION)
-    lora_dx_lane(dx_ptr, g, a_ptr, rows, col0 + Q, M, N, R, r1, threshold, scale, Q, RP, PRECISION)
-    lora_dx_lane(dx_ptr, g, a_ptr, rows, col0 + 2 * Q, M, N, R, r2, threshold, scale, Q, RP, PRECISION)
-    lora_dx_lane(dx_ptr, g, a_ptr, rows, col0 + 3 * Q, M, N, R, r3, threshold, scale, Q, RP, PRECISION)
+    lora_dx_lane(out_ptr, g, a_ptr, rows, col0, M, N, R, r0, threshold, scale, Q, RP, PRECISION)
+    lora_dx_lane(out_ptr, g, a_ptr, rows, col0 + Q, M, N, R, r1, threshold, scale, Q, RP, PRECISION)
+    lora_dx_lane(out_ptr, g, a_ptr, rows, col0 + 2 * Q, M, N, R, r2, threshold, scale, Q, RP, PRECISION)
+    lora_dx_lane(out_ptr, g, a_ptr, rows, col0 + 3 * Q, M, N, R, r3, threshold, scale, Q, RP, PRECISION)

@@ -2,8 +2,9 @@
 
     y = x W^T + s * (drop(x) A^T) B^T (+ bias)
 
-What it saves against peft's LoRA layer over bitsandbytes' 4-bit matmul: the adapter product is added inside the
-cuBLAS call (`addmm_` with beta=1) instead of as three elementwise passes over y plus a defensive clone; adapters
+What it saves against peft's LoRA layer over bitsandbytes' 4-bit matmul: the adapter product is written first and
+the base GEMM adds onto it in its epilogue (`addmm_` with beta=1) instead of three elementwise passes over y plus a
+defensive clone; adapters
 compute in the activation dtype (no float32 detour when the adapter weights are float32); dropout masks are
 regenerated from a seed in backward instead of being kept as a copy of x per adapter, and applied inside the kernels
 that read x for the adapter's products (finechat.kernels.dropout), so no dropped-out copy of x is ever written; only x
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from finechat.kernels import nf4
-from finechat.kernels.dropout import lora_a, lora_a_grad, lora_dx_add_
+from finechat.kernels.dropout import lora_a, lora_a_grad, lora_dx
 
 
 @dataclass(frozen=True)
@@ -63,15 +64,19 @@ class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, base, scale, p, seed):  # type: ignore[override]
         x2 = x.reshape(-1, x.shape[-1])
-        w = dense_weight(base).to(x.dtype)
-        y = x2 @ w.t()
-        del w
-        if base.bias is not None:
-            y += base.bias.to(x.dtype)
         # [tokens, rank], without the scale; dropout's keep-mask (without its 1/(1-p)) applied as x is read
         xa = lora_a(x2, A.to(x.dtype), p, seed) if p > 0 else x2 @ A.to(x.dtype).t()
         scale = scale / (1.0 - p)  # inverted dropout's 1/(1-p), applied to the small product instead of to x
-        y.addmm_(xa, B.to(x.dtype).t(), alpha=scale)
+        # The adapter's term is written first and the base GEMM adds onto it (beta=1): the add then happens in the
+        # epilogue of a compute-bound GEMM instead of in a memory-bound pass over y of its own (the adapter addmm_
+        # after the base GEMM took 35 ms of the profiled 8x1024 step).
+        y = torch.empty(x2.shape[0], B.shape[0], device=x.device, dtype=x.dtype)
+        y.addmm_(xa, B.to(x.dtype).t(), beta=0, alpha=scale)
+        w = dense_weight(base).to(x.dtype)
+        y.addmm_(x2, w.t())
+        del w
+        if base.bias is not None:
+            y += base.bias.to(x.dtype)
         ctx.save_for_backward(x, A, B, xa)
         ctx.base, ctx.scale, ctx.p, ctx.seed = base, scale, p, seed
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -94,13 +99,15 @@ class _LoRALinear(torch.autograd.Function):
             else:
                 dA = (dyb.t() @ x2).mul_(scale).to(A.dtype)
         if ctx.needs_input_grad[0]:
-            w = dense_weight(ctx.base).to(dtype)
-            dx = dy2 @ w
-            del w
+            # as in forward: the adapter's term first (masked as it is written), the base GEMM adds onto it
             if p > 0:
-                lora_dx_add_(dx, dyb, a, p, ctx.seed, scale)
+                dx = lora_dx(dyb, a, p, ctx.seed, scale)
             else:
-                dx.addmm_(dyb, a, alpha=scale)
+                dx = torch.empty_like(x2)
+                dx.addmm_(dyb, a, beta=0, alpha=scale)
+            w = dense_weight(ctx.base).to(dtype)
+            dx.addmm_(dy2, w)
+            del w
             dx = dx.view(x.shape)
         return dx, dA, dB, None, None, None, None
 
