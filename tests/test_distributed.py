@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -128,6 +129,49 @@ def test_fsdp_path_trains_like_one_process_and_resumes(tiny_model_dir, text_file
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     checkpoint = load_file(run_dir / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors")
     assert checkpoint.keys() == a.keys()  # not the empty adapter peft 0.21 writes for an FSDP model
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="gloo on CPU; GPUs: benchmarks/run_multigpu_bench.sh")
+def test_fast_path_under_ddp_gives_the_whole_batch_gradients(tiny_model_dir, tmp_path):
+    """finechat's fast path recomputes each layer inside backward (finechat.offload), where DDP's gradient hooks
+    fire: 2 processes x 2 rows under DDP with finechat's options get, in both of two steps, the gradients of 1 process
+    x 4 rows (so every hook fired once, and DDP averaged every bucket)."""
+    import ddp_fastpath_worker as worker
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [worker.__file__, str(tiny_model_dir), str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, env=cpu_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    model = worker.build(str(tiny_model_dir))
+    expected = worker.train(model, model, worker.batch(model.config.vocab_size))
+    assert len(expected) == worker.STEPS and len(expected[0]) == 2 * 7 * 2  # A and B of 7 projections, 2 layers
+    for rank in (0, 1):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        assert set(saved["recomputed"]) == {"_CheckpointBackward"}, saved["recomputed"]
+        for step, (got, want) in enumerate(zip(saved["grads"], expected, strict=True)):
+            assert got.keys() == want.keys(), step
+            for name in want:
+                torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=f"{name}, step {step}")
+
+
+def test_ddp_options_reach_accelerate(tiny_model_dir, text_file, tmp_path):
+    """What accelerate hands DistributedDataParallel (find_unused_parameters=False is its default, so not listed)."""
+    from datasets import Dataset
+
+    from conftest import tiny_config
+    from finechat import data, models
+    from finechat.train import _build_trainer
+
+    config = tiny_config(tiny_model_dir, text_file, tmp_path / "r")
+    tokenizer = models.load_tokenizer(str(tiny_model_dir))
+    examples = data.tokenize(data.load_corpus(str(text_file)).records[:8], tokenizer, 64)
+    model = models.load_base(str(tiny_model_dir), compute_dtype="float32")
+    plan = distributed.Plan("ddp", 2, 0)
+    trainer = _build_trainer(config, model, tokenizer, Dataset.from_list(examples), None, tmp_path / "r", plan)
+    assert trainer.accelerator.ddp_handler.to_kwargs() == {"broadcast_buffers": False, "gradient_as_bucket_view": True}
+    assert trainer.args.ddp_find_unused_parameters is False
+    assert distributed.DDP_OPTIONS["find_unused_parameters"] is False
 
 
 def adapter_layout(path: Path) -> dict[str, tuple[list[int], str]]:

@@ -225,6 +225,7 @@ def _build_trainer(
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    distributed.ddp_options(trainer, plan)
     if fsdp:  # first: ProgressAndMetrics publishes the checkpoints this callback completes
         trainer.add_callback(FSDPAdapter(trainer.model, run_dir))
     trainer.add_callback(ProgressAndMetrics(run_dir, config.save_total_limit))

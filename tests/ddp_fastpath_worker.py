@@ -1,0 +1,73 @@
+"""Run by tests/test_distributed.py under torchrun (gloo): each process trains the tiny model on finechat's fast path
+(fused layers, checkpointing that recomputes inside backward) wrapped in DistributedDataParallel with finechat's
+DDP options, on its half of a batch for two SGD steps, and saves the gradients DDP left on its adapter weights.
+The test compares them with one process on the whole batch (build, batch and train below, shared by both)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from finechat import distributed, fastpath
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ROWS, SEQ, STEPS = 4, 32, 2
+
+
+def build(model_dir: str):
+    """The tiny model on the fast path with a LoRA whose B is not zero (so every adapter weight gets a gradient)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = fastpath.prepare(model, gradient_checkpointing=True, require_cuda=False)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    return model.train()
+
+
+def batch(vocab_size: int) -> torch.Tensor:
+    """The same ROWS x SEQ token ids in every process."""
+    return torch.randint(3, vocab_size, (ROWS, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+def train(model, step_model, ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """STEPS SGD steps of step_model (the model, or its DDP wrapper) on ids; the adapter gradients of each step."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    sgd = torch.optim.SGD(params.values(), lr=0.5)
+    grads = []
+    for _ in range(STEPS):
+        step_model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({name: p.grad.detach().clone() for name, p in params.items() if p.grad is not None})
+        sgd.step()
+        sgd.zero_grad(set_to_none=True)
+    return grads
+
+
+def main(model_dir: str, out: Path) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = build(model_dir)
+    layers = model.get_base_model().model.layers
+    assert all(isinstance(layer, fastpath.FastDecoderLayer) for layer in layers)
+    recomputed = []  # the fast layers' outputs come from finechat.offload's checkpoint, not from plain autograd
+    layers[0].register_forward_hook(lambda m, i, o: recomputed.append(type(o.grad_fn).__name__))
+    ddp = DistributedDataParallel(model, **distributed.DDP_OPTIONS)
+    rows = ROWS // world
+    ids = batch(model.config.vocab_size)[rank * rows : (rank + 1) * rows]
+    grads = train(model, ddp, ids)
+    torch.save({"grads": grads, "recomputed": recomputed}, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))
