@@ -14,7 +14,7 @@ from finechat.bench import multigpu
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU dry run; GPUs: benchmarks/run_multigpu_bench.sh")
 def test_cpu_dry_run_writes_the_results_json(tmp_path):
     argv = ["--arch", "tiny", "--device", "cpu", "--modes", "single,ddp,fsdp", "--batch-size", "2", "--seq", "64"]
-    argv += ["--steps", "3", "--warmup", "1", "--workdir", str(tmp_path / "work")]
+    argv += ["--steps", "4", "--warmup", "1", "--workdir", str(tmp_path / "work")]
     argv += ["--model-dir", str(tmp_path / "model"), "--output", f"{tmp_path}/results/"]
     assert multigpu.main(argv) == 0
     (path,) = (tmp_path / "results").glob("multigpu-cpu-*.json")
@@ -23,11 +23,18 @@ def test_cpu_dry_run_writes_the_results_json(tmp_path):
     rows = {r["mode"]: r for r in result["rows"]}
     assert rows["single"]["gpus"] == 1 and rows["ddp"]["gpus"] == 2
     for mode in ("single", "ddp"):
-        assert rows[mode]["tok_s"] > 0 and rows[mode]["steps"] == 3 and "error" not in rows[mode], rows[mode]
-        assert rows[mode]["peak_gib"] is None  # no GPU memory on CPU
+        row = rows[mode]
+        assert row["tok_s"] > 0 and row["steps"] == 4 and "error" not in row, row
+        assert row["peak_gib"] is None  # no GPU memory on CPU
+        assert row["timed_steps"] == 2  # steps 2 and 3: after the warm-up, before the profiled step 4
+        ranks = ["0"] if mode == "single" else ["0", "1"]
+        assert list(row["step_s"]) == ranks and all(len(row["step_s"][r]) == 2 for r in ranks)
+        assert all(0 < row["step_s_median"][r] <= row["period_s_median"][r] for r in ranks)
+        assert row["profile"]["step"] == 4 and row["profile"]["top_host_ops"], row["profile"]
+        assert list(row["profile_by_rank"]) == ranks
     assert "needs CUDA" in rows["fsdp"]["error"]
-    assert result["summary"]["adapters_alike"] is True and result["summary"]["ddp_speedup"] > 0
-    assert json.loads((tmp_path / "work/runs/ddp/finechat.json").read_text())["processes"] == 2
+    assert result["summary"]["adapters_alike"] is True and result["summary"]["ddp_speedup_plain_path"] > 0
+    assert json.loads((tmp_path / "work/runs/ddp-plain/finechat.json").read_text())["processes"] == 2
 
 
 def test_reads_tokens_per_second_after_the_warmup(tmp_path):
@@ -36,7 +43,23 @@ def test_reads_tokens_per_second_after_the_warmup(tmp_path):
     runs.append_metrics(tmp_path, {"step": 4, "eval_loss": 1.9})
     got = multigpu.read_metrics(tmp_path, warmup=1)
     assert got == {"tok_s": 1000, "peak_gib": 2.0, "steps": 4, "timed_steps": 3, "loss": 2.0}
+    assert multigpu.read_metrics(tmp_path, warmup=1, profiled=4)["tok_s"] == 950  # the profiled step left out
     assert multigpu.read_metrics(tmp_path / "missing", warmup=1) == {}
+
+
+def test_reads_step_times_of_every_rank_and_the_profiles(tmp_path):
+    for rank, base in ((0, 0.5), (1, 0.6)):
+        steps = [{"step": i, "s": base * i, "period": base * i + 0.1} for i in range(1, 6)]
+        (tmp_path / f"step-times-rank{rank}.json").write_text(json.dumps({"rank": rank, "steps": steps}))
+        profile = {"rank": rank, "wall_ms": 900.0, "gpu_ms": 850.0, "gpu_ms_by_kind": {"nccl": 3.0}, "kernels": 9}
+        (tmp_path / f"profile-rank{rank}.json").write_text(json.dumps({**profile, "top_kernels": [], "host_waits": {}}))
+    got = multigpu.read_trace(tmp_path, warmup=2, profiled=5, tokens_per_step=1000)
+    assert got["step_s"] == {"0": [1.5, 2.0], "1": [1.8, 2.4]}
+    assert got["step_s_median"] == {"0": 1.75, "1": 2.1} and got["period_s_median"]["0"] == 1.85
+    assert got["tok_s_from_period"] == round(1000 / 1.85)
+    assert got["profile"]["rank"] == 0 and set(got["profile_by_rank"]) == {"0", "1"}
+    assert got["profile_by_rank"]["1"]["gpu_ms_by_kind"] == {"nccl": 3.0}
+    assert multigpu.read_trace(tmp_path / "missing", 2, 5, 1000) == {}
 
 
 def test_summary_states_the_targets():
@@ -46,10 +69,20 @@ def test_summary_states_the_targets():
         {"mode": "fsdp", "gpus": 2, "tok_s": 5000, "peak_gib": 8.0, "adapter_layout": "b"},
     ]
     s = multigpu.summarize(rows)
-    assert s["ddp_speedup"] == 1.9 and s["ddp_scaling_efficiency"] == 0.95
+    assert s["ddp_speedup"] == 1.9 and s["ddp_scaling_efficiency"] == 0.95 and s["ddp_speedup_plain_path"] == 1.9
     assert s["fsdp_peak_over_single"] == 0.8 and s["adapters_alike"] is False
     table = multigpu.format_table({"device": "H100", "settings": vars(multigpu.Settings()), "rows": rows, "summary": s})
-    assert "DDP speed-up 1.90x" in table and "FSDP peak memory 0.80" in table
+    assert "DDP speed-up, plain path: 1.90x" in table and "FSDP peak memory 0.80" in table
+
+    fast = [
+        {"mode": "single", "gpus": 1, "tok_s": 8000, "peak_gib": 6.0, "fast_path": True},
+        {"mode": "ddp", "gpus": 2, "tok_s": 15200, "peak_gib": 6.1, "fast_path": True},
+    ]
+    s = multigpu.summarize(fast + rows)  # the fast path's speed-up is the headline; FSDP against the plain layers
+    assert s["ddp_speedup"] == 1.9 and s["ddp_speedup_fast_path"] == 1.9 and s["ddp_speedup_plain_path"] == 1.9
+    assert s["fsdp_peak_over_single"] == 0.8 and s["fsdp_compared_with_fast_path"] is False
+    s = multigpu.summarize(fast + rows[2:])
+    assert s["fsdp_peak_over_single"] == round(8.0 / 6.0, 3) and s["fsdp_compared_with_fast_path"] is True
 
 
 @pytest.mark.parametrize(

@@ -153,7 +153,7 @@ def _build_trainer(
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from trl import SFTConfig
 
-    from finechat import fastpath, optim
+    from finechat import fastpath, optim, steptrace
     from finechat.callbacks import FSDPAdapter, ProgressAndMetrics
     from finechat.trainer import Trainer
 
@@ -229,6 +229,9 @@ def _build_trainer(
     if fsdp:  # first: ProgressAndMetrics publishes the checkpoints this callback completes
         trainer.add_callback(FSDPAdapter(trainer.model, run_dir))
     trainer.add_callback(ProgressAndMetrics(run_dir, config.save_total_limit))
+    trace = steptrace.from_environment(plan.rank)  # benchmarks: step times and a profile (FINECHAT_STEP_TRACE)
+    if trace is not None:
+        trainer.add_callback(trace)
     if config.quantize == "nf4":
         models.disable_cpu_bf16_repack(trainer.model)
     return trainer

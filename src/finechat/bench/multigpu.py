@@ -6,7 +6,14 @@ Every mode is a real `finechat train` run, started the way a user starts it (`fi
 models.load_base, with a stand-in word-level tokenizer (the real one is not reachable offline) and random words as
 data. The numbers come from the run's metrics.jsonl: tokens/s is rank 0's rate of all processes' tokens (summed over
 GPUs) averaged over the steps after the warm-up, peak_gib rank 0's peak allocated memory during training. Results
-go to benchmarks/results/multigpu-<card>-<date>.json after every mode, so a later failure keeps what was measured.
+go to benchmarks/results/multigpu-<card>-<date>.json after every mode, so a later failure keeps what was measured;
+rows are keyed by mode and path (finechat's fast path or the plain Hugging Face layers), so a run of the other path
+adds rows to the same file.
+
+To explain a gap, every run is traced (finechat.steptrace): each process's wall time per step goes into the row
+(`step_s`, `period_s` and their medians per rank) and the last step is profiled on every rank (`profile`: rank 0's
+top kernels, NCCL among them, GPU time by kind, host waits; `profile_by_rank`: the totals of every rank). The
+profiled step is left out of tokens/s.
 
 `--arch tiny --device cpu` is a dry run of the same code path on CPU: DDP over gloo (FSDP needs CUDA)."""
 
@@ -45,10 +52,11 @@ class Settings:
     modes: list[str] = field(default_factory=lambda: list(MODES))
     batch_size: int = 4  # sequences per GPU per step, the same in every mode
     seq: int = 1024
-    steps: int = 20
-    warmup: int = 5  # logged steps left out of tokens/s
+    steps: int = 16
+    warmup: int = 4  # logged steps left out of tokens/s (and the last step, when profiled)
     quantize: str = "nf4"
-    fast_path: bool = False  # the same (Hugging Face) layers in every mode: FSDP cannot wrap the fused ones
+    fast_path: bool = False  # finechat's fused layers in single and ddp (FSDP runs the Hugging Face layers always)
+    profile: bool = True  # step times of every process, and a profile of the last step
     device: str = "cuda"
     workdir: str = "/tmp/finechat-multigpu"
     model_dir: str | None = None  # default /tmp/finechat-bench-<arch>, shared with finechat bench train
@@ -88,8 +96,8 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
 
     for mode in settings.modes:
         row = train_mode(mode, settings, model_dir, data, workdir)
-        result["rows"] = [r for r in result["rows"] if r["mode"] != mode] + [row]
-        result["rows"].sort(key=lambda r: MODES.index(r["mode"]))
+        result["rows"] = [r for r in result["rows"] if _row_key(r) != _row_key(row)] + [row]
+        result["rows"].sort(key=lambda r: (not r.get("fast_path", False), MODES.index(r["mode"])))
         result["summary"] = summarize(result["rows"])
         write_json(output, result)
         print(json.dumps(row), flush=True)
@@ -180,24 +188,33 @@ def train_mode(mode: str, settings: Settings, model_dir: Path, data: Path, workd
 
     gpus = 1 if mode == "single" else settings.gpus
     plan = distributed.Plan(mode, gpus)
+    fast = settings.fast_path and mode != "fsdp"
     row: dict[str, Any] = {"mode": mode, "gpus": gpus, "tok_s": None, "peak_gib": None}
-    row.update(batch_size=settings.batch_size, seq=settings.seq, fast_path=settings.fast_path and mode != "fsdp")
+    row.update(batch_size=settings.batch_size, seq=settings.seq, fast_path=fast)
     row["optimizer"] = distributed.optimizer(plan, "paged_adamw_32bit")  # finechat's default, as train() picks it
     if mode == "fsdp" and settings.device != "cuda":
         return {**row, "error": "FSDP needs CUDA GPUs (skipped on CPU)"}
-    run_dir = workdir / "runs" / mode
-    shutil.rmtree(run_dir, ignore_errors=True)
+    name = mode if fast or mode == "fsdp" else f"{mode}-plain"
+    run_dir = workdir / "runs" / name
+    trace = workdir / "trace" / name if settings.profile else None
+    for folder in (run_dir, trace):
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
     t = time.perf_counter()
-    error = _launch(mode, settings, train_flags(settings, model_dir, data, run_dir), workdir / f"{mode}.log")
+    flags = train_flags(settings, model_dir, data, run_dir)
+    error = _launch(mode, settings, flags, workdir / f"{name}.log", trace)
     row["seconds"] = round(time.perf_counter() - t, 1)
-    row.update(read_metrics(run_dir, settings.warmup))
+    profiled = settings.steps if settings.profile else None
+    row.update(read_metrics(run_dir, settings.warmup, profiled))
+    if trace is not None:
+        row.update(read_trace(trace, settings.warmup, profiled, settings.batch_size * settings.seq * gpus))
     if error:
         return {**row, "error": error}
     row["adapter_layout"] = adapter_layout(run_dir)  # before a resume check rewrites the adapter
     if settings.resume_check and mode != "single":
         more = settings.steps + 2
         flags = ["train", "--output", str(run_dir), "--resume", "--max-steps", str(more)]
-        error = _launch(mode, settings, flags, workdir / f"{mode}-resume.log")
+        error = _launch(mode, settings, flags, workdir / f"{name}-resume.log")
         steps = [r["step"] for r in runs.read_metrics(run_dir) if "loss" in r]
         row["resume_ok"] = not error and steps == list(range(1, more + 1))
         if not row["resume_ok"]:
@@ -205,9 +222,15 @@ def train_mode(mode: str, settings: Settings, model_dir: Path, data: Path, workd
     return row
 
 
-def _launch(mode: str, settings: Settings, flags: list[str], log_path: Path) -> str | None:
-    """Run `finechat <flags>` the way the mode runs; None when it exits 0, else what went wrong (log tail)."""
+def _launch(mode: str, settings: Settings, flags: list[str], log_path: Path, trace: Path | None = None) -> str | None:
+    """Run `finechat <flags>` the way the mode runs (traced into `trace`, profiling the last step); None when it
+    exits 0, else what went wrong (log tail)."""
+    from finechat import steptrace
+
     env = {**os.environ, **NCCL_ENV, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop(steptrace.TRACE_ENV, None)
+    if trace is not None:
+        env.update({steptrace.TRACE_ENV: str(trace), steptrace.PROFILE_STEP_ENV: str(settings.steps)})
     if settings.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     elif mode == "single":
@@ -240,14 +263,15 @@ def _run(command: list[str], env: dict[str, str], log, timeout_s: int) -> int | 
         return None
 
 
-def read_metrics(run_dir: Path, warmup: int) -> dict[str, Any]:
-    """tok_s (mean over logged steps after the warm-up), peak_gib, steps done and last loss from a run folder."""
+def read_metrics(run_dir: Path, warmup: int, profiled: int | None = None) -> dict[str, Any]:
+    """tok_s (mean over logged steps after the warm-up, without the profiled step), peak_gib, steps done and last
+    loss from a run folder."""
     from finechat import runs
 
     rows = [r for r in runs.read_metrics(run_dir) if "loss" in r]
     if not rows:
         return {}
-    timed = [r for r in rows if r["step"] > warmup] or rows
+    timed = [r for r in rows if r["step"] > warmup and r["step"] != profiled] or rows
     rates = [r["tokens_per_s"] for r in timed]
     peaks = [r["peak_gib"] for r in rows if r.get("peak_gib") is not None]
     return {
@@ -259,16 +283,58 @@ def read_metrics(run_dir: Path, warmup: int) -> dict[str, Any]:
     }
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's targets: DDP speed-up over one GPU (>= 1.8x on 2), FSDP peak memory under one GPU's."""
-    by = {r["mode"]: r for r in rows}
+def read_trace(folder: Path, warmup: int, profiled: int | None, tokens_per_step: int) -> dict[str, Any]:
+    """Per-rank step times after the warm-up (without the profiled step), their medians, the tokens/s those imply,
+    and the profile summaries (rank 0 in full, every rank's totals)."""
     out: dict[str, Any] = {}
-    single, ddp, fsdp = by.get("single"), by.get("ddp"), by.get("fsdp")
-    if single and ddp and single.get("tok_s") and ddp.get("tok_s"):
-        out["ddp_speedup"] = round(ddp["tok_s"] / single["tok_s"], 3)
-        out["ddp_scaling_efficiency"] = round(out["ddp_speedup"] / ddp["gpus"], 3)
+    step_s: dict[str, list[float]] = {}
+    period_s: dict[str, list[float]] = {}
+    for path in sorted(folder.glob("step-times-rank*.json")):
+        trace = json.loads(path.read_text())
+        timed = [s for s in trace["steps"] if s["step"] > warmup and s["step"] != profiled]
+        step_s[str(trace["rank"])] = [round(s["s"], 4) for s in timed]
+        period_s[str(trace["rank"])] = [round(s["period"], 4) for s in timed]
+    if step_s:
+        out["step_s"], out["period_s"] = step_s, period_s
+        out["step_s_median"] = {rank: _median(times) for rank, times in step_s.items() if times}
+        out["period_s_median"] = {rank: _median(times) for rank, times in period_s.items() if times}
+        if period_s.get("0"):  # one more view of tokens/s: the median period of rank 0
+            out["tok_s_from_period"] = round(tokens_per_step / _median(period_s["0"]))
+    profiles = {p.name: json.loads(p.read_text()) for p in sorted(folder.glob("profile-rank*.json"))}
+    if profiles:
+        out["profile"] = profiles.get("profile-rank0.json")
+        keys = ("wall_ms", "gpu_ms", "gpu_ms_by_kind", "kernels", "host_waits")
+        out["profile_by_rank"] = {str(p["rank"]): {k: p.get(k) for k in keys} for p in profiles.values()}
+    return out
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return round(ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2, 4)
+
+
+def _row_key(row: dict[str, Any]) -> tuple[str, bool]:
+    return row["mode"], bool(row.get("fast_path", False))
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets: DDP speed-up over one GPU on the same path (>= 1.8x on 2; fast path first), FSDP peak
+    memory under one GPU's (the plain layers' single row first: FSDP runs those)."""
+    by = {_row_key(r): r for r in rows}
+    out: dict[str, Any] = {}
+    for fast in (True, False):
+        single, ddp = by.get(("single", fast)), by.get(("ddp", fast))
+        if single and ddp and single.get("tok_s") and ddp.get("tok_s"):
+            speedup = round(ddp["tok_s"] / single["tok_s"], 3)
+            out[f"ddp_speedup_{'fast' if fast else 'plain'}_path"] = speedup
+            out.setdefault("ddp_speedup", speedup)
+            out.setdefault("ddp_scaling_efficiency", round(speedup / ddp["gpus"], 3))
+    single = by.get(("single", False)) or by.get(("single", True))
+    fsdp = by.get(("fsdp", False))
     if single and fsdp and single.get("peak_gib") and fsdp.get("peak_gib"):
         out["fsdp_peak_over_single"] = round(fsdp["peak_gib"] / single["peak_gib"], 3)
+        out["fsdp_compared_with_fast_path"] = bool(single.get("fast_path"))
     if single and fsdp and single.get("tok_s") and fsdp.get("tok_s"):
         out["fsdp_speedup"] = round(fsdp["tok_s"] / single["tok_s"], 3)
     layouts = {r["adapter_layout"] for r in rows if r.get("adapter_layout")}
@@ -295,15 +361,20 @@ def format_table(result: dict[str, Any]) -> str:
     s = result["settings"]
     lines = [
         f"{result['device']}: {s['arch']}, {s['quantize']}, per-GPU batch {s['batch_size']}x{s['seq']}",
-        f"{'mode':<8}{'gpus':>5}{'tokens/s':>12}{'peak GiB/GPU':>14}  note",
+        f"{'mode':<8}{'path':>6}{'gpus':>5}{'tokens/s':>12}{'peak GiB/GPU':>14}{'step s by rank':>22}  note",
     ]
     for r in result["rows"]:
         tok = f"{r['tok_s']:,}" if r.get("tok_s") else "-"
         peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-"
-        lines.append(f"{r['mode']:<8}{r['gpus']:>5}{tok:>12}{peak:>14}  {r.get('error', '')[:60]}")
+        path = "fast" if r.get("fast_path") else "plain"
+        steps = " ".join(f"{v:.3f}" for v in r.get("step_s_median", {}).values()) or "-"
+        note = r.get("error", "")[:60] or _profile_note(r.get("profile"))
+        lines.append(f"{r['mode']:<8}{path:>6}{r['gpus']:>5}{tok:>12}{peak:>14}{steps:>22}  {note}")
     summary = result.get("summary", {})
-    if "ddp_speedup" in summary:
-        lines.append(f"DDP speed-up {summary['ddp_speedup']:.2f}x (target >= 1.8x on 2 GPUs)")
+    for fast in ("fast", "plain"):
+        if f"ddp_speedup_{fast}_path" in summary:
+            speedup = summary[f"ddp_speedup_{fast}_path"]
+            lines.append(f"DDP speed-up, {fast} path: {speedup:.2f}x (target >= 1.8x on 2 GPUs)")
     if "fsdp_peak_over_single" in summary:
         lines.append(f"FSDP peak memory {summary['fsdp_peak_over_single']:.2f} of one GPU's (target < 1)")
     if "adapters_alike" in summary:
@@ -312,6 +383,20 @@ def format_table(result: dict[str, Any]) -> str:
         if "resume_ok" in r:
             lines.append(f"{r['mode']} --resume from its checkpoint: {'ok' if r['resume_ok'] else r['resume_error']}")
     return "\n".join(lines)
+
+
+def _profile_note(profile: dict[str, Any] | None) -> str:
+    """'profiled step 512 ms: GPU 480 ms (nccl 3 ms), 1,234 kernels, 2 host waits' from a profile summary."""
+    if not profile:
+        return ""
+    if not profile.get("gpu"):
+        return f"profiled step {profile['wall_ms']:.0f} ms (no GPU)"
+    kinds = profile.get("gpu_ms_by_kind", {})
+    waits = sum(w["count"] for w in profile.get("host_waits", {}).values())
+    return (
+        f"profiled step {profile['wall_ms']:.0f} ms: GPU {profile['gpu_ms']:.0f} ms (nccl {kinds.get('nccl', 0):.0f} ms),"
+        f" {profile['kernels']:,} kernels, {waits} host waits"
+    )
 
 
 def card_name(device: str) -> str:
@@ -336,8 +421,11 @@ def _check(settings: Settings, archs: dict[str, Any]) -> None:
         raise UserError(f"--arch {settings.arch} on CPU would take hours; use --arch tiny for a CPU dry run")
     if settings.gpus < 2 and any(m != "single" for m in settings.modes):
         raise UserError("--gpus must be 2 or more for the ddp and fsdp modes")
-    if settings.steps <= settings.warmup:
-        raise UserError(f"--steps ({settings.steps}) must be larger than --warmup ({settings.warmup})")
+    if settings.steps <= settings.warmup + settings.profile:
+        raise UserError(
+            f"--steps ({settings.steps}) must be larger than --warmup ({settings.warmup})"
+            + (" plus the profiled last step (or pass --no-profile)" if settings.profile else "")
+        )
     if settings.device == "cuda":
         import torch
 
@@ -366,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=d.warmup, help=f"steps left out of tokens/s (default: {d.warmup})")
     p.add_argument("--quantize", choices=("nf4", "none"), default=d.quantize, help="base weights (default: nf4)")
     p.add_argument("--fast-path", action="store_true", help="finechat's fused layers in single and ddp (not fsdp)")
+    p.add_argument("--no-profile", action="store_true", help="no step times, no profile of the last step")
     p.add_argument("--device", default=d.device, help="cuda, or cpu for a dry run with --arch tiny")
     p.add_argument("--workdir", default=d.workdir, help=f"data, run folders and logs (default: {d.workdir})")
     p.add_argument("--model-dir", help="folder for the random model (default: /tmp/finechat-bench-ARCH)")
@@ -383,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup=a.warmup,
         quantize=a.quantize,
         fast_path=a.fast_path,
+        profile=not a.no_profile,
         device=a.device,
         workdir=a.workdir,
         model_dir=a.model_dir,

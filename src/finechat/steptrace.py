@@ -1,0 +1,148 @@
+"""Where a training step's time goes, for benchmarks: every process's wall time per step, and a torch.profiler
+summary of one step.
+
+Off unless FINECHAT_STEP_TRACE names a folder. Then `finechat train` (every process of a multi-GPU run) writes there,
+outside the run folder:
+- step-times-rank<R>.json: per optimizer step, `s` (step begin to end: forward, backward, gradient all-reduce,
+  optimizer; the GPU drained at both ends) and `period` (step end to step end, adding the Trainer's logging and the
+  next batch);
+- with FINECHAT_PROFILE_STEP=N, profile-rank<R>.json and profile-rank<R>.txt: kernels of step N by GPU time (NCCL
+  ones among them), GPU time by kind (matmul, NCCL, copies, other) against the step's wall time, and the host's
+  waits for the device. The profiled step runs slower; leave it out of timings.
+The waits for the GPU at each step's ends cost little where the Trainer already waits every step (logging_steps=1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+TRACE_ENV = "FINECHAT_STEP_TRACE"
+PROFILE_STEP_ENV = "FINECHAT_PROFILE_STEP"
+TOP_KERNELS = 15
+
+
+def from_environment(rank: int) -> StepTrace | None:
+    """The callback the environment asks for (None when FINECHAT_STEP_TRACE is unset)."""
+    folder = os.environ.get(TRACE_ENV)
+    if not folder:
+        return None
+    return StepTrace(Path(folder), rank, int(os.environ.get(PROFILE_STEP_ENV, "0") or 0))
+
+
+class StepTrace(TrainerCallback):
+    """Records this process's step times and profiles one step (see the module docstring)."""
+
+    def __init__(self, folder: Path, rank: int, profile_step: int = 0) -> None:
+        self.folder, self.rank, self.profile_step = folder, rank, profile_step
+        self.steps: list[dict[str, float]] = []
+        self._begin = self._last_end = 0.0
+        self._profiler: Any = None
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._last_end = _now()
+
+    def on_step_begin(self, args, state, control, **kw):
+        if state.global_step + 1 == self.profile_step:
+            self._profiler = _start_profiler()
+        self._begin = _now()
+
+    def on_step_end(self, args, state, control, **kw):
+        end = _now()
+        self.steps.append({"step": state.global_step, "s": end - self._begin, "period": end - self._last_end})
+        self._last_end = end
+        if self._profiler is not None:
+            self._profiler.stop()
+            self._write_profile(state.global_step, end - self._begin)
+            self._profiler = None
+
+    def on_train_end(self, args, state, control, **kw):
+        path = self.folder / f"step-times-rank{self.rank}.json"
+        path.write_text(json.dumps({"rank": self.rank, "steps": self.steps}) + "\n")
+
+    def _write_profile(self, step: int, wall_s: float) -> None:
+        events = self._profiler.key_averages()
+        summary = summarize_profile(events, wall_s)
+        summary.update(rank=self.rank, step=step)
+        (self.folder / f"profile-rank{self.rank}.json").write_text(json.dumps(summary, indent=1) + "\n")
+        sort = "self_device_time_total" if summary["gpu"] else "self_cpu_time_total"
+        (self.folder / f"profile-rank{self.rank}.txt").write_text(events.table(sort_by=sort, row_limit=40) + "\n")
+
+
+def summarize_profile(events: Any, wall_s: float) -> dict[str, Any]:
+    """A profiled step in numbers: top kernels by GPU time, GPU time by kind, host waits for the device."""
+    kernels = [e for e in events if _is_kernel(e)]
+    kernels.sort(key=_device_us, reverse=True)
+    by_kind: dict[str, float] = {}
+    for e in kernels:
+        by_kind[kernel_kind(e.key)] = by_kind.get(kernel_kind(e.key), 0.0) + _device_us(e) / 1e3
+    waits = [e for e in events if "Synchronize" in e.key and e.key.startswith("cuda")]
+    host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+    return {
+        "gpu": bool(kernels),
+        "wall_ms": round(wall_s * 1e3, 2),
+        "gpu_ms": round(sum(by_kind.values()), 2),  # summed over streams: may exceed wall_ms when they overlap
+        "gpu_ms_by_kind": {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "kernels": sum(e.count for e in kernels),
+        "top_kernels": [
+            {"name": e.key[:160], "count": e.count, "ms": round(_device_us(e) / 1e3, 3)} for e in kernels[:TOP_KERNELS]
+        ],
+        "host_waits": {e.key: {"count": e.count, "ms": round(e.self_cpu_time_total / 1e3, 2)} for e in waits},
+        "top_host_ops": [
+            {"name": e.key[:160], "count": e.count, "ms": round(e.self_cpu_time_total / 1e3, 3)} for e in host
+        ],
+    }
+
+
+def kernel_kind(name: str) -> str:
+    """nccl, matmul, copy or other, from a kernel's name."""
+    lowered = name.lower()
+    if "nccl" in lowered:
+        return "nccl"
+    if any(tag in lowered for tag in ("gemm", "cutlass", "cublas", "nvjet", "xmma", "matmul")):
+        return "matmul"
+    if "memcpy" in lowered or "memset" in lowered:
+        return "copy"
+    return "other"
+
+
+def _is_kernel(event: Any) -> bool:
+    """A GPU kernel (or copy) rather than a host operation, whose own GPU time counts its kernels again."""
+    from torch.autograd import DeviceType
+
+    kind = getattr(event, "device_type", None)
+    if kind is not None:
+        return kind == DeviceType.CUDA and _device_us(event) > 0
+    return _device_us(event) > 0 and event.self_cpu_time_total == 0
+
+
+def _device_us(event: Any) -> float:
+    """Self GPU time of a profiler average in microseconds (the attribute was renamed in torch 2.4)."""
+    value = getattr(event, "self_device_time_total", None)
+    return float(value if value is not None else getattr(event, "self_cuda_time_total", 0.0))
+
+
+def _now() -> float:
+    """perf_counter once the GPU has finished what was queued."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _start_profiler() -> Any:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    profiler = profile(activities=activities, record_shapes=False, with_stack=False)
+    profiler.start()
+    return profiler

@@ -1,0 +1,47 @@
+"""Step times and the profile summary the multi-GPU benchmark reads (finechat.steptrace), on CPU."""
+
+import json
+from types import SimpleNamespace
+
+import torch
+
+from finechat import steptrace
+
+
+def test_records_every_step_and_profiles_the_asked_one(tmp_path, monkeypatch):
+    monkeypatch.setenv(steptrace.TRACE_ENV, str(tmp_path / "trace"))
+    monkeypatch.setenv(steptrace.PROFILE_STEP_ENV, "2")
+    trace = steptrace.from_environment(rank=1)
+    assert trace is not None
+    state = SimpleNamespace(global_step=0)
+    trace.on_train_begin(None, state, None)
+    a = torch.randn(64, 64)
+    for step in (1, 2, 3):
+        trace.on_step_begin(None, state, None)
+        for _ in range(step):
+            (a @ a).sum().item()
+        state.global_step = step
+        trace.on_step_end(None, state, None)
+    trace.on_train_end(None, state, None)
+
+    times = json.loads((tmp_path / "trace" / "step-times-rank1.json").read_text())
+    assert times["rank"] == 1 and [s["step"] for s in times["steps"]] == [1, 2, 3]
+    assert all(0 < s["s"] <= s["period"] for s in times["steps"])
+    profile = json.loads((tmp_path / "trace" / "profile-rank1.json").read_text())
+    assert profile["step"] == 2 and profile["rank"] == 1 and profile["gpu"] is False
+    assert "aten::mm" in {op["name"] for op in profile["top_host_ops"]}
+    assert "aten::mm" in (tmp_path / "trace" / "profile-rank1.txt").read_text()
+    assert not (tmp_path / "trace" / "profile-rank0.json").exists()
+
+
+def test_off_without_the_environment(monkeypatch):
+    monkeypatch.delenv(steptrace.TRACE_ENV, raising=False)
+    assert steptrace.from_environment(rank=0) is None
+
+
+def test_kernel_kinds():
+    assert steptrace.kernel_kind("ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevComm*, unsigned long)") == "nccl"
+    assert steptrace.kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert steptrace.kernel_kind("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTN") == "matmul"
+    assert steptrace.kernel_kind("Memcpy HtoD (Pinned -> Device)") == "copy"
+    assert steptrace.kernel_kind("_rms_norm_forward_kernel") == "other"
