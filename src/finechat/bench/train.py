@@ -310,7 +310,7 @@ def _ablate(model, step: _Step, system: str, on: bool) -> None:
 
 def _profile(step, bs: int, seq: int, vocab: int, output: Path) -> dict[str, Any]:
     """One finechat step under torch.profiler: GPU time per kind of kernel against the step's wall time; the
-    kernel table goes to <output>-profile-<shape>.txt."""
+    kernel table and the host-time table go to <output>-profile-<shape>.txt."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -330,9 +330,12 @@ def _profile(step, bs: int, seq: int, vocab: int, output: Path) -> dict[str, Any
     buckets: dict[str, float] = {}
     for e in kernels:
         buckets[_kernel_kind(e.key)] = buckets.get(_kernel_kind(e.key), 0.0) + e.self_device_time_total / 1e3
-    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90)
+    averages = prof.key_averages()
+    table = averages.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90)
+    # the host's side too: at the small shapes the step waits for Python and launches, not for the GPU
+    host = averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=90)
     path = output.with_name(f"{output.stem}-profile-{bs}x{seq}.txt")
-    path.write_text(table)
+    path.write_text(f"{table}\n\nBy host (self CPU) time:\n{host}")
     summary = {
         "wall_ms_profiled": round(wall * 1e3, 1),
         "gpu_ms": round(sum(v for k, v in buckets.items() if k != "copy host<->gpu"), 1),  # copies: side stream
