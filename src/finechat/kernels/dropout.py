@@ -95,7 +95,7 @@ def lora_a(x: torch.Tensor, A: torch.Tensor, p: float, seed: int) -> torch.Tenso
     M, N = x.shape
     R = A.shape[0]
     out = torch.empty(M, R, device=x.device, dtype=x.dtype)
-    bm = _rows_per_program(M)
+    bm = _rows_per_program(M, x.device)
     _kernels().lora_a[(_cdiv(M, bm),)](
         x, A, out, M, N, R, _cdiv(N, _GROUP), _threshold(p), _seed31(seed), **_dot_args(x, R, bm)
     )
@@ -161,10 +161,11 @@ def _seed31(seed: int) -> int:
     return seed % (2**31 - 1)  # a 32-bit kernel argument whatever seed the caller drew
 
 
-def _rows_per_program(M: int) -> int:
-    """Rows per program of lora_a: as many as still give every SM of a large GPU a program."""
+def _rows_per_program(M: int, device: torch.device) -> int:
+    """Rows per program of lora_a (each program reads whole rows): as many as still give every SM two programs, so
+    that one program's loads overlap another's Philox arithmetic; at least 16 (tl.dot's smallest side)."""
     for bm in (64, 32):
-        if _cdiv(M, bm) >= 128:
+        if _cdiv(M, bm) >= 2 * _sm_count(device):
             return bm
     return 16
 
