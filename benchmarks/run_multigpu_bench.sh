@@ -1,71 +1,117 @@
 #!/usr/bin/env bash
-# One 2-GPU machine run for issue 6 (multi-GPU training): install the carried wheels, check the imports, a quick
-# smoke run of DDP and FSDP-QLoRA on a tiny model (including --resume from their checkpoints), then the measurement:
-# tokens/s and peak memory per GPU of one GPU, DDP on 2 and FSDP-QLoRA on 2, at the same per-GPU batch, on the
-# Mistral-7B architecture with random weights (python -m finechat.bench.multigpu). Every mode is a real
-# `finechat train` run (`--gpus 2 --distributed ddp|fsdp` for the two-GPU ones). Results and logs go to $OUT.
+# One 2-GPU machine call for issue 6 (multi-GPU training), under 9.5 minutes: install the carried wheels, check the
+# imports, a smoke run of DDP (finechat's fast path) and FSDP-QLoRA on a tiny model including --resume from their
+# checkpoints, then the measurement on the Mistral-7B architecture with random weights (python -m
+# finechat.bench.multigpu, every mode a real `finechat train` run, `--gpus 2 --distributed ddp|fsdp` for the two-GPU
+# ones), at the same per-GPU batch:
+#   1. one GPU and DDP on two, finechat's fast path;
+#   2. FSDP-QLoRA on two (plain layers: the fast path is off under FSDP), fewer steps: its target is memory;
+#   3. one GPU and DDP on two with the plain layers (the rows of the 2026-11-28 run), only if time is left.
+# Every run records each process's step times and profiles its last step on every rank (top kernels, NCCL, host
+# waits), left out of tokens/s. Results, logs and profiles go to $OUT.
 #
-# Here, once:   ../shared/gpu/wheels.sh xxhash==4.1.0      (bitsandbytes, trl, datasets and their missing deps)
+# Here, once:   ../shared/gpu/wheels.sh xxhash==4.1.0 liger-kernel==0.8.5      (bitsandbytes, trl, datasets, ...)
 # Then on the device, kind nvidia-h100-x2, carry [".whl"]:   bash benchmarks/run_multigpu_bench.sh
 # Copy $OUT/multigpu-<card>-<date>.json to benchmarks/results/ afterwards.
-# Settings through the environment: MODES (single,ddp,fsdp), BATCH (4), SEQ (1024), STEPS (20), WARMUP (5),
-# ARCH (mistral-7b), SMOKE=0 to skip the tiny run, BENCH=0 to stop after it, FAST_PATH=1 for finechat's fused layers
-# in single and ddp, RUN_TIMEOUT (seconds per training run, 420). Expected time: smoke 2-3 min, measurement 6-8 min
-# (the random model is built once per machine); where one call must stay under 10 minutes, run
-# `SMOKE=1 BENCH=0` first, then `SMOKE=0` (or `SMOKE=0 MODES=single` and `SMOKE=0 MODES=ddp,fsdp`) on the same warm
-# machine: wheels, model and earlier rows are kept in /tmp.
+#
+# Time: DEADLINE (seconds for the whole call, 550) bounds every phase; a phase that would not fit is skipped and says
+# so, and the bench writes its JSON after every mode, so what was measured is kept. Settings through the
+# environment: BATCH (4), SEQ (1024), STEPS (16), WARMUP (4), FSDP_STEPS (10), FSDP_WARMUP (3), ARCH (mistral-7b),
+# SMOKE=0 to skip the tiny run, BENCH=0 to stop after it, FAST=0 / FSDP=0 / PLAIN=0 to skip a phase, PLAIN_MIN
+# (seconds that must be left for phase 3, 150). A warm machine keeps wheels, the random model and earlier rows of
+# the same day in /tmp, so a second call can run what the first skipped (e.g. `SMOKE=0 FAST=0 FSDP=0`).
+# A dry run of this whole script on a CPU machine (DDP over gloo, the tiny model; FSDP rows say it needs CUDA):
+#   DEVICE=cpu SEQ=128 OUT=/tmp/mg-dry bash benchmarks/run_multigpu_bench.sh
 set -uo pipefail
+SECONDS=0
+DEADLINE=${DEADLINE:-550}
 OUT=${OUT:-/tmp/finechat-multigpu-out}
 mkdir -p "$OUT"
 # NVLink multicast stays off on these machines (../shared/gpu/README.md), for torchrun's processes too.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export PYTHONPATH=/tmp/site:$PWD/src
-export DEVICE=${DEVICE:-cuda}  # cpu: a dry run of this script on a CPU machine (ARCH=tiny; DDP over gloo)
-# A warm machine keeps /tmp: install once.
-PYTHONPATH=/tmp/site python3 -c "import bitsandbytes, trl, datasets" 2>/dev/null \
-  || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/*.whl || exit 1
-nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
-nvidia-smi topo -m >> "$OUT/gpu.txt" 2>&1
-python3 - <<'EOF' 2>&1 | tee -a "$OUT/gpu.txt" || exit 1
+export DEVICE=${DEVICE:-cuda}  # cpu: a dry run on a CPU machine (ARCH=tiny; DDP over gloo)
+if [ "$DEVICE" = cpu ]; then
+  export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}  # the CPU machine's own environment has the packages
+  PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+  ARCH=${ARCH:-tiny}
+else
+  export PYTHONPATH=/tmp/site:$PWD/src
+  PY=python3
+  # A warm machine keeps /tmp: install once.
+  PYTHONPATH=/tmp/site $PY -c "import bitsandbytes, trl, datasets" 2>/dev/null \
+    || $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl || exit 1
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
+  nvidia-smi topo -m >> "$OUT/gpu.txt" 2>&1
+fi
+$PY - <<'EOF' 2>&1 | tee -a "$OUT/gpu.txt" || exit 1
 import importlib.metadata as m
+import os
 import torch
 import finechat.bench.multigpu, finechat.train, trl, datasets, bitsandbytes, accelerate  # noqa: F401 (fail fast)
 names = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets")
 print({n: m.version(n) for n in names}, "GPUs:", torch.cuda.device_count())
-import os
-assert os.environ.get("DEVICE") == "cpu" or torch.cuda.device_count() >= 2, "this run needs 2 GPUs"
+assert os.environ["DEVICE"] == "cpu" or torch.cuda.device_count() >= 2, "this run needs 2 GPUs"
 EOF
+echo "setup took ${SECONDS} s"
 
-fast=()
-[ "${FAST_PATH:-0}" = 1 ] && fast=(--fast-path)
-bench=(python3 -m finechat.bench.multigpu --gpus 2 --device "$DEVICE" --timeout "${RUN_TIMEOUT:-420}"
-       ${fast[@]+"${fast[@]}"})
+left() { echo $((DEADLINE - SECONDS)); }
+# bench TIMEOUT ARGS...: the multigpu bench, each training run and the whole call bounded by TIMEOUT seconds.
+bench() {
+  local limit=$1
+  shift
+  timeout "$limit" $PY -m finechat.bench.multigpu --gpus 2 --device "$DEVICE" --timeout "$((limit - 5))" "$@"
+}
+# phase NAME MIN: true when at least MIN seconds are left for phase NAME (else it says why it is skipped).
+phase() {
+  if [ "$(left)" -lt "$2" ]; then
+    echo "== $1 skipped: $(left) s left of DEADLINE=$DEADLINE, it needs about $2 s" | tee -a "$OUT/skipped.txt"
+    return 1
+  fi
+  echo "== $1 at ${SECONDS} s"
+}
 
-if [ "${SMOKE:-1}" = 1 ]; then
-  SECONDS=0
+if [ "${SMOKE:-1}" = 1 ] && phase "smoke (tiny model: DDP fast path, FSDP, --resume)" 60; then
   # Seconds, not minutes: the whole DDP and FSDP path (NCCL, 4-bit sharding, checkpoint, --resume) on 2 layers.
-  timeout 240 "${bench[@]}" --arch tiny --modes ddp,fsdp --batch-size 2 --seq 256 --steps 4 --warmup 1 \
-    --resume-check --workdir /tmp/finechat-multigpu-smoke --output "$OUT/smoke.json" 2>&1 | tee "$OUT/smoke.log"
+  limit=$(($(left) < 180 ? $(left) : 180))
+  bench "$limit" --arch tiny --modes ddp,fsdp --fast-path --batch-size 2 --seq 256 --steps 4 --warmup 1 \
+    --no-profile --resume-check --workdir /tmp/finechat-multigpu-smoke --output "$OUT/smoke.json" 2>&1 \
+    | tee "$OUT/smoke.log"
   for f in /tmp/finechat-multigpu-smoke/*.log; do [ -f "$f" ] && cp "$f" "$OUT/smoke-$(basename "$f")"; done
-  echo "smoke run took ${SECONDS} s"
 fi
 
 [ "${BENCH:-1}" = 1 ] || exit 0
-SECONDS=0
-timeout "${BENCH_TIMEOUT:-1500}" "${bench[@]}" --arch "${ARCH:-mistral-7b}" --modes "${MODES:-single,ddp,fsdp}" \
-  --batch-size "${BATCH:-4}" --seq "${SEQ:-1024}" --steps "${STEPS:-20}" --warmup "${WARMUP:-5}" \
-  --output /tmp/finechat-multigpu/results/ 2>&1 | tee "$OUT/bench.log"
-status=${PIPESTATUS[0]}
-echo "bench took ${SECONDS} s"
-# Kept in /tmp so that modes measured by separate calls on the same warm machine end up in one file.
-cp /tmp/finechat-multigpu/results/multigpu-*.json "$OUT/" 2>/dev/null
-for mode in single ddp fsdp; do
-  run=/tmp/finechat-multigpu/runs/$mode
+# Kept in /tmp so that rows measured by separate phases (or calls on the same warm machine) end up in one file.
+results=/tmp/finechat-multigpu/results/
+common=(--arch "${ARCH:-mistral-7b}" --batch-size "${BATCH:-4}" --seq "${SEQ:-1024}" --output "$results")
+steps=(--steps "${STEPS:-16}" --warmup "${WARMUP:-4}")
+# The first phase also builds the random model once per machine (about a minute for Mistral-7B).
+if [ "${FAST:-1}" = 1 ] && phase "1. single and DDP, fast path" 200; then
+  bench "$(($(left) - 10))" "${common[@]}" "${steps[@]}" --modes single,ddp --fast-path 2>&1 | tee -a "$OUT/bench.log"
+fi
+if [ "${FSDP:-1}" = 1 ] && phase "2. FSDP-QLoRA" 140; then
+  bench "$(($(left) - 10))" "${common[@]}" --steps "${FSDP_STEPS:-10}" --warmup "${FSDP_WARMUP:-3}" --modes fsdp \
+    2>&1 | tee -a "$OUT/bench.log"
+fi
+if [ "${PLAIN:-1}" = 1 ] && phase "3. single and DDP, plain layers" "${PLAIN_MIN:-150}"; then
+  bench "$(($(left) - 10))" "${common[@]}" "${steps[@]}" --modes single,ddp 2>&1 | tee -a "$OUT/bench.log"
+fi
+
+cp "$results"multigpu-*.json "$OUT/" 2>/dev/null
+for run in /tmp/finechat-multigpu/runs/*; do
   [ -d "$run" ] || continue
-  mkdir -p "$OUT/$mode"
-  cp "$run"/metrics.jsonl "$run"/finechat.json "$run"/config.yaml "$run"/adapter_config.json "$OUT/$mode/" 2>/dev/null
-  cp /tmp/finechat-multigpu/"$mode".log "$OUT/$mode/train.log" 2>/dev/null
+  name=$(basename "$run")
+  mkdir -p "$OUT/$name"
+  cp "$run"/metrics.jsonl "$run"/finechat.json "$run"/adapter_config.json "$OUT/$name/" 2>/dev/null
+  cp /tmp/finechat-multigpu/"$name".log "$OUT/$name/train.log" 2>/dev/null
+  cp /tmp/finechat-multigpu/trace/"$name"/* "$OUT/$name/" 2>/dev/null  # step times and profiles of every rank
 done
-echo "bench exit status $status"
+# The table of everything measured so far, from the JSON (also when a phase was cut short).
+$PY - "$results" <<'EOF' 2>&1 | tee -a "$OUT/bench.log"
+import json, pathlib, sys
+from finechat.bench.multigpu import format_table
+for path in sorted(pathlib.Path(sys.argv[1]).glob("multigpu-*.json")):
+    print(format_table(json.loads(path.read_text())))
+EOF
+echo "whole call took ${SECONDS} s"
