@@ -6,7 +6,8 @@
 # ones), at the same per-GPU batch:
 #   1. one GPU and DDP on two, finechat's fast path;
 #   2. FSDP-QLoRA on two (plain layers: the fast path is off under FSDP), fewer steps: its target is memory;
-#   3. one GPU and DDP on two with the plain layers (the rows of the 2026-11-28 run), only if time is left.
+#   3. one GPU and DDP on two with the plain layers (the rows of the 2026-11-28 run), only if time is left (before
+#      2 when the fast path's DDP run failed).
 # Every run records each process's step times and profiles its last step on every rank (top kernels, NCCL, host
 # waits), left out of tokens/s. Results, logs and profiles go to $OUT.
 #
@@ -90,13 +91,26 @@ steps=(--steps "${STEPS:-16}" --warmup "${WARMUP:-4}")
 if [ "${FAST:-1}" = 1 ] && phase "1. single and DDP, fast path" 200; then
   bench "$(($(left) - 10))" "${common[@]}" "${steps[@]}" --modes single,ddp --fast-path 2>&1 | tee -a "$OUT/bench.log"
 fi
+plain() {
+  if [ "${PLAIN:-1}" = 1 ] && phase "3. single and DDP, plain layers" "${PLAIN_MIN:-150}"; then
+    bench "$(($(left) - 10))" "${common[@]}" "${steps[@]}" --modes single,ddp 2>&1 | tee -a "$OUT/bench.log"
+  fi
+  PLAIN=0
+}
+# The fast path's kernels change often: when its DDP row failed, the plain layers' pair is what measures DDP, so it
+# goes before FSDP.
+fast_ddp_failed=$($PY - "$results" <<'EOF'
+import json, pathlib, sys
+rows = [r for p in pathlib.Path(sys.argv[1]).glob("multigpu-*.json") for r in json.loads(p.read_text())["rows"]]
+print(int(any(r["mode"] == "ddp" and r.get("fast_path") and not r.get("tok_s") for r in rows)))
+EOF
+)
+[ "${fast_ddp_failed:-0}" = 1 ] && echo "== the fast path's DDP row failed: plain layers first" && plain
 if [ "${FSDP:-1}" = 1 ] && phase "2. FSDP-QLoRA" 140; then
   bench "$(($(left) - 10))" "${common[@]}" --steps "${FSDP_STEPS:-10}" --warmup "${FSDP_WARMUP:-3}" --modes fsdp \
     2>&1 | tee -a "$OUT/bench.log"
 fi
-if [ "${PLAIN:-1}" = 1 ] && phase "3. single and DDP, plain layers" "${PLAIN_MIN:-150}"; then
-  bench "$(($(left) - 10))" "${common[@]}" "${steps[@]}" --modes single,ddp 2>&1 | tee -a "$OUT/bench.log"
-fi
+plain
 
 cp "$results"multigpu-*.json "$OUT/" 2>/dev/null
 for run in /tmp/finechat-multigpu/runs/*; do
