@@ -148,6 +148,7 @@ def run(settings: BenchSettings, command: str = "finechat bench train") -> dict[
     def record(row: dict[str, Any]) -> None:
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
+        result["fast_path_kernels"] = _kernels()  # a kernel that fell back during the row shows its fallback
         write_json(output, result)  # after every row: a crash later keeps what was measured
 
     # finechat first: it is the likelier to fail, and then the slow seed runs need not be spent. The seed next, so a
@@ -511,7 +512,13 @@ def _kernels() -> dict[str, str]:
     cuda = torch.cuda.is_available()
     return {
         "rms_norm_rope_swiglu": "liger" if cuda and liger_ops() is not None else "reference (plain PyTorch)",
-        "lora_dropout": "triton (philox 4x, fused)" if cuda and dropout._kernels() is not None else "torch bernoulli",
+        "lora_dropout": (
+            "torch bernoulli"
+            if not (cuda and dropout._kernels() is not None)
+            else f"triton (philox 4x, unfused: {dropout._BROKEN['fused']})"
+            if dropout._BROKEN["fused"]
+            else "triton (philox 4x, fused)"
+        ),
         "nf4_dequantize": "triton" if cuda and nf4._kernel() is not None else "bitsandbytes",
     }
 

@@ -26,7 +26,9 @@ def liger_ops() -> ModuleType | None:
 
     if torch.cuda.is_available():
         try:
-            _check(ops)
+            # The first use may come inside no_grad or inference mode (an evaluation, a test): the check needs grads.
+            with torch.inference_mode(False), torch.enable_grad():
+                _check(ops)
         except Exception as e:  # a Triton/driver mismatch shows here, once, instead of in the first training step
             log.warning(
                 "liger-kernel failed its check (%s: %s); the fast path uses plain PyTorch ops", type(e).__name__, e

@@ -30,6 +30,20 @@ import torch
 log = logging.getLogger(__name__)
 
 ENABLED = {"fused": True}  # switched off by `finechat bench train` to measure what the fused kernels buy
+# Set when Triton fails to compile a fused kernel (seen on an H200 with Triton 3.6 for some tile shapes: an assertion
+# in its layout conversion): from then on the unfused operations run (the mask kernel, then a cuBLAS product).
+_BROKEN = {"fused": ""}
+
+
+def _fused() -> bool:
+    return ENABLED["fused"] and not _BROKEN["fused"]
+
+
+def _fused_failed(e: Exception) -> None:
+    _BROKEN["fused"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    log.warning("fused dropout kernels failed to compile (%s); using the mask kernel and cuBLAS", _BROKEN["fused"])
+
+
 _Q = 32  # columns per Philox lane: the mask's layout depends on it, so every kernel uses the same value
 _GROUP = 4 * _Q
 _generators: dict[torch.device, torch.Generator] = {}
@@ -88,26 +102,35 @@ def lora_a(x: torch.Tensor, A: torch.Tensor, p: float, seed: int) -> torch.Tenso
     """(x * keep) @ A^T for x [M, N] and A [R, N], in x's dtype (float32 accumulation)."""
     if not _use_triton(x):
         return lora_a_reference(x, A, p, seed)
-    if not ENABLED["fused"]:
-        return masked(x, p, seed) @ A.t()
-    x = x.contiguous()
-    A = A.to(x.dtype).contiguous()
-    M, N = x.shape
-    R = A.shape[0]
-    out = torch.empty(M, R, device=x.device, dtype=x.dtype)
-    bm = _rows_per_program(M, x.device)
-    _kernels().lora_a[(_cdiv(M, bm),)](
-        x, A, out, M, N, R, _cdiv(N, _GROUP), _threshold(p), _seed31(seed), **_dot_args(x, R, bm)
-    )
-    return out
+    if _fused():
+        xc, Ac = x.contiguous(), A.to(x.dtype).contiguous()
+        M, N = xc.shape
+        R = Ac.shape[0]
+        out = torch.empty(M, R, device=x.device, dtype=x.dtype)
+        bm = _rows_per_program(M, x.device)
+        try:
+            _kernels().lora_a[(_cdiv(M, bm),)](
+                xc, Ac, out, M, N, R, _cdiv(N, _GROUP), _threshold(p), _seed31(seed), **_dot_args(xc, R, bm)
+            )
+            return out
+        except RuntimeError as e:  # Triton's compiler failing on this shape
+            _fused_failed(e)
+    return masked(x, p, seed) @ A.to(x.dtype).t()
 
 
 def lora_a_grad(g: torch.Tensor, x: torch.Tensor, p: float, seed: int, scale: float) -> torch.Tensor:
     """scale * g^T @ (x * keep) in float32, for g [M, R] and x [M, N]."""
     if not _use_triton(x):
         return lora_a_grad_reference(g, x, p, seed, scale)
-    if not ENABLED["fused"]:
-        return (g.t() @ masked(x, p, seed)).float().mul_(scale)
+    if _fused():
+        try:
+            return _lora_a_grad_fused(g, x, p, seed, scale)
+        except RuntimeError as e:  # Triton's compiler failing on this shape
+            _fused_failed(e)
+    return (g.to(x.dtype).t() @ masked(x, p, seed)).float().mul_(scale)
+
+
+def _lora_a_grad_fused(g: torch.Tensor, x: torch.Tensor, p: float, seed: int, scale: float) -> torch.Tensor:
     x, g = x.contiguous(), g.to(x.dtype).contiguous()
     M, N = x.shape
     R = g.shape[1]
@@ -129,8 +152,15 @@ def lora_dx(g: torch.Tensor, A: torch.Tensor, p: float, seed: int, scale: float)
     """scale * keep * (g @ A) for g [M, R] and A [R, N], in g's dtype (float32 products)."""
     if not _use_triton(g):
         return lora_dx_reference(g, A, p, seed, scale)
-    if not ENABLED["fused"]:
-        return masked(g @ A.to(g.dtype), p, seed).mul_(scale)
+    if _fused():
+        try:
+            return _lora_dx_fused(g, A, p, seed, scale)
+        except RuntimeError as e:  # Triton's compiler failing on this shape
+            _fused_failed(e)
+    return masked(g @ A.to(g.dtype), p, seed).mul_(scale)
+
+
+def _lora_dx_fused(g: torch.Tensor, A: torch.Tensor, p: float, seed: int, scale: float) -> torch.Tensor:
     g, A = g.contiguous(), A.to(g.dtype).contiguous()
     M, R = g.shape
     N = A.shape[1]
