@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from finechat.cli import main
+from finechat.cli import build_parser, main
 
 
 def run_cli(capsys, *argv):
@@ -159,3 +159,11 @@ def test_eval_json(capsys, tiny_model_dir, text_file):
     )
     result = json.loads(out)
     assert code == 0 and result["tokens"] > 0 and result["perplexity"] > 1
+
+
+def test_serve_takes_its_api_key_from_the_environment(monkeypatch):
+    monkeypatch.setenv("FINECHAT_API_KEY", "from-env")
+    assert build_parser().parse_args(["serve", "--model", "smollm2"]).api_key == "from-env"
+    assert build_parser().parse_args(["serve", "--model", "smollm2", "--api-key", "flag"]).api_key == "flag"
+    monkeypatch.delenv("FINECHAT_API_KEY")
+    assert build_parser().parse_args(["serve", "--model", "smollm2"]).api_key is None

@@ -115,7 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="Hub id, model folder, .gguf file, run folder, or smollm2")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 request")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("FINECHAT_API_KEY") or None,
+        help="require 'Authorization: Bearer KEY' on every /v1 request (default: $FINECHAT_API_KEY, which keeps the "
+        "key out of the process list)",
+    )
     p.add_argument(
         "--max-concurrency", type=int, default=4, help="generations running at once; later requests wait (default: 4)"
     )
