@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -102,32 +103,50 @@ def lora_a(x: torch.Tensor, A: torch.Tensor, p: float, seed: int) -> torch.Tenso
     """(x * keep) @ A^T for x [M, N] and A [R, N], in x's dtype (float32 accumulation)."""
     if not _use_triton(x):
         return lora_a_reference(x, A, p, seed)
-    if _fused():
-        xc, Ac = x.contiguous(), A.to(x.dtype).contiguous()
-        M, N = xc.shape
-        R = Ac.shape[0]
-        out = torch.empty(M, R, device=x.device, dtype=x.dtype)
-        bm = _rows_per_program(M, x.device)
-        try:
-            _kernels().lora_a[(_cdiv(M, bm),)](
-                xc, Ac, out, M, N, R, _cdiv(N, _GROUP), _threshold(p), _seed31(seed), **_dot_args(xc, R, bm)
-            )
-            return out
-        except RuntimeError as e:  # Triton's compiler failing on this shape
-            _fused_failed(e)
-    return masked(x, p, seed) @ A.to(x.dtype).t()
+    return _fused_or(lambda: _lora_a_fused(x, A, p, seed), lambda: masked(x, p, seed) @ A.to(x.dtype).t())
 
 
 def lora_a_grad(g: torch.Tensor, x: torch.Tensor, p: float, seed: int, scale: float) -> torch.Tensor:
     """scale * g^T @ (x * keep) in float32, for g [M, R] and x [M, N]."""
     if not _use_triton(x):
         return lora_a_grad_reference(g, x, p, seed, scale)
+    return _fused_or(
+        lambda: _lora_a_grad_fused(g, x, p, seed, scale),
+        lambda: (g.to(x.dtype).t() @ masked(x, p, seed)).float().mul_(scale),
+    )
+
+
+def lora_dx(g: torch.Tensor, A: torch.Tensor, p: float, seed: int, scale: float) -> torch.Tensor:
+    """scale * keep * (g @ A) for g [M, R] and A [R, N], in g's dtype (float32 products)."""
+    if not _use_triton(g):
+        return lora_dx_reference(g, A, p, seed, scale)
+    return _fused_or(
+        lambda: _lora_dx_fused(g, A, p, seed, scale), lambda: masked(g @ A.to(g.dtype), p, seed).mul_(scale)
+    )
+
+
+def _fused_or(fused: Callable[[], torch.Tensor], unfused: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """fused() while the fused kernels are on and compile; unfused() (the mask kernel, then cuBLAS) otherwise."""
     if _fused():
         try:
-            return _lora_a_grad_fused(g, x, p, seed, scale)
+            return fused()
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError as e:  # Triton's compiler failing on this shape
             _fused_failed(e)
-    return (g.to(x.dtype).t() @ masked(x, p, seed)).float().mul_(scale)
+    return unfused()
+
+
+def _lora_a_fused(x: torch.Tensor, A: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    x, A = x.contiguous(), A.to(x.dtype).contiguous()
+    M, N = x.shape
+    R = A.shape[0]
+    out = torch.empty(M, R, device=x.device, dtype=x.dtype)
+    bm = _rows_per_program(M, x.device)
+    _kernels().lora_a[(_cdiv(M, bm),)](
+        x, A, out, M, N, R, _cdiv(N, _GROUP), _threshold(p), _seed31(seed), **_dot_args(x, R, bm)
+    )
+    return out
 
 
 def _lora_a_grad_fused(g: torch.Tensor, x: torch.Tensor, p: float, seed: int, scale: float) -> torch.Tensor:
@@ -146,18 +165,6 @@ def _lora_a_grad_fused(g: torch.Tensor, x: torch.Tensor, p: float, seed: int, sc
     )
     out = partial[0] if splits == 1 else partial.sum(0)
     return out.mul_(scale)
-
-
-def lora_dx(g: torch.Tensor, A: torch.Tensor, p: float, seed: int, scale: float) -> torch.Tensor:
-    """scale * keep * (g @ A) for g [M, R] and A [R, N], in g's dtype (float32 products)."""
-    if not _use_triton(g):
-        return lora_dx_reference(g, A, p, seed, scale)
-    if _fused():
-        try:
-            return _lora_dx_fused(g, A, p, seed, scale)
-        except RuntimeError as e:  # Triton's compiler failing on this shape
-            _fused_failed(e)
-    return masked(g @ A.to(g.dtype), p, seed).mul_(scale)
 
 
 def _lora_dx_fused(g: torch.Tensor, A: torch.Tensor, p: float, seed: int, scale: float) -> torch.Tensor:
