@@ -60,6 +60,15 @@ def test_reads_step_times_of_every_rank_and_the_profiles(tmp_path):
     assert got["profile"]["rank"] == 0 and set(got["profile_by_rank"]) == {"0", "1"}
     assert got["profile_by_rank"]["1"]["gpu_ms_by_kind"] == {"nccl": 3.0}
     assert multigpu.read_trace(tmp_path / "missing", 2, 5, 1000) == {}
+    assert "stalled_steps" not in got
+
+
+def test_steps_that_stall_are_listed_with_what_happened_in_them(tmp_path):
+    steps = [{"step": i, "s": 0.5, "period": 0.6, "gc_s": 0.0, "device_allocs": 0} for i in range(1, 8)]
+    steps[4].update(s=3.2, period=3.3, device_allocs=12)
+    (tmp_path / "step-times-rank0.json").write_text(json.dumps({"rank": 0, "steps": steps}))
+    got = multigpu.read_trace(tmp_path, warmup=1, profiled=None, tokens_per_step=1000)
+    assert got["stalled_steps"] == {"0": [{"step": 5, "s": 3.2, "period": 3.3, "gc_s": 0.0, "device_allocs": 12}]}
 
 
 def test_summary_states_the_targets():

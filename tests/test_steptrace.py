@@ -1,5 +1,6 @@
 """Step times and the profile summary the multi-GPU benchmark reads (finechat.steptrace), on CPU."""
 
+import gc
 import json
 from types import SimpleNamespace
 
@@ -20,6 +21,8 @@ def test_records_every_step_and_profiles_the_asked_one(tmp_path, monkeypatch):
         trace.on_step_begin(None, state, None)
         for _ in range(step):
             (a @ a).sum().item()
+        if step == 3:
+            gc.collect()  # a garbage-collection pause inside step 3
         state.global_step = step
         trace.on_step_end(None, state, None)
     trace.on_train_end(None, state, None)
@@ -27,6 +30,7 @@ def test_records_every_step_and_profiles_the_asked_one(tmp_path, monkeypatch):
     times = json.loads((tmp_path / "trace" / "step-times-rank1.json").read_text())
     assert times["rank"] == 1 and [s["step"] for s in times["steps"]] == [1, 2, 3]
     assert all(0 < s["s"] <= s["period"] for s in times["steps"])
+    assert times["steps"][2]["gc_s"] > 0 and gc.callbacks.count(trace._gc_pause) == 0  # unhooked at the end
     profile = json.loads((tmp_path / "trace" / "profile-rank1.json").read_text())
     assert profile["step"] == 2 and profile["rank"] == 1 and profile["gpu"] is False
     assert "aten::mm" in {op["name"] for op in profile["top_host_ops"]}

@@ -5,7 +5,9 @@ Off unless FINECHAT_STEP_TRACE names a folder. Then `finechat train` (every proc
 outside the run folder:
 - step-times-rank<R>.json: per optimizer step, `s` (step begin to end: forward, backward, gradient all-reduce,
   optimizer; the GPU drained at both ends) and `period` (step end to step end, adding the Trainer's logging and the
-  next batch);
+  next batch), and what can stall a step without showing in a kernel profile: `gc_s` (Python garbage-collection
+  pauses) and, on CUDA, `device_allocs`/`device_frees`/`alloc_retries` (the caching allocator's cudaMalloc and
+  cudaFree calls, which synchronize, and its retries after a failed allocation);
 - with FINECHAT_PROFILE_STEP=N, profile-rank<R>.json and profile-rank<R>.txt: kernels of step N by GPU time (NCCL
   ones among them), GPU time by kind (matmul, NCCL, copies, other) against the step's wall time, and the host's
   waits for the device. The profiled step runs slower; leave it out of timings.
@@ -13,6 +15,7 @@ The waits for the GPU at each step's ends cost little where the Trainer already 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -42,19 +45,28 @@ class StepTrace(TrainerCallback):
         self.steps: list[dict[str, float]] = []
         self._begin = self._last_end = 0.0
         self._profiler: Any = None
+        self._gc_s = 0.0  # garbage-collection pauses so far
+        self._gc_start = 0.0
+        self._counters: dict[str, int] = {}
 
     def on_train_begin(self, args, state, control, **kw):
         self.folder.mkdir(parents=True, exist_ok=True)
+        gc.callbacks.append(self._gc_pause)
         self._last_end = _now()
 
     def on_step_begin(self, args, state, control, **kw):
         if state.global_step + 1 == self.profile_step:
             self._profiler = _start_profiler()
         self._begin = _now()
+        self._gc_at_begin, self._counters = self._gc_s, _allocator_counters()
 
     def on_step_end(self, args, state, control, **kw):
         end = _now()
-        self.steps.append({"step": state.global_step, "s": end - self._begin, "period": end - self._last_end})
+        step = {"step": state.global_step, "s": end - self._begin, "period": end - self._last_end}
+        step["gc_s"] = self._gc_s - self._gc_at_begin
+        after = _allocator_counters()
+        step.update({name: after[name] - self._counters.get(name, 0) for name in after})
+        self.steps.append(step)
         self._last_end = end
         if self._profiler is not None:
             self._profiler.stop()
@@ -62,8 +74,16 @@ class StepTrace(TrainerCallback):
             self._profiler = None
 
     def on_train_end(self, args, state, control, **kw):
+        if self._gc_pause in gc.callbacks:
+            gc.callbacks.remove(self._gc_pause)
         path = self.folder / f"step-times-rank{self.rank}.json"
         path.write_text(json.dumps({"rank": self.rank, "steps": self.steps}) + "\n")
+
+    def _gc_pause(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        elif self._gc_start:
+            self._gc_s += time.perf_counter() - self._gc_start
 
     def _write_profile(self, step: int, wall_s: float) -> None:
         events = self._profiler.key_averages()
@@ -125,6 +145,20 @@ def _device_us(event: Any) -> float:
     """Self GPU time of a profiler average in microseconds (the attribute was renamed in torch 2.4)."""
     value = getattr(event, "self_device_time_total", None)
     return float(value if value is not None else getattr(event, "self_cuda_time_total", 0.0))
+
+
+ALLOCATOR_COUNTERS = {"device_allocs": "num_device_alloc", "device_frees": "num_device_free",
+                      "alloc_retries": "num_alloc_retries"}  # fmt: skip
+
+
+def _allocator_counters() -> dict[str, int]:
+    """The CUDA caching allocator's running counts of cudaMalloc, cudaFree and retries (empty without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {name: int(stats.get(key, 0)) for name, key in ALLOCATOR_COUNTERS.items()}
 
 
 def _now() -> float:

@@ -289,13 +289,19 @@ def read_trace(folder: Path, warmup: int, profiled: int | None, tokens_per_step:
     out: dict[str, Any] = {}
     step_s: dict[str, list[float]] = {}
     period_s: dict[str, list[float]] = {}
+    stalls: dict[str, list[dict[str, float]]] = {}
     for path in sorted(folder.glob("step-times-rank*.json")):
         trace = json.loads(path.read_text())
         timed = [s for s in trace["steps"] if s["step"] > warmup and s["step"] != profiled]
         step_s[str(trace["rank"])] = [round(s["s"], 4) for s in timed]
         period_s[str(trace["rank"])] = [round(s["period"], 4) for s in timed]
+        if timed:  # steps over twice the median: what else happened in them (garbage collection, cudaMalloc/Free)
+            slow = 2 * _median([s["s"] for s in timed])
+            stalls[str(trace["rank"])] = [{k: round(v, 4) for k, v in s.items()} for s in timed if s["s"] > slow]
     if step_s:
         out["step_s"], out["period_s"] = step_s, period_s
+        if any(stalls.values()):
+            out["stalled_steps"] = stalls
         out["step_s_median"] = {rank: _median(times) for rank, times in step_s.items() if times}
         out["period_s_median"] = {rank: _median(times) for rank, times in period_s.items() if times}
         if period_s.get("0"):  # one more view of tokens/s: the median period of rank 0
