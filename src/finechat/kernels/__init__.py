@@ -8,33 +8,51 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from types import ModuleType
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ENABLED = {"liger": True}  # switched off by `finechat bench train` to measure what the kernels buy
+
+
+def checked(load: Callable[[], T], check: Callable[[T], None], run_check: bool, name: str, instead: str) -> T | None:
+    """load() once check(it) passed (when run_check), else None: what every fused kernel of the package does before
+    its first use. A kernel that cannot load (no Triton, a missing package) is None quietly; one that fails its check
+    (a Triton/driver mismatch shows here, once, instead of in the first training step) is None with a warning."""
+    try:
+        kernel = load()
+    except ImportError:
+        return None
+    except Exception as e:  # e.g. Triton failing to initialise
+        log.warning("%s failed to load (%s: %s); %s", name, type(e).__name__, e, instead)
+        return None
+    if run_check:
+        import torch
+
+        try:
+            # The first use may come inside no_grad or inference mode (an evaluation, a test): checks may need grads.
+            with torch.inference_mode(False), torch.enable_grad():
+                check(kernel)
+        except Exception as e:
+            log.warning("%s failed its check (%s: %s); %s", name, type(e).__name__, e, instead)
+            return None
+    return kernel
 
 
 @functools.cache
 def liger_ops() -> ModuleType | None:
     """liger_kernel.ops when liger-kernel imports and, on CUDA, passes a small check against the references."""
-    try:
-        import liger_kernel.ops as ops
-    except Exception:  # ImportError, or Triton failing to initialise
-        return None
     import torch
 
-    if torch.cuda.is_available():
-        try:
-            # The first use may come inside no_grad or inference mode (an evaluation, a test): the check needs grads.
-            with torch.inference_mode(False), torch.enable_grad():
-                _check(ops)
-        except Exception as e:  # a Triton/driver mismatch shows here, once, instead of in the first training step
-            log.warning(
-                "liger-kernel failed its check (%s: %s); the fast path uses plain PyTorch ops", type(e).__name__, e
-            )
-            return None
-    return ops
+    def load() -> ModuleType:
+        import liger_kernel.ops as ops
+
+        return ops
+
+    return checked(load, _check, torch.cuda.is_available(), "liger-kernel", "the fast path uses plain PyTorch ops")
 
 
 def use_liger(*tensors) -> bool:

@@ -28,6 +28,8 @@ from collections.abc import Callable
 
 import torch
 
+from finechat.kernels import checked
+
 log = logging.getLogger(__name__)
 
 ENABLED = {"fused": True}  # switched off by `finechat bench train` to measure what the fused kernels buy
@@ -234,17 +236,14 @@ def _use_triton(x: torch.Tensor) -> bool:
 def _kernels():
     """The compiled Triton kernels (finechat.kernels.dropout_triton), once they passed a check against the reference
     arithmetic (else None)."""
-    try:
-        from finechat.kernels import dropout_triton as kernels
-    except ImportError:  # no Triton
-        return None
-    if torch.cuda.is_available() or _interpreting():
-        try:
-            _check(kernels)
-        except Exception as e:
-            log.warning("Triton dropout failed its check (%s: %s); using torch's dropout mask", type(e).__name__, e)
-            return None
-    return kernels
+
+    def load():
+        from finechat.kernels import dropout_triton
+
+        return dropout_triton
+
+    run_check = torch.cuda.is_available() or _interpreting()
+    return checked(load, _check, run_check, "Triton dropout", "using torch's dropout mask")
 
 
 def _check(kernels) -> None:

@@ -15,12 +15,11 @@ than uint8, CPU) takes bitsandbytes' own `dequantize_4bit`."""
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
 
 import torch
 
-log = logging.getLogger(__name__)
+from finechat.kernels import checked
 
 ENABLED = {"fused": True}  # switched off by `finechat bench train` to measure what the kernel buys
 _BYTES = 1024  # packed bytes per program (2048 weights)
@@ -81,17 +80,13 @@ def triton_cdiv(n: int) -> int:
 @functools.cache
 def _kernel():
     """The Triton kernel once it reproduced bitsandbytes' bits on a random weight (else None: bitsandbytes runs)."""
-    try:
+
+    def load():
         from finechat.kernels.nf4_triton import dequantize_nf4
-    except ImportError:
-        return None
-    if torch.cuda.is_available():
-        try:
-            _check(dequantize_nf4)
-        except Exception as e:
-            log.warning("NF4 kernel failed its check (%s: %s); using bitsandbytes' dequantize", type(e).__name__, e)
-            return None
-    return dequantize_nf4
+
+        return dequantize_nf4
+
+    return checked(load, _check, torch.cuda.is_available(), "NF4 kernel", "using bitsandbytes' dequantize")
 
 
 def _check(kernel) -> None:
