@@ -218,17 +218,19 @@ def interpreted():
     import os
 
     pytest.importorskip("triton")
-    from finechat.kernels import decode_ops
+    from finechat.kernels import decode_ops, nf4_matmul
 
     before = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     decode_ops._kernels.cache_clear()  # the kernels are built for the interpreter from here
+    nf4_matmul._kernel.cache_clear()
     yield decode_ops
     if before is None:
         del os.environ["TRITON_INTERPRET"]
     else:
         os.environ["TRITON_INTERPRET"] = before
     decode_ops._kernels.cache_clear()
+    nf4_matmul._kernel.cache_clear()
 
 
 def test_fused_norm_and_rotary_kernels_round_as_the_modules_do(interpreted):
@@ -284,6 +286,24 @@ def test_fused_decoding_gives_generates_tokens(interpreted, tiny_mistral_dir, dt
     engine.close()
 
 
+def test_batched_nf4_steps_use_the_4bit_product_and_equal_one_at_a_time(interpreted, tiny_mistral_dir):
+    """NF4 weights with float32 compute: batched steps go through finechat.kernels.nf4_matmul (bitsandbytes would
+    dequantize whole weights), one-row steps through bitsandbytes; concurrent replies equal the ones alone."""
+    from finechat.models import load_for_inference
+
+    model, tokenizer = load_for_inference(str(tiny_mistral_dir), quantize="nf4", compute_dtype="float32")
+    engine = Engine(model, tokenizer, max_batch=3, fused="on")  # float32: numpy's exp may differ in the last bit
+    engine.warm_up()
+    decoder = engine.batcher.decoder
+    assert decoder.fused and decoder.nf4_check == "close" and decoder.nf4_batched
+    jobs = [(prompt(engine, i), greedy(n)) for i, n in enumerate([20, 35, 12])]
+    alone = [engine.generate(*job).complete() for job in jobs]
+    engine.batcher.largest = 0
+    assert concurrently(engine, jobs) == alone
+    assert engine.batcher.largest == 3
+    engine.close()
+
+
 def test_fused_kernels_stay_off_when_their_step_differs(interpreted, tiny_mistral_dir, monkeypatch):
     from finechat.models import load_for_inference
 
@@ -326,4 +346,17 @@ def test_batched_graphs_equal_one_at_a_time_in_float32_on_gpu(tiny_model_dir):
     together = concurrently(engine, jobs)
     assert engine.batcher.largest == 4
     assert together == alone
+    engine.close()
+
+
+@pytest.mark.gpu
+def test_batched_nf4_steps_use_the_4bit_product_on_gpu(tiny_mistral_dir):
+    """NF4 weights, float32 compute: batched steps through finechat.kernels.nf4_matmul give the replies one at a
+    time gives."""
+    engine = Engine.load(str(tiny_mistral_dir), quantize="nf4", compute_dtype="float32", max_batch=4)
+    decoder = engine.batcher.decoder
+    assert decoder.graphs and decoder.nf4_check == "close" and decoder.nf4_batched
+    jobs = [(prompt(engine, i), greedy(n)) for i, n in enumerate([12, 30, 50, 21, 44, 9])]
+    alone = [engine.generate(*job).complete() for job in jobs]
+    assert concurrently(engine, jobs) == alone
     engine.close()

@@ -333,3 +333,32 @@ def test_nf4_kernel_at_mistral_size_on_gpu():
         pytest.skip("59M weights are too many for the interpreter")
     packed, qs = quantized(14336, 4096, torch.bfloat16, "cuda")
     assert nf4._kernel() is not None and torch.equal(nf4.dequantize(packed, qs), nf4.dequantize_reference(packed, qs))
+
+
+def test_nf4_matmul_multiplies_like_dequantize_then_matmul(monkeypatch):
+    """finechat.kernels.nf4_matmul (batched decode steps over NF4 weights): several output blocks and K splits, the
+    last split shorter, 2 to 16 rows; under Triton's interpreter on CPU."""
+    import importlib
+    from types import SimpleNamespace
+
+    pytest.importorskip("triton")
+    from finechat.kernels import nf4_matmul, nf4_triton
+
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        importlib.reload(nf4_triton)  # its kernels are built for the interpreter from here
+    nf4_matmul._kernel.cache_clear()
+    device = kernel_device()
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+        packed, qs = quantized(192, 1024, dtype, device)
+        packed.quant_state = qs
+        module = SimpleNamespace(weight=packed, bias=None)
+        assert nf4_matmul.applies(module)
+        for rows in (2, 5, 16):
+            x = torch.randn(rows, 1, 1024, device=device).to(dtype)
+            got = nf4_matmul.nf4_matmul(x, module)
+            assert got.shape == (rows, 1, 192) and got.dtype == dtype
+            assert rel_err(got, nf4_matmul.nf4_matmul_reference(x, module)) < tol, (dtype, rows)
+    with pytest.raises(ValueError, match="at most 16"):
+        nf4_matmul.nf4_matmul(torch.randn(17, 1024, device=device).to(dtype), module)
+    nf4_matmul._kernel.cache_clear()

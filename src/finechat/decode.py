@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from finechat.kernels import decode_ops
+from finechat.kernels import decode_ops, nf4_matmul
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,14 @@ class Decoder:
         # when bit-for-bit the two products (measured on an H200: 29 instead of 60 us a layer at batch 1).
         self.kv_weights: list[Any] | None = None
         self.kv_check = "off"  # what choose_fused found for the joined k/v product
+        # With the fused kernels: batched steps multiply by NF4 weights with finechat.kernels.nf4_matmul (the weight
+        # read once, as 4-bit) instead of bitsandbytes, which dequantizes the whole weight from 5 rows on.
+        self.nf4_batched = False
+        self.nf4_check = "off"  # what choose_nf4_batched found: off, unavailable, close, differs, failed
         if fused != "off":
             self.choose_fused(fused == "on")
+        if self.fused and slots > 1:
+            self.choose_nf4_batched()
 
     @property
     def graphs(self) -> bool:
@@ -292,9 +298,9 @@ class Decoder:
                 kv = torch.nn.functional.linear(h, self.kv_weights[i])
                 k, v = kv.split(kv.shape[-1] // 2, dim=-1)
             else:
-                k, v = attention.k_proj(h), attention.v_proj(h)
-            q = decode_ops.rope_into_cache(attention.q_proj(h), k, v, cos, sin, positions, self.keys[i], self.values[i])
-            return x, q
+                k, v = self._linear(attention.k_proj, h), self._linear(attention.v_proj, h)
+            q = self._linear(attention.q_proj, h)
+            return x, decode_ops.rope_into_cache(q, k, v, cos, sin, positions, self.keys[i], self.values[i])
         shape = (b, 1, -1, self.head_dim)
         q = attention.q_proj(h).view(shape).transpose(1, 2)
         k = attention.k_proj(h).view(shape).transpose(1, 2)
@@ -317,11 +323,17 @@ class Decoder:
     def _finish_layer(self, i: int, x, attended):
         """The output projection and the MLP of layer i: (x after the attention's residual add, the MLP's output)."""
         layer = self.layers[i]
-        x, h = self._norm(layer.post_attention_layernorm, x, layer.self_attn.o_proj(attended))
+        x, h = self._norm(layer.post_attention_layernorm, x, self._linear(layer.self_attn.o_proj, attended))
         if self.fused:
-            mlp = layer.mlp
-            return x, mlp.down_proj(decode_ops.silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+            mlp, linear = layer.mlp, self._linear
+            return x, linear(mlp.down_proj, decode_ops.silu_mul(linear(mlp.gate_proj, h), linear(mlp.up_proj, h)))
         return x, layer.mlp(h)
+
+    def _linear(self, module: Any, h):
+        """module(h); for batched rows over an NF4 weight, finechat's 4-bit product when choose_nf4_batched chose it."""
+        if self.nf4_batched and h.shape[0] > 1 and nf4_matmul.applies(module):
+            return nf4_matmul.nf4_matmul(h, module)
+        return module(h)
 
     def _head(self, x, pending):
         return self.lm.lm_head(self._norm(self.body.norm, x, pending)[1])[:, -1]
@@ -368,6 +380,34 @@ class Decoder:
         if self.kv_check == "differs" and not even_if_different:
             self.kv_weights = None  # frees the copies
             log.info("one k/v product is not bit-for-bit two here; k and v stay two products")
+
+    def choose_nf4_batched(self) -> None:
+        """Use finechat's NF4 product in batched steps when the model has NF4 weights it covers and it agrees with
+        bitsandbytes on them to rounding (not bitwise: batched rows never are)."""
+        import torch
+
+        layer = self.layers[0]
+        modules = [layer.self_attn.q_proj, layer.mlp.down_proj]
+        if not all(nf4_matmul.applies(m) for m in modules) or nf4_matmul._kernel() is None:
+            self.nf4_check = "unavailable"
+            return
+        try:
+            gen = torch.Generator(device=self.device).manual_seed(0)
+            worst = 0.0
+            for module in modules:
+                k = module.weight.quant_state.shape[1]
+                x = torch.randn(4, 1, k, generator=gen, device=self.device).to(self.dtype)
+                got, want = nf4_matmul.nf4_matmul(x, module).float(), module(x).float()
+                worst = max(worst, ((got - want).norm() / want.norm()).item())
+        except Exception as e:  # a kernel that fails to compile or launch: bitsandbytes runs the batched steps
+            self.nf4_check = "failed"
+            log.warning("NF4 batched product failed (%s: %s); batched steps use bitsandbytes", type(e).__name__, e)
+            return
+        tolerance = 1e-5 if self.dtype == torch.float32 else 2e-2
+        self.nf4_batched = worst < tolerance
+        self.nf4_check = "close" if self.nf4_batched else "differs"
+        if not self.nf4_batched:
+            log.warning("NF4 batched product differs from bitsandbytes (relative error %.3g); not used", worst)
 
     def _joined_kv(self) -> list[Any] | None:
         """Per layer, k_proj's and v_proj's weights stacked (copies), when both are plain bias-free Linear layers."""
