@@ -21,6 +21,7 @@ def test_tiny_dry_run_writes_rows_for_both_systems(tmp_path, capsys):
     assert set(rows) == {("finechat", "2x32"), ("seed", "2x32"), ("finechat", "1x64"), ("finechat-bnbadamw", "2x32")}
     assert all(r["tok_s"] > 0 and "peak_gib" in r for r in rows.values())
     assert all(0 < r["step_ms_min"] <= r["step_ms_median"] and r["host_cpu_s"] > 0 for r in rows.values())
+    assert all(r["process_cpu_s"] >= r["host_cpu_s"] for r in rows.values())
     assert result["longest_sequence"]["largest_trained"] == 64
     assert "2x32" in capsys.readouterr().out
 
