@@ -292,7 +292,7 @@ class Decoder:
         layer = self.layers[i]
         attention = layer.self_attn
         x, h = self._norm(layer.input_layernorm, x, pending)
-        rows, positions = self.rows[:b], self.positions[:b]
+        positions = self.positions[:b]
         if self.fused:
             if self.kv_weights is not None:
                 kv = torch.nn.functional.linear(h, self.kv_weights[i])
@@ -306,6 +306,7 @@ class Decoder:
         k = attention.k_proj(h).view(shape).transpose(1, 2)
         v = attention.v_proj(h).view(shape).transpose(1, 2)
         q, k = self.apply_rotary(q, k, cos, sin)
+        rows = self.rows[:b]
         self.keys[i][rows, :, positions] = k[:, :, 0]
         self.values[i][rows, :, positions] = v[:, :, 0]
         return x, q
