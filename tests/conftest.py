@@ -97,6 +97,28 @@ def tiny_config(model_dir, data, run_dir, **overrides):
     return cfg.load_config(None, values)
 
 
+def press_ctrl_c(proc, run_dir, at_step: int, timeout: float = 120.0) -> None:
+    """Ctrl-C as a terminal sends it, to the whole process group of `proc` (started with start_new_session=True),
+    once metrics.jsonl shows step `at_step`. The group is frozen first, so a run of a few dozen fast CPU steps cannot
+    finish between seeing the step and the signal arriving."""
+    import signal
+    import time
+
+    from finechat import runs
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if any(r.get("step", 0) >= at_step for r in runs.read_metrics(run_dir)):
+            break
+        time.sleep(0.005)
+    if proc.poll() is not None:
+        return  # it ended first: the caller's checks on its output say why
+    group = os.getpgid(proc.pid)
+    os.killpg(group, signal.SIGSTOP)
+    os.killpg(group, signal.SIGINT)
+    os.killpg(group, signal.SIGCONT)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama folder (loadable by AutoModelForCausalLM and finechat --model)."""

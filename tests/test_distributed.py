@@ -3,15 +3,14 @@ process with the same global batch, stop together on Ctrl-C, resume, and leave o
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import press_ctrl_c
 from finechat import cli, distributed, runs
 from finechat import config as cfg
 from finechat.errors import UserError
@@ -66,13 +65,14 @@ def test_two_processes_train_like_one_stop_together_and_resume(tiny_model_dir, t
 
     run_dir = tmp_path / "two"
     command = distributed.launch_command(flags(tiny_model_dir, text_file, run_dir, 2), 2)
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env())
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and max(losses(run_dir), default=0) < 3:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)  # as Ctrl-C in a terminal: torchrun passes it on to both processes
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cpu_env(), start_new_session=True
+    )
+    # Each process gets this Ctrl-C twice (the terminal's and torchrun's): both must still finish the step and save.
+    press_ctrl_c(proc, run_dir, at_step=3)
     out, err = proc.communicate(timeout=120)
     assert "continue with --resume" in out, err
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]  # no launcher traceback either
     saved = runs.last_checkpoint(run_dir)
     assert saved is not None and 3 <= runs.checkpoint_step(saved) < STEPS, err
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in saved.iterdir()}  # both processes saved
@@ -129,6 +129,19 @@ def test_fsdp_path_trains_like_one_process_and_resumes(tiny_model_dir, text_file
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     checkpoint = load_file(run_dir / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors")
     assert checkpoint.keys() == a.keys()  # not the empty adapter peft 0.21 writes for an FSDP model
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="gloo on CPU")
+def test_bad_input_under_the_launcher_is_one_line_and_exit_2(tiny_model_dir, tmp_path):
+    """Every process refuses the missing data file in one line; the launcher adds no traceback or report of its own."""
+    argv = flags(tiny_model_dir, tmp_path / "missing.txt", tmp_path / "r", 2)
+    done = subprocess.run(
+        distributed.launch_command(argv, 2), capture_output=True, text=True, env=cpu_env(), timeout=300
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert errors and all(line.startswith("finechat train: error: ") and "missing.txt" in line for line in errors)
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="gloo on CPU; GPUs: benchmarks/run_multigpu_bench.sh")
@@ -277,7 +290,7 @@ def test_gpus_relaunch_keeps_every_flag_but_gpus(tmp_path):
     for f in cfg.fields():
         assert getattr(reparsed, f.name) == getattr(args, f.name), f.name
     command = distributed.launch_command(again, 2)
-    assert command[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    assert command[1:7] == ["-m", "finechat.launch", "--standalone", "--nproc_per_node", "2", "-m"]
     assert command[7:] == ["finechat", *again]
 
 

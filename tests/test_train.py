@@ -1,14 +1,12 @@
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import press_ctrl_c, tiny_config
 from finechat import config as cfg
 from finechat import runs
 from finechat.errors import UserError
@@ -123,11 +121,10 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_reaches_the_same_step(tiny_model_d
         "--eval-fraction",
         "0.1",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
-    deadline = time.time() + 120
-    while time.time() < deadline and not any(r.get("step", 0) >= 3 for r in runs.read_metrics(run_dir)):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(), start_new_session=True
+    )
+    press_ctrl_c(proc, run_dir, at_step=3)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "continue with --resume" in out and "Traceback" not in err

@@ -119,12 +119,19 @@ def _peak_memory() -> dict:
     return {"peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
+# Under torchrun a terminal's Ctrl-C reaches each process twice: from the terminal (the whole foreground process
+# group) and again from torchrun, which passes the signal on to its workers. A repeat this soon is the same Ctrl-C.
+LAUNCHER_REPEAT_S = 2.0
+
+
 class InterruptCallback(TrainerCallback):
-    """First Ctrl-C: finish the current step, save a checkpoint and stop. A second Ctrl-C stops at once."""
+    """First Ctrl-C: finish the current step, save a checkpoint and stop. A second Ctrl-C stops at once (under a
+    launcher, a second one at least LAUNCHER_REPEAT_S later: the launcher passes the first one on)."""
 
     def __init__(self):
         self.interrupted = False
         self._previous = None
+        self._first_at = 0.0
 
     def armed(self):
         @contextlib.contextmanager
@@ -139,8 +146,10 @@ class InterruptCallback(TrainerCallback):
 
     def _on_sigint(self, signum, frame):
         if self.interrupted:
+            if distributed.world_size() > 1 and time.monotonic() - self._first_at < LAUNCHER_REPEAT_S:
+                return
             raise KeyboardInterrupt
-        self.interrupted = True
+        self.interrupted, self._first_at = True, time.monotonic()
         log.warning("interrupted: finishing this step and saving a checkpoint (Ctrl-C again to stop now)")
 
     def on_step_end(self, args, state, control, **kw):

@@ -364,11 +364,12 @@ def finish(plan: Plan) -> None:
 
 
 def launch_command(finechat_args: list[str], processes: int) -> list[str]:
-    """The torchrun command line that runs `finechat <finechat_args>` in `processes` processes on this machine."""
+    """The command line that runs `finechat <finechat_args>` in `processes` processes on this machine: torchrun,
+    through finechat.launch, which keeps torchrun's own logs and tracebacks out of the terminal."""
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "finechat.launch",
         "--standalone",  # a free local port: several runs may share a machine
         "--nproc_per_node",
         str(processes),
