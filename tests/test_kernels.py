@@ -170,8 +170,8 @@ def test_lora_linear_over_nf4_matches_reference_on_gpu(dropout):
 
 
 # The dropout kernels run on CUDA, or in Triton's interpreter on CPU tensors under TRITON_INTERPRET=1 (float32 only
-# there: the interpreter has no bf16 dot; Triton 3.6's interpreter also needs a numpy that still turns one-element
-# arrays into ints, for the kernels' loops).
+# there: the interpreter has no bf16 dot). Triton's own random functions become interpretable only when that is set
+# before Triton is imported, so CI runs these GPU-marked tests in a pytest of their own (the test after them).
 
 
 def kernel_device() -> str:
@@ -292,6 +292,21 @@ def test_triton_dropout_keeps_one_minus_p_at_scale():
         assert abs((a * b).mean().item() - 0.95**2) < 2e-3
 
 
+def test_dropout_kernels_under_the_interpreter():
+    """The GPU-marked dropout kernel tests above, in a pytest started with TRITON_INTERPRET=1 (Triton 3.6's interpreter
+    needs numpy < 2.4, which still turns one-element arrays into ints, for the kernels' loops: constraints.txt)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("on CUDA the tests themselves run the kernels")
+    tests = "philox_layout or fused_dropout_ops or unfused_dropout_ops"
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-k", tests, "-p", "no:cacheprovider", __file__]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0 and "5 passed" in done.stdout, done.stdout[-3000:]
+
+
 def quantized(rows: int, cols: int, dtype: torch.dtype, device: str):
     import bitsandbytes.functional as bnbf
 
@@ -362,3 +377,54 @@ def test_nf4_matmul_multiplies_like_dequantize_then_matmul(monkeypatch):
     with pytest.raises(ValueError, match="at most 16"):
         nf4_matmul.nf4_matmul(torch.randn(17, 1024, device=device).to(dtype), module)
     nf4_matmul._kernel.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Compiled for an H100/H200 (sm_90) here, without a GPU: Triton's compiler and ptxas run on the CPU. Each kernel is
+# compiled as the JIT specializes it at Mistral-7B's shapes (pointers 16-byte aligned, sizes multiples of 16), which
+# is where the previous dropout kernels failed on the GPU and the interpreter could not tell.
+
+
+def compile_for_sm90(fn, types: dict[str, str], constants: dict, aligned: tuple[str, ...]) -> None:
+    """Compile fn to a cubin for sm_90; arguments not named in types or constants are 32-bit integers."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    fn = JITFunction(fn.fn)  # a compiler's view of the kernel, even where a test built it for the interpreter
+    index = {name: (i,) for i, name in enumerate(fn.arg_names)}
+    signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in fn.arg_names}
+    source = ASTSource(
+        fn,
+        signature,
+        constexprs={index[name]: value for name, value in constants.items()},
+        attrs={index[name]: [["tt.divisibility", 16]] for name in aligned if name in index},
+    )
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["cubin"], fn.__name__
+
+
+def test_training_kernels_compile_for_hopper_at_mistral_shapes():
+    pytest.importorskip("triton")
+    from finechat.kernels import dropout_triton as k
+
+    bf16 = "*bf16"
+    types = dict(x_ptr=bf16, out_ptr=bf16, a_ptr=bf16, g_ptr=bf16, partial_ptr="*fp32", scale="fp32")
+    aligned = (*types.keys() - {"scale"}, "M", "N", "R", "G", "rows_per_split")
+    dot = dict(Q=dropout_ops._Q, RP=16, PRECISION="tf32")
+    compile_for_sm90(k.masked, types, dict(BM=32, Q=dropout_ops._Q), aligned)
+    compile_for_sm90(k.lora_a, types, dict(BM=32, **dot), aligned)
+    compile_for_sm90(k.lora_a_grad, types, dict(BM=64, **dot), aligned)
+    compile_for_sm90(k.lora_dx, types, dict(BM=64, **dot), aligned)
+
+
+def test_batched_nf4_kernel_compiles_for_hopper_at_mistral_shapes():
+    pytest.importorskip("triton")
+    from finechat.kernels import nf4_matmul
+    from finechat.kernels.nf4_triton import nf4_matmul_kernel
+
+    types = dict(x_ptr="*bf16", packed_ptr="*u8", qscale_ptr="*u8", scale2_ptr="*fp32", code2_ptr="*fp32")
+    types |= dict(offset_ptr="*fp32", nf4_ptr="*fp32", partial_ptr="*fp32")
+    constants = dict(STEPS=13, BLOCKSIZE2=256, BM=nf4_matmul.MAX_ROWS, BN=nf4_matmul._BN, BK=64, PRECISION="tf32")
+    compile_for_sm90(nf4_matmul_kernel, types, constants, (*types, "M", "N", "K"))

@@ -33,8 +33,9 @@ from finechat.kernels import checked
 log = logging.getLogger(__name__)
 
 ENABLED = {"fused": True}  # switched off by `finechat bench train` to measure what the fused kernels buy
-# Set when Triton fails to compile a fused kernel (seen on an H200 with Triton 3.6 for some tile shapes: an assertion
-# in its layout conversion): from then on the unfused operations run (the mask kernel, then a cuBLAS product).
+# Set when Triton fails to compile a fused kernel (the kernels' earlier four-lane form hit an assertion in Triton 3.6's
+# layout conversion on an H200; the tests now compile them for sm_90 on the CPU): from then on the unfused operations
+# run (the mask kernel, then a cuBLAS product).
 _BROKEN = {"fused": ""}
 
 

@@ -1,15 +1,23 @@
 """The Triton kernels of finechat.kernels.dropout (the mask's layout, the operations and their references are
-described there). Importing this module needs Triton."""
+described there). Importing this module needs Triton.
+
+Every kernel works on whole column groups: one [BM, 4Q] tile per group, its keep-mask assembled from the four outputs
+of one Philox call per [BM, Q] position. (Four [BM, Q] lanes, each with its own product, was the previous form: on
+Triton 3.6 for sm_90 it failed to compile once the column count was specialized as a multiple of 16, an assertion in
+the layout conversion; the one-tile form compiles, and reads each row of the group in one go.)"""
 
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def draws(seed, rows, group, G, Q: tl.constexpr):
-    """Four [BM, Q] blocks of 32-bit draws: lanes 0..3 of column group `group` for these rows (int64)."""
+def draws(seed, rows, group, G, BM: tl.constexpr, Q: tl.constexpr):
+    """[BM, 4Q] 32-bit draws for columns group*4Q + [0, 4Q) of these rows (int64): column l*Q + j holds output l of
+    the Philox counter row*G*Q + group*Q + j."""
     counter = rows[:, None] * (G * Q) + group * Q + tl.arange(0, Q)[None, :]
-    return tl.randint4x(seed, counter)
+    r0, r1, r2, r3 = tl.randint4x(seed, counter)
+    lanes = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # [BM, Q, 2, 2]: [row, j, a, b] is output a + 2b
+    return tl.reshape(tl.permute(lanes, (0, 3, 2, 1)), (BM, 4 * Q))  # [row, b, a, j] -> column (2b + a)*Q + j
 
 
 @triton.jit
@@ -18,41 +26,27 @@ def kept(draw, threshold):
 
 
 @triton.jit
-def tile(rows, col0, M, N, Q: tl.constexpr):
-    """Offsets and bounds of the [BM, Q] tile of an [M, N] row-major matrix at rows, columns col0 + [0, Q)."""
-    cols = col0 + tl.arange(0, Q)
+def tile(rows, col0, M, N, W: tl.constexpr):
+    """Offsets, bounds and columns of the [BM, W] tile of an [M, N] row-major matrix at rows, columns col0 + [0, W)."""
+    cols = col0 + tl.arange(0, W)
     return rows[:, None] * N + cols[None, :], (rows[:, None] < M) & (cols[None, :] < N), cols
 
 
 @triton.jit
-def masked_lane(x_ptr, out_ptr, rows, col0, M, N, draw, threshold, Q: tl.constexpr):
-    offs, inside, _ = tile(rows, col0, M, N, Q)
+def dropped(x_ptr, rows, group, M, N, G, threshold, seed, BM: tl.constexpr, Q: tl.constexpr):
+    """x * keep on the [BM, 4Q] tile of column group `group` (zeros outside the matrix), with the tile's columns."""
+    offs, inside, cols = tile(rows, group * 4 * Q, M, N, 4 * Q)
     x = tl.load(x_ptr + offs, mask=inside, other=0.0)
-    tl.store(out_ptr + offs, tl.where(kept(draw, threshold), x, 0.0).to(x.dtype), mask=inside)
+    return tl.where(kept(draws(seed, rows, group, G, BM, Q), threshold), x, 0.0).to(x.dtype), cols
 
 
 @triton.jit
 def masked(x_ptr, out_ptr, M, N, G, threshold, seed, BM: tl.constexpr, Q: tl.constexpr):
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     group = tl.program_id(1)
-    r0, r1, r2, r3 = draws(seed, rows, group, G, Q)
-    col0 = group * 4 * Q
-    masked_lane(x_ptr, out_ptr, rows, col0, M, N, r0, threshold, Q)
-    masked_lane(x_ptr, out_ptr, rows, col0 + Q, M, N, r1, threshold, Q)
-    masked_lane(x_ptr, out_ptr, rows, col0 + 2 * Q, M, N, r2, threshold, Q)
-    masked_lane(x_ptr, out_ptr, rows, col0 + 3 * Q, M, N, r3, threshold, Q)
-
-
-@triton.jit
-def lora_a_lane(
-    acc, x_ptr, a_ptr, rows, col0, M, N, R, draw, threshold, Q: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr
-):
-    offs, inside, cols = tile(rows, col0, M, N, Q)
-    x = tl.load(x_ptr + offs, mask=inside, other=0.0)
-    xd = tl.where(kept(draw, threshold), x, 0.0).to(x.dtype)
-    r = tl.arange(0, RP)
-    a_t = tl.load(a_ptr + r[None, :] * N + cols[:, None], mask=(cols[:, None] < N) & (r[None, :] < R), other=0.0)
-    return tl.dot(xd, a_t, acc, input_precision=PRECISION)  # [BM, Q] @ [Q, RP]
+    xd, _ = dropped(x_ptr, rows, group, M, N, G, threshold, seed, BM, Q)
+    offs, inside, _ = tile(rows, group * 4 * Q, M, N, 4 * Q)
+    tl.store(out_ptr + offs, xd, mask=inside)
 
 
 @triton.jit
@@ -60,33 +54,16 @@ def lora_a(
     x_ptr, a_ptr, out_ptr, M, N, R, G, threshold, seed,
     BM: tl.constexpr, Q: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """out[M, R] = (x * keep) @ A^T, each program a block of BM whole rows."""
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    r = tl.arange(0, RP)
     acc = tl.zeros((BM, RP), dtype=tl.float32)
     for group in range(0, G):
-        r0, r1, r2, r3 = draws(seed, rows, group, G, Q)
-        col0 = group * 4 * Q
-        acc = lora_a_lane(acc, x_ptr, a_ptr, rows, col0, M, N, R, r0, threshold, Q, RP, PRECISION)
-        acc = lora_a_lane(acc, x_ptr, a_ptr, rows, col0 + Q, M, N, R, r1, threshold, Q, RP, PRECISION)
-        acc = lora_a_lane(acc, x_ptr, a_ptr, rows, col0 + 2 * Q, M, N, R, r2, threshold, Q, RP, PRECISION)
-        acc = lora_a_lane(acc, x_ptr, a_ptr, rows, col0 + 3 * Q, M, N, R, r3, threshold, Q, RP, PRECISION)
-    r = tl.arange(0, RP)
+        xd, cols = dropped(x_ptr, rows, group, M, N, G, threshold, seed, BM, Q)
+        a_t = tl.load(a_ptr + r[None, :] * N + cols[:, None], mask=(cols[:, None] < N) & (r[None, :] < R), other=0.0)
+        acc = tl.dot(xd, a_t, acc, input_precision=PRECISION)  # [BM, 4Q] @ [4Q, RP]
     inside = (rows[:, None] < M) & (r[None, :] < R)
     tl.store(out_ptr + rows[:, None] * R + r[None, :], acc.to(out_ptr.dtype.element_ty), mask=inside)
-
-
-@triton.jit
-def lora_a_grad_lane(acc, g_t, x_ptr, rows, col0, M, N, draw, threshold, Q: tl.constexpr, PRECISION: tl.constexpr):
-    offs, inside, _ = tile(rows, col0, M, N, Q)
-    x = tl.load(x_ptr + offs, mask=inside, other=0.0)
-    xd = tl.where(kept(draw, threshold), x, 0.0).to(x.dtype)
-    return tl.dot(g_t, xd, acc, input_precision=PRECISION)  # [RP, BM] @ [BM, Q]
-
-
-@triton.jit
-def lora_a_grad_store(out_ptr, acc, col0, N, R, Q: tl.constexpr, RP: tl.constexpr):
-    cols = col0 + tl.arange(0, Q)
-    r = tl.arange(0, RP)
-    tl.store(out_ptr + r[:, None] * N + cols[None, :], acc, mask=(r[:, None] < R) & (cols[None, :] < N))
 
 
 @triton.jit
@@ -94,40 +71,19 @@ def lora_a_grad(
     g_ptr, x_ptr, partial_ptr, M, N, R, G, rows_per_split, threshold, seed,
     BM: tl.constexpr, Q: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """partial[split, R, N] = g^T @ (x * keep) over this split's rows, for one column group per program."""
     group = tl.program_id(0)
     split = tl.program_id(1)
-    col0 = group * 4 * Q
     r = tl.arange(0, RP)
-    acc0 = tl.zeros((RP, Q), dtype=tl.float32)
-    acc1 = tl.zeros((RP, Q), dtype=tl.float32)
-    acc2 = tl.zeros((RP, Q), dtype=tl.float32)
-    acc3 = tl.zeros((RP, Q), dtype=tl.float32)
+    acc = tl.zeros((RP, 4 * Q), dtype=tl.float32)
     for start in range(0, rows_per_split, BM):
         rows = (split * rows_per_split + start + tl.arange(0, BM)).to(tl.int64)
         g_t = tl.load(g_ptr + rows[None, :] * R + r[:, None], mask=(rows[None, :] < M) & (r[:, None] < R), other=0.0)
-        r0, r1, r2, r3 = draws(seed, rows, group, G, Q)
-        acc0 = lora_a_grad_lane(acc0, g_t, x_ptr, rows, col0, M, N, r0, threshold, Q, PRECISION)
-        acc1 = lora_a_grad_lane(acc1, g_t, x_ptr, rows, col0 + Q, M, N, r1, threshold, Q, PRECISION)
-        acc2 = lora_a_grad_lane(acc2, g_t, x_ptr, rows, col0 + 2 * Q, M, N, r2, threshold, Q, PRECISION)
-        acc3 = lora_a_grad_lane(acc3, g_t, x_ptr, rows, col0 + 3 * Q, M, N, r3, threshold, Q, PRECISION)
+        xd, _ = dropped(x_ptr, rows, group, M, N, G, threshold, seed, BM, Q)
+        acc = tl.dot(g_t, xd, acc, input_precision=PRECISION)  # [RP, BM] @ [BM, 4Q]
+    cols = group * 4 * Q + tl.arange(0, 4 * Q)
     out_ptr = partial_ptr + split.to(tl.int64) * R * N
-    lora_a_grad_store(out_ptr, acc0, col0, N, R, Q, RP)
-    lora_a_grad_store(out_ptr, acc1, col0 + Q, N, R, Q, RP)
-    lora_a_grad_store(out_ptr, acc2, col0 + 2 * Q, N, R, Q, RP)
-    lora_a_grad_store(out_ptr, acc3, col0 + 3 * Q, N, R, Q, RP)
-
-
-@triton.jit
-def lora_dx_lane(
-    out_ptr, g, a_ptr, rows, col0, M, N, R, draw, threshold, scale,
-    Q: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    offs, inside, cols = tile(rows, col0, M, N, Q)
-    r = tl.arange(0, RP)
-    a = tl.load(a_ptr + r[:, None] * N + cols[None, :], mask=(r[:, None] < R) & (cols[None, :] < N), other=0.0)
-    t = tl.dot(g, a, input_precision=PRECISION)  # [BM, RP] @ [RP, Q], float32
-    out = tl.where(kept(draw, threshold), t * scale, 0.0)
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=inside)
+    tl.store(out_ptr + r[:, None] * N + cols[None, :], acc, mask=(r[:, None] < R) & (cols[None, :] < N))
 
 
 @triton.jit
@@ -135,13 +91,13 @@ def lora_dx(
     out_ptr, g_ptr, a_ptr, M, N, R, G, threshold, seed, scale,
     BM: tl.constexpr, Q: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """out[M, N] = scale * keep * (g @ A), one [BM, 4Q] tile per program."""
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     group = tl.program_id(1)
     r = tl.arange(0, RP)
     g = tl.load(g_ptr + rows[:, None] * R + r[None, :], mask=(rows[:, None] < M) & (r[None, :] < R), other=0.0)
-    r0, r1, r2, r3 = draws(seed, rows, group, G, Q)
-    col0 = group * 4 * Q
-    lora_dx_lane(out_ptr, g, a_ptr, rows, col0, M, N, R, r0, threshold, scale, Q, RP, PRECISION)
-    lora_dx_lane(out_ptr, g, a_ptr, rows, col0 + Q, M, N, R, r1, threshold, scale, Q, RP, PRECISION)
-    lora_dx_lane(out_ptr, g, a_ptr, rows, col0 + 2 * Q, M, N, R, r2, threshold, scale, Q, RP, PRECISION)
-    lora_dx_lane(out_ptr, g, a_ptr, rows, col0 + 3 * Q, M, N, R, r3, threshold, scale, Q, RP, PRECISION)
+    offs, inside, cols = tile(rows, group * 4 * Q, M, N, 4 * Q)
+    a = tl.load(a_ptr + r[:, None] * N + cols[None, :], mask=(r[:, None] < R) & (cols[None, :] < N), other=0.0)
+    t = tl.dot(g, a, input_precision=PRECISION)  # [BM, RP] @ [RP, 4Q], float32
+    out = tl.where(kept(draws(seed, rows, group, G, BM, Q), threshold), t * scale, 0.0)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=inside)
