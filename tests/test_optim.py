@@ -64,6 +64,38 @@ def test_same_parameters_and_states_as_bitsandbytes_on_cpu(dtype):
     check_same_as_bitsandbytes("cpu", dtype)
 
 
+def test_one_update_kernel_per_group_and_a_missing_gradient_handled_like_bitsandbytes(monkeypatch):
+    """Each group's parameters go through bitsandbytes' kernel in one call; a step where one parameter has no
+    gradient updates the others as bitsandbytes does (one at a time, the gradient-less one untouched)."""
+    import bitsandbytes.functional as bnbf
+
+    calls = []
+    update = bnbf.optimizer_update_32bit
+
+    def counted(*args, **kw):
+        calls.append(args[1].numel())
+        return update(*args, **kw)
+
+    want, got = params(), params()
+    ref, opt = run(bnb_paged, want, steps=2), run(ours, got, steps=2)
+    monkeypatch.setattr(bnbf, "optimizer_update_32bit", counted)
+    run(lambda _: opt, got, steps=1, start=2)
+    assert calls == [16 * 96 + 96 * 16, 40]  # group 0's two tensors together, then group 1's one
+    calls.clear()
+    monkeypatch.setattr(bnbf, "optimizer_update_32bit", update)
+    run(lambda _: ref, want, steps=1, start=2)
+    for ps, o in ((want, ref), (got, opt)):
+        gen = torch.Generator().manual_seed(7)
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        ps[1].grad = None
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert [opt.state[p]["step"] for p in got] == [ref.state[p]["step"] for p in want] == [4, 3, 4]
+    for a, b in zip(got, want, strict=True):
+        assert all(torch.equal(opt.state[a][k], ref.state[b][k]) for k in ("state1", "state2"))
+
+
 def test_parameters_move_and_weight_decay_follows_the_groups():
     ps = params(dtype=torch.float32)
     before = [p.detach().clone() for p in ps]
