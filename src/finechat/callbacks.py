@@ -122,35 +122,39 @@ def _peak_memory() -> dict:
 # Under torchrun a terminal's Ctrl-C reaches each process twice: from the terminal (the whole foreground process
 # group) and again from torchrun, which passes the signal on to its workers. A repeat this soon is the same Ctrl-C.
 LAUNCHER_REPEAT_S = 2.0
+# Ctrl-C, and the SIGTERM a job scheduler (or `kill`) sends before it kills a job: both stop the run with a checkpoint.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class InterruptCallback(TrainerCallback):
-    """First Ctrl-C: finish the current step, save a checkpoint and stop. A second Ctrl-C stops at once (under a
-    launcher, a second one at least LAUNCHER_REPEAT_S later: the launcher passes the first one on)."""
+    """First Ctrl-C (or SIGTERM): finish the current step, save a checkpoint and stop. A second one stops at once
+    (under a launcher, a second one at least LAUNCHER_REPEAT_S later: the launcher passes the first one on)."""
 
     def __init__(self):
         self.interrupted = False
-        self._previous = None
+        self._previous: dict = {}
         self._first_at = 0.0
 
     def armed(self):
         @contextlib.contextmanager
         def scope():
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            self._previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
             try:
                 yield
             finally:
-                signal.signal(signal.SIGINT, self._previous)
+                for sig, previous in self._previous.items():
+                    signal.signal(sig, previous)
 
         return scope()
 
-    def _on_sigint(self, signum, frame):
+    def _on_signal(self, signum, frame):
         if self.interrupted:
             if distributed.world_size() > 1 and time.monotonic() - self._first_at < LAUNCHER_REPEAT_S:
                 return
             raise KeyboardInterrupt
         self.interrupted, self._first_at = True, time.monotonic()
-        log.warning("interrupted: finishing this step and saving a checkpoint (Ctrl-C again to stop now)")
+        name = "interrupted" if signum == signal.SIGINT else f"{signal.Signals(signum).name} received"
+        log.warning("%s: finishing this step and saving a checkpoint (Ctrl-C again to stop now)", name)
 
     def on_step_end(self, args, state, control, **kw):
         if args.world_size > 1:  # each process got the signal at its own moment: all stop after the same step
