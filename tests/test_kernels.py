@@ -385,8 +385,9 @@ def test_nf4_matmul_multiplies_like_dequantize_then_matmul(monkeypatch):
 # is where the previous dropout kernels failed on the GPU and the interpreter could not tell.
 
 
-def compile_for_sm90(fn, types: dict[str, str], constants: dict, aligned: tuple[str, ...]) -> None:
-    """Compile fn to a cubin for sm_90; arguments not named in types or constants are 32-bit integers."""
+def compile_for_sm90(fn, types: dict[str, str], constants: dict, aligned: tuple[str, ...]):
+    """Compile fn to a cubin for sm_90 (returns the compiled kernel); arguments not named in types or constants are
+    32-bit integers."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -403,6 +404,7 @@ def compile_for_sm90(fn, types: dict[str, str], constants: dict, aligned: tuple[
     )
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
     assert compiled.asm["cubin"], fn.__name__
+    return compiled
 
 
 def test_training_kernels_compile_for_hopper_at_mistral_shapes():
@@ -428,3 +430,199 @@ def test_batched_nf4_kernel_compiles_for_hopper_at_mistral_shapes():
     types |= dict(offset_ptr="*fp32", nf4_ptr="*fp32", partial_ptr="*fp32")
     constants = dict(STEPS=13, BLOCKSIZE2=256, BM=nf4_matmul.MAX_ROWS, BN=nf4_matmul._BN, BK=64, PRECISION="tf32")
     compile_for_sm90(nf4_matmul_kernel, types, constants, (*types, "M", "N", "K"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# finechat.kernels.nf4_gemv: one row times an NF4 weight with bitsandbytes' roundings and summation order. On random
+# data a float32 sum rarely shows in a 16-bit output whatever its order, so `mirrored_nf4` builds inputs where it
+# does: lane l + 16 of every group holds lane l's weights, and x there is minus x at lane l for the large entries
+# (2^8) and independent for the small ones (2^-4). The large products cancel between the two lanes only up to the
+# float32 roundings of each lane's running sum, which are as large as the small products' total: adding in another
+# order (products one at a time, pairs reversed, lanes in a row) changes about half of the outputs.
+
+
+def mirrored_nf4(rows: int, cols: int, dtype: torch.dtype):
+    """(x [1, 1, cols], a Linear4bit-like module with a double-quantized NF4 weight [rows, cols])."""
+    from types import SimpleNamespace
+
+    import bitsandbytes.functional as bnbf
+
+    gen = torch.Generator().manual_seed(5)
+    groups = cols // 1024
+    half = torch.randn(rows, groups, 1, 512, generator=gen) * 0.02
+    w = half.expand(rows, groups, 2, 512).reshape(rows, cols).to(dtype)
+    w[1, :64] *= 40  # one block with a much larger scale
+    w[1, 512:576] *= 40
+    packed, qs = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    packed.quant_state = qs
+    large = torch.rand(groups, 512, generator=gen) < 0.5
+    first = torch.randn(groups, 512, generator=gen) * torch.where(large, 2.0**8, 2.0**-4)
+    second = torch.where(large, -first, torch.randn(groups, 512, generator=gen) * 2.0**-4)
+    x = torch.stack([first, second], 1).reshape(1, 1, cols).to(dtype)
+    return x, SimpleNamespace(weight=packed, bias=None)
+
+
+def warp_by_hand(x: torch.Tensor, module, rows: range, pairs_first: bool = True) -> torch.Tensor:
+    """bitsandbytes' one-row product for some rows, written out lane by lane in numpy float32 scalars from the
+    16-bit products (torch's own bf16/fp16 multiplies): independent of the emulation's reshapes. pairs_first=False
+    adds the products one at a time instead (a wrong order, to show the inputs can tell)."""
+    from finechat.kernels import nf4_gemv
+
+    qs = module.weight.quant_state
+    K = qs.shape[1]
+    scale, nf4 = nf4_gemv._scales(qs).to(x.dtype), qs.code.to(x.dtype)
+    packed, xs = module.weight.reshape(-1).long(), x.reshape(K)
+    out = []
+    for n in rows:
+        byte = packed[n * K // 2 : (n + 1) * K // 2]
+        block_scale = scale[n * K // 64 : (n + 1) * K // 64].repeat_interleave(32)
+        even = (xs[0::2] * (nf4[byte >> 4] * block_scale)).float().numpy()  # each product rounded to x's dtype
+        odd = (xs[1::2] * (nf4[byte & 15] * block_scale)).float().numpy()
+        lanes = [np.float32(0.0)] * 32
+        for g in range(K // 1024):
+            for lane in range(32):
+                for p in range(16):
+                    b = g * 512 + lane * 16 + p
+                    if pairs_first:
+                        lanes[lane] = np.float32(lanes[lane] + np.float32(even[b] + odd[b]))
+                    else:
+                        lanes[lane] = np.float32(np.float32(lanes[lane] + even[b]) + odd[b])
+        for offset in (16, 8, 4, 2, 1):
+            for i in range(offset):
+                lanes[i] = np.float32(lanes[i] + lanes[i + offset])
+        out.append(torch.tensor(lanes[0] + np.float32(0.0)).to(x.dtype))
+    return torch.stack(out)
+
+
+def test_nf4_gemv_emulation_is_a_close_deterministic_product():
+    import bitsandbytes.functional as bnbf
+
+    from finechat.kernels import nf4_gemv
+
+    for dtype in (torch.bfloat16, torch.float16):
+        _, module = mirrored_nf4(40, 2048, dtype)
+        x = torch.randn(1, 1, 2048, generator=torch.Generator().manual_seed(1)).to(dtype)
+        assert nf4_gemv.applies(module)
+        got = nf4_gemv.nf4_gemv_emulated(x, module)
+        want = x.float() @ bnbf.dequantize_4bit(module.weight, module.weight.quant_state).float().t()
+        assert got.shape == (1, 1, 40) and got.dtype == dtype
+        assert rel_err(got, want) < 1e-2, dtype
+        assert torch.equal(got, nf4_gemv.nf4_gemv_emulated(x, module))
+        assert torch.equal(got.reshape(40), nf4_gemv.nf4_gemv_emulated(x.reshape(2048), module, rows_per_chunk=7))
+    with pytest.raises(ValueError, match="bfloat16 and float16"):
+        nf4_gemv.nf4_gemv_emulated(x.float(), module)
+    with pytest.raises(ValueError, match="one row"):
+        nf4_gemv.nf4_gemv_emulated(torch.cat([x, x]), module)
+
+
+def test_nf4_gemv_applies_only_where_bitsandbytes_sums_in_groups_of_1024():
+    from types import SimpleNamespace
+
+    from finechat.kernels import nf4_gemv
+
+    for cols in (1024, 1536):
+        packed, qs = quantized(8, cols, torch.float16, "cpu")
+        packed.quant_state = qs
+        assert nf4_gemv.applies(SimpleNamespace(weight=packed, bias=None)) == (cols == 1024)
+    assert not nf4_gemv.applies(SimpleNamespace(weight=packed, bias=torch.zeros(8)))
+
+
+def test_nf4_gemv_emulation_rounds_and_adds_like_the_warp_written_out():
+    """bf16 (the dtype of the decode path; the interpreter tests below can only use fp16) against warp_by_hand."""
+    from finechat.kernels import nf4_gemv
+
+    for dtype in (torch.bfloat16, torch.float16):
+        x, module = mirrored_nf4(6, 2048, dtype)
+        got = nf4_gemv.nf4_gemv_emulated(x, module).reshape(6)
+        assert torch.equal(got, warp_by_hand(x, module, range(6))), dtype
+        if dtype == torch.float16:  # the inputs tell the orders apart (in bf16 fewer outputs show it)
+            assert not torch.equal(got, warp_by_hand(x, module, range(6), pairs_first=False))
+
+
+def test_nf4_block_scales_round_once_like_a_fused_multiply_add():
+    """code2[q] * absmax2 + offset rounded once to float32: checked against exact rationals, on a real weight and on a
+    case where rounding through float64 first gives the wrong neighbour."""
+    from fractions import Fraction
+    from types import SimpleNamespace
+
+    from finechat.kernels import nf4_gemv
+
+    def nearest_f32(value: Fraction) -> np.float32:
+        guess = np.float32(float(value))
+        near = (np.nextafter(guess, np.float32(-np.inf)), guess, np.nextafter(guess, np.float32(np.inf)))
+        return min(near, key=lambda c: (abs(Fraction(float(c)) - value), int(np.array(c).view(np.uint32)) & 1))
+
+    def exact(qs) -> list[np.float32]:
+        code2, absmax2 = qs.state2.code.tolist(), qs.state2.absmax.tolist()
+        return [
+            nearest_f32(Fraction(code2[q]) * Fraction(absmax2[b // qs.state2.blocksize]) + Fraction(qs.offset.item()))
+            for b, q in enumerate(qs.absmax.tolist())
+        ]
+
+    _, qs = quantized(40, 2048, torch.bfloat16, "cpu")
+    assert nf4_gemv._scales(qs).tolist() == exact(qs)
+    one = 1 + 2.0**-23
+    tie = SimpleNamespace(
+        absmax=torch.tensor([0], dtype=torch.uint8),
+        offset=torch.tensor(one),
+        state2=SimpleNamespace(
+            code=torch.tensor([one]), absmax=torch.tensor([2.0**-24 * (1 - 2.0**-23)]), blocksize=256
+        ),
+    )
+    # exact: 1 + 2^-23 + 2^-24 - 2^-70, just below a float32 tie; float64 rounds it onto the tie, then to 1 + 2^-22
+    assert nf4_gemv._scales(tie).item() == one == exact(tie)[0]
+    assert (tie.state2.code.double() * tie.state2.absmax.double() + one).float().item() == 1 + 2.0**-22
+
+
+@pytest.fixture
+def nf4_gemv_interpreted(monkeypatch):
+    """finechat.kernels.nf4_gemv with its kernel built for Triton's interpreter (on CPU)."""
+    import importlib
+
+    pytest.importorskip("triton")
+    from finechat.kernels import nf4_gemv, nf4_triton
+
+    if torch.cuda.is_available():
+        pytest.skip("on CUDA: benchmarks/probes/nf4_gemv.py compares the kernel with bitsandbytes itself")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    importlib.reload(nf4_triton)  # its kernels are built for the interpreter from here
+    nf4_gemv._kernel.cache_clear()
+    yield nf4_gemv
+    nf4_gemv._kernel.cache_clear()
+
+
+@pytest.mark.parametrize("rows,cols,bn", [(38, 1024, 4), (40, 2048, 8), (3, 1024, 4)])
+def test_nf4_gemv_kernel_is_the_emulation_bit_for_bit(nf4_gemv_interpreted, rows, cols, bn):
+    """Under the interpreter, in fp16 (it rounds float32 to bf16 by truncation, the GPU to nearest); row counts that
+    leave the last program part-full."""
+    nf4_gemv = nf4_gemv_interpreted
+    x, module = mirrored_nf4(rows, cols, torch.float16)
+    plain = torch.randn(cols, generator=torch.Generator().manual_seed(2)).to(torch.float16)
+    for xs in (x, plain, plain.reshape(1, cols)):
+        got = nf4_gemv.nf4_gemv(xs, module, bn=bn)
+        want = nf4_gemv.nf4_gemv_emulated(xs, module)
+        assert got.shape == (*xs.shape[:-1], rows) and got.dtype == torch.float16
+        assert torch.equal(got, want), (got != want).sum().item()
+
+
+def test_nf4_gemv_kernel_compiles_for_hopper_at_mistral_shapes(monkeypatch):
+    """bf16, K (4096 or 14336) a runtime multiple of 16; the scale is the kernel's one fused multiply-add (a product
+    fused into a sum anywhere else would change bits)."""
+    import importlib.util
+
+    pytest.importorskip("triton")
+    from finechat.kernels import nf4_gemv, nf4_triton
+
+    # a copy of the module built for the compiler: the kernel calls helpers, which the interpreter tests above
+    # leave built for the interpreter in finechat.kernels.nf4_triton itself
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    spec = importlib.util.spec_from_file_location("nf4_triton_for_sm90", nf4_triton.__file__)
+    assert spec is not None and spec.loader is not None
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    nf4_gemv_kernel = fresh.nf4_gemv_kernel
+    types = dict(x_ptr="*bf16", packed_ptr="*u8", qscale_ptr="*u8", scale2_ptr="*fp32", code2_ptr="*fp32")
+    types |= dict(offset_ptr="*fp32", nf4_ptr="*fp32", out_ptr="*bf16")
+    constants = dict(BLOCKSIZE2=256, BN=nf4_gemv._BN, FUSED_FMA=True)
+    compiled = compile_for_sm90(nf4_gemv_kernel, types, constants, (*types, "N", "K"))
+    assert compiled.asm["ptx"].count("fma.rn.f32") == 1

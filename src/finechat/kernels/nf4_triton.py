@@ -1,4 +1,5 @@
-"""The Triton kernels of finechat.kernels.nf4 and finechat.kernels.nf4_matmul (the arithmetic is described there).
+"""The Triton kernels of finechat.kernels.nf4, finechat.kernels.nf4_matmul and finechat.kernels.nf4_gemv (the
+arithmetic is described there).
 Importing this module needs Triton."""
 
 import triton
@@ -67,3 +68,94 @@ def nf4_matmul_kernel(
         acc = tl.dot(x_odd, tl.trans(low), acc, input_precision=PRECISION)
     at = partial_ptr + split.to(tl.int64) * M * N + m[:, None] * N + n[None, :]
     tl.store(at, acc, mask=m_in[:, None] & n_in[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One row of x times an NF4 weight with bitsandbytes' own arithmetic (finechat.kernels.nf4_gemv describes it)
+
+LANES: tl.constexpr = tl.constexpr(32)  # bitsandbytes' warp: lane l of group g owns weights g*1024 + 32l ... + 31
+PAIRS: tl.constexpr = tl.constexpr(16)  # a lane's 16 bytes: two weights each
+
+
+@triton.jit
+def _unzip(t, BN: tl.constexpr, M: tl.constexpr):
+    """t [BN, LANES, M] -> (t[..., 0::2], t[..., 1::2]), each [BN, LANES, M // 2]."""
+    return tl.split(tl.reshape(t, (BN, LANES, M // 2, 2)))
+
+
+@triton.jit
+def _add_pairs_in_order(acc, t, BN: tl.constexpr):
+    """acc + t[..., 0] + t[..., 1] + ... + t[..., 15], one float32 add at a time, left to right (t [BN, LANES, 16])."""
+    # Triton cannot index an axis: four even/odd splits give the 16 slices, p0..p15 named by their index
+    e, o = _unzip(t, BN, 16)  # p = 2i, 2i + 1
+    ee, eo = _unzip(e, BN, 8)  # p = 4i, 4i + 2
+    oe, oo = _unzip(o, BN, 8)  # p = 4i + 1, 4i + 3
+    eee, eeo = _unzip(ee, BN, 4)  # p = 8i, 8i + 4
+    eoe, eoo = _unzip(eo, BN, 4)  # p = 8i + 2, 8i + 6
+    oee, oeo = _unzip(oe, BN, 4)  # p = 8i + 1, 8i + 5
+    ooe, ooo = _unzip(oo, BN, 4)  # p = 8i + 3, 8i + 7
+    p0, p8 = tl.split(eee)
+    p4, p12 = tl.split(eeo)
+    p2, p10 = tl.split(eoe)
+    p6, p14 = tl.split(eoo)
+    p1, p9 = tl.split(oee)
+    p5, p13 = tl.split(oeo)
+    p3, p11 = tl.split(ooe)
+    p7, p15 = tl.split(ooo)
+    acc = acc + p0 + p1 + p2 + p3 + p4 + p5 + p6 + p7
+    return acc + p8 + p9 + p10 + p11 + p12 + p13 + p14 + p15
+
+
+@triton.jit
+def _fold(acc, BN: tl.constexpr, M: tl.constexpr):
+    """acc [BN, M] -> acc[:, :M/2] + acc[:, M/2:] (one step of a warp's shuffle-down reduction)."""
+    low, high = tl.split(tl.permute(tl.reshape(acc, (BN, 2, M // 2)), (0, 2, 1)))
+    return low + high
+
+
+@triton.jit
+def nf4_gemv_kernel(
+    x_ptr, packed_ptr, qscale_ptr, scale2_ptr, code2_ptr, offset_ptr, nf4_ptr, out_ptr,
+    N, K,
+    BLOCKSIZE2: tl.constexpr, BN: tl.constexpr, FUSED_FMA: tl.constexpr,
+):  # fmt: skip
+    """out[n] = x . W[n] for BN rows n, each as one bitsandbytes warp computes it (K a multiple of 1024)."""
+    dtype = x_ptr.dtype.element_ty
+    n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    row = tl.minimum(n, N - 1)  # the rows past N repeat the last one (no masked loads); their sums are not stored
+    lane = tl.arange(0, LANES)
+    groups = K // (LANES * 2 * PAIRS)
+    row_start = tl.multiple_of(row * (K // 2), 512)  # K % 1024 == 0: a lane's 16 bytes load as one vector
+    packed = packed_ptr + row_start[:, None, None] + (lane[:, None] * PAIRS + tl.arange(0, PAIRS)[None, :])[None]
+    block = row[:, None] * (K // 64) + lane[None, :] // 2  # [BN, LANES]: a lane's 32 weights sit in one 64-block
+    x_of_lane = lane[:, None] * (2 * PAIRS) + tl.arange(0, 2 * PAIRS)[None, :]  # [LANES, 32]
+    offset = tl.load(offset_ptr)
+    byte = tl.load(packed)  # [BN, LANES, 16]
+    qscale = tl.load(qscale_ptr + block)
+    acc = tl.full((BN, LANES), 0.0, tl.float32)
+    for g in range(groups):
+        # the next group's bytes and block codes load while this group is summed (the last group loads itself again)
+        ahead = tl.minimum(g + 1, groups - 1)
+        byte_ahead = tl.load(packed + ahead * (LANES * PAIRS))
+        qscale_ahead = tl.load(qscale_ptr + block + ahead * (LANES // 2))
+        code2 = tl.load(code2_ptr + qscale.to(tl.int32))
+        scale2 = tl.load(scale2_ptr + (block + g * (LANES // 2)) // BLOCKSIZE2)
+        if FUSED_FMA:
+            scale = tl.fma(code2, scale2, offset)
+        else:  # Triton's interpreter rounds tl.fma's product: float64 holds it exactly
+            scale = (code2.to(tl.float64) * scale2.to(tl.float64) + offset.to(tl.float64)).to(tl.float32)
+        scale = scale.to(dtype).to(tl.float32)[:, :, None]
+        nibble = byte.to(tl.int32)
+        w_even = (tl.load(nf4_ptr + (nibble >> 4)).to(dtype).to(tl.float32) * scale).to(dtype)
+        w_odd = (tl.load(nf4_ptr + (nibble & 15)).to(dtype).to(tl.float32) * scale).to(dtype)
+        xs = tl.load(x_ptr + g * (LANES * 2 * PAIRS) + x_of_lane)
+        x_even, x_odd = tl.split(tl.reshape(xs, (LANES, PAIRS, 2)))
+        # every product is rounded to dtype before it is added: nothing for the compiler to fuse into an FMA
+        q_even = (x_even.to(tl.float32)[None, :, :] * w_even.to(tl.float32)).to(dtype)
+        q_odd = (x_odd.to(tl.float32)[None, :, :] * w_odd.to(tl.float32)).to(dtype)
+        acc = _add_pairs_in_order(acc, q_even.to(tl.float32) + q_odd.to(tl.float32), BN)
+        byte, qscale = byte_ahead, qscale_ahead
+    for width in tl.static_range(5, 1, -1):  # lanes 32 -> 2 as a warp's shuffle-down sum halves them
+        acc = _fold(acc, BN, 1 << width)
+    lane0, lane1 = tl.split(acc)
+    tl.store(out_ptr + n, (lane0 + lane1 + 0.0).to(dtype), mask=n < N)
