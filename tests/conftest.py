@@ -48,19 +48,19 @@ def build_tokenizer(folder: Path):
     return fast
 
 
-def build_model(folder: Path, arch: str = "llama", seed: int = 0) -> Path:
-    """Save a 2-layer, 64-dim random model of the given architecture with the tiny tokenizer."""
+def build_model(folder: Path, arch: str = "llama", seed: int = 0, hidden: int = 64, heads: int = 4) -> Path:
+    """Save a 2-layer random model of the given architecture (64 dims unless told) with the tiny tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
     tokenizer = build_tokenizer(folder)
     common = dict(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
         max_position_embeddings=512,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from finechat.kernels import decode_ops, nf4_matmul
+from finechat.kernels import decode_ops, nf4_gemv, nf4_matmul
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,14 @@ class Decoder:
         # read once, as 4-bit) instead of bitsandbytes, which dequantizes the whole weight from 5 rows on.
         self.nf4_batched = False
         self.nf4_check = "off"  # what choose_nf4_batched found: off, unavailable, close, differs, failed
+        # With the fused kernels: one-row steps multiply by NF4 weights with finechat.kernels.nf4_gemv, which does
+        # bitsandbytes' one-row arithmetic in its order, when its products and the step's logits are bit for bit.
+        self.nf4_one = False
+        self.nf4_one_check = "off"  # what choose_nf4_one found: off, unavailable, bitwise, differs, failed
         if fused != "off":
             self.choose_fused(fused == "on")
+        if self.fused:
+            self.choose_nf4_one()
         if self.fused and slots > 1:
             self.choose_nf4_batched()
 
@@ -332,8 +338,11 @@ class Decoder:
 
     def _linear(self, module: Any, h):
         """module(h); for batched rows over an NF4 weight, finechat's 4-bit product when choose_nf4_batched chose it."""
-        if self.nf4_batched and h.shape[0] > 1 and nf4_matmul.applies(module):
-            return nf4_matmul.nf4_matmul(h, module)
+        if h.shape[0] > 1:
+            if self.nf4_batched and nf4_matmul.applies(module):
+                return nf4_matmul.nf4_matmul(h, module)
+        elif self.nf4_one and nf4_gemv.applies(module):
+            return nf4_gemv.nf4_gemv(h, module)
         return module(h)
 
     def _head(self, x, pending):
@@ -381,6 +390,38 @@ class Decoder:
         if self.kv_check == "differs" and not even_if_different:
             self.kv_weights = None  # frees the copies
             log.info("one k/v product is not bit-for-bit two here; k and v stay two products")
+
+    def choose_nf4_one(self) -> None:
+        """Use finechat's one-row NF4 product when every NF4 product of the first layer gives bitsandbytes' bits for
+        a random row and a step through it gives bit for bit the logits of a step through bitsandbytes."""
+        import torch
+
+        layer = self.layers[0]
+        attention, mlp = layer.self_attn, layer.mlp
+        modules = [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj]
+        modules += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        if not all(nf4_gemv.applies(m) for m in modules) or nf4_gemv._kernel() is None:
+            self.nf4_one_check = "unavailable"
+            return
+        try:
+            gen = torch.Generator(device=self.device).manual_seed(0)
+            same = True
+            for module in modules:
+                x = torch.randn(1, 1, module.weight.quant_state.shape[1], generator=gen, device=self.device)
+                x = x.to(self.dtype)
+                same = same and torch.equal(nf4_gemv.nf4_gemv(x, module), module(x))
+            if same:
+                reference = self._check_logits()
+                self.nf4_one = True
+                same = all(torch.equal(a, b) for a, b in zip(reference, self._check_logits(), strict=True))
+        except Exception as e:  # a kernel that fails to compile or launch: bitsandbytes runs the one-row steps
+            self.nf4_one, self.nf4_one_check = False, "failed"
+            log.warning("NF4 one-row product failed (%s: %s); one-row steps use bitsandbytes", type(e).__name__, e)
+            return
+        self.nf4_one = same
+        self.nf4_one_check = "bitwise" if same else "differs"
+        if not same:
+            log.info("NF4 one-row product is not bit for bit bitsandbytes' here; one-row steps use bitsandbytes")
 
     def choose_nf4_batched(self) -> None:
         """Use finechat's NF4 product in batched steps when the model has NF4 weights it covers and it agrees with

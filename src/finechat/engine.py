@@ -188,7 +188,7 @@ class Engine:
                 self.batcher = Batcher(decoder, self.eos_ids, self.lock)
                 log.info(
                     "fast decoding: %d slot(s) of %d positions, %s, fused kernels %s (%s), one k/v product %s (%s), "
-                    "batched NF4 product %s",
+                    "one-row NF4 product %s, batched NF4 product %s",
                     self.max_batch,
                     capacity,
                     "CUDA graphs" if decoder.graphs else "eager",
@@ -196,6 +196,7 @@ class Engine:
                     decoder.fused_check,
                     "on" if decoder.kv_weights is not None else "off",
                     decoder.kv_check,
+                    decoder.nf4_one_check,
                     decoder.nf4_check,
                 )
             self.fast_off, self._ready = reason, True
