@@ -622,7 +622,7 @@ def test_nf4_gemv_kernel_compiles_for_hopper_at_mistral_shapes(monkeypatch):
     spec.loader.exec_module(fresh)
     nf4_gemv_kernel = fresh.nf4_gemv_kernel
     types = dict(x_ptr="*bf16", packed_ptr="*u8", qscale_ptr="*u8", scale2_ptr="*fp32", code2_ptr="*fp32")
-    types |= dict(offset_ptr="*fp32", nf4_ptr="*fp32", out_ptr="*bf16")
+    types |= dict(offset_ptr="*fp32", pairs_ptr="*i32", out_ptr="*bf16")
     constants = dict(BLOCKSIZE2=256, BN=nf4_gemv._BN, FUSED_FMA=True)
     compiled = compile_for_sm90(nf4_gemv_kernel, types, constants, (*types, "N", "K"))
     assert compiled.asm["ptx"].count("fma.rn.f32") == 1

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 SUPPORTED = ("llama", "mistral")
 BATCH_SIZES = (2, 4, 8, 16, 32, 64)  # batched graphs are captured for these sizes (and for the slot count)
+# finechat's one-row NF4 product replaces bitsandbytes' only when it is at least this much faster (timed at load)
+NF4_ONE_MIN_SPEEDUP = 1.05
+REPEATS = 10  # passes over the first layer's products per timed graph
 MIN_LENGTH_BUCKET = 64  # batched steps attend over the cache rounded up to a power of two from here
 GPU_CACHE_FRACTION = 0.4  # of the GPU memory still free after loading: the KV cache's share
 CPU_CACHE_BYTES = 256 << 20
@@ -147,7 +150,8 @@ class Decoder:
         # With the fused kernels: one-row steps multiply by NF4 weights with finechat.kernels.nf4_gemv, which does
         # bitsandbytes' one-row arithmetic in its order, when its products and the step's logits are bit for bit.
         self.nf4_one = False
-        self.nf4_one_check = "off"  # what choose_nf4_one found: off, unavailable, bitwise, differs, failed
+        self.nf4_one_check = "off"  # what choose_nf4_one found: off, unavailable, bitwise, slower, differs, failed
+        self.nf4_one_speedup: float | None = None  # bitsandbytes' time over finechat's for the first layer's products
         if fused != "off":
             self.choose_fused(fused == "on")
         if self.fused:
@@ -393,7 +397,8 @@ class Decoder:
 
     def choose_nf4_one(self) -> None:
         """Use finechat's one-row NF4 product when every NF4 product of the first layer gives bitsandbytes' bits for
-        a random row and a step through it gives bit for bit the logits of a step through bitsandbytes."""
+        a random row, a step through it gives bit for bit the logits of a step through bitsandbytes, and (on CUDA)
+        the first layer's products replayed from a CUDA graph run faster through it."""
         import torch
 
         layer = self.layers[0]
@@ -418,10 +423,40 @@ class Decoder:
             self.nf4_one, self.nf4_one_check = False, "failed"
             log.warning("NF4 one-row product failed (%s: %s); one-row steps use bitsandbytes", type(e).__name__, e)
             return
-        self.nf4_one = same
-        self.nf4_one_check = "bitwise" if same else "differs"
         if not same:
+            self.nf4_one, self.nf4_one_check = False, "differs"
             log.info("NF4 one-row product is not bit for bit bitsandbytes' here; one-row steps use bitsandbytes")
+            return
+        if self.device.type == "cuda":
+            self.nf4_one_speedup = self._nf4_one_speedup(modules)
+        faster = self.nf4_one_speedup is None or self.nf4_one_speedup >= NF4_ONE_MIN_SPEEDUP
+        self.nf4_one, self.nf4_one_check = faster, "bitwise" if faster else "slower"
+
+    def _nf4_one_speedup(self, modules: list[Any]) -> float:
+        """bitsandbytes' GPU time over finechat's for one row through each of these modules, each way captured in
+        a CUDA graph of REPEATS passes (as the decode step runs them: no launch cost in the way)."""
+        import torch
+
+        rows = [torch.randn(1, 1, m.weight.quant_state.shape[1], device=self.device).to(self.dtype) for m in modules]
+        ways = {"bitsandbytes": lambda x, m: m(x), "finechat": nf4_gemv.nf4_gemv}
+        times = {}
+        for name, way in ways.items():
+            for x, m in zip(rows, modules, strict=True):
+                way(x, m)  # compiled and warm before the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(REPEATS):
+                    for x, m in zip(rows, modules, strict=True):
+                        way(x, m)
+            graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times[name] = start.elapsed_time(end)
+            del graph
+        return round(times["bitsandbytes"] / times["finechat"], 3)
 
     def choose_nf4_batched(self) -> None:
         """Use finechat's NF4 product in batched steps when the model has NF4 weights it covers and it agrees with

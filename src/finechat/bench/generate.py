@@ -155,6 +155,7 @@ def run(settings: DecodeBenchSettings, command: str = "finechat bench generate")
             "fused_check": decoder.fused_check if decoder else None,
             "joined_kv_check": decoder.kv_check if decoder else None,
             "nf4_one_row_check": decoder.nf4_one_check if decoder else None,
+            "nf4_one_row_speedup": decoder.nf4_one_speedup if decoder else None,
             "nf4_batched_check": decoder.nf4_check if decoder else None,
             "gpu_memory_gib": round(torch.cuda.memory_allocated() / 2**30, 2) if cuda else None,
         }

@@ -106,11 +106,28 @@ def nf4_gemv(x: torch.Tensor, module: Any, bn: int = _BN, num_warps: int = _WARP
     N, K = qs.shape
     out = torch.empty(N, dtype=dtype, device=x.device)
     kernel[(-(-N // bn),)](
-        x.reshape(K).contiguous(), weight, qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset, qs.code, out, N, K,
+        x.reshape(K).contiguous(), weight, qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset,
+        code_pairs(qs.code, dtype), out, N, K,
         BLOCKSIZE2=qs.state2.blocksize, BN=bn, FUSED_FMA=os.environ.get("TRITON_INTERPRET") != "1",
         num_warps=num_warps,
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], N)
+
+
+_PAIRS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def code_pairs(code: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[256] int32: for each byte value b, the NF4 code value of its high nibble (bits 0-15) and of its low nibble
+    (bits 16-31), each rounded to dtype, so the kernel looks both up at once. One table per device and dtype: NF4's
+    16 code values are the same in every weight (the decoder's check at load compares the results with
+    bitsandbytes' on the real weights)."""
+    key = (code.device, dtype)
+    if key not in _PAIRS:
+        bits = code.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+        byte = torch.arange(256, device=code.device)
+        _PAIRS[key] = bits[byte >> 4] | (bits[byte & 15] << 16)
+    return _PAIRS[key]
 
 
 def _check_input(x: torch.Tensor, module: Any) -> torch.dtype:

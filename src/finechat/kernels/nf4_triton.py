@@ -115,7 +115,7 @@ def _fold(acc, BN: tl.constexpr, M: tl.constexpr):
 
 @triton.jit
 def nf4_gemv_kernel(
-    x_ptr, packed_ptr, qscale_ptr, scale2_ptr, code2_ptr, offset_ptr, nf4_ptr, out_ptr,
+    x_ptr, packed_ptr, qscale_ptr, scale2_ptr, code2_ptr, offset_ptr, pairs_ptr, out_ptr,
     N, K,
     BLOCKSIZE2: tl.constexpr, BN: tl.constexpr, FUSED_FMA: tl.constexpr,
 ):  # fmt: skip
@@ -145,9 +145,12 @@ def nf4_gemv_kernel(
         else:  # Triton's interpreter rounds tl.fma's product: float64 holds it exactly
             scale = (code2.to(tl.float64) * scale2.to(tl.float64) + offset.to(tl.float64)).to(tl.float32)
         scale = scale.to(dtype).to(tl.float32)[:, :, None]
-        nibble = byte.to(tl.int32)
-        w_even = (tl.load(nf4_ptr + (nibble >> 4)).to(dtype).to(tl.float32) * scale).to(dtype)
-        w_odd = (tl.load(nf4_ptr + (nibble & 15)).to(dtype).to(tl.float32) * scale).to(dtype)
+        # one lookup per byte: the code values of both its nibbles, already rounded to dtype, as 16-bit halves
+        codes = tl.load(pairs_ptr + byte.to(tl.int32))
+        code_even = (codes & 0xFFFF).to(tl.int16).to(dtype, bitcast=True)
+        code_odd = (codes >> 16).to(tl.int16).to(dtype, bitcast=True)
+        w_even = (code_even.to(tl.float32) * scale).to(dtype)
+        w_odd = (code_odd.to(tl.float32) * scale).to(dtype)
         xs = tl.load(x_ptr + g * (LANES * 2 * PAIRS) + x_of_lane)
         x_even, x_odd = tl.split(tl.reshape(xs, (LANES, PAIRS, 2)))
         # every product is rounded to dtype before it is added: nothing for the compiler to fuse into an FMA
