@@ -63,6 +63,7 @@ class Settings:
     output: str | None = None
     timeout_s: int = 480  # per run
     resume_check: bool = False  # resume ddp and fsdp from their checkpoints for two more steps
+    logging_steps: int = 1  # the Trainer gathers the loss and token counts from every process at each logged step
 
 
 def run(settings: Settings, command: str) -> dict[str, Any]:
@@ -157,7 +158,7 @@ def train_flags(settings: Settings, model_dir: Path, data: Path, run_dir: Path) 
         dtype,
         "--fast-path" if settings.fast_path else "--no-fast-path",
         "--logging-steps",
-        "1",
+        str(settings.logging_steps),
         "--save-steps",
         # A checkpoint after the last step only where --resume-check needs one: an FSDP checkpoint of a 7B model
         # gathers the whole base to host memory several times, which is not what this measures.
@@ -190,7 +191,7 @@ def train_mode(mode: str, settings: Settings, model_dir: Path, data: Path, workd
     plan = distributed.Plan(mode, gpus)
     fast = settings.fast_path and mode != "fsdp"
     row: dict[str, Any] = {"mode": mode, "gpus": gpus, "tok_s": None, "peak_gib": None}
-    row.update(batch_size=settings.batch_size, seq=settings.seq, fast_path=fast)
+    row.update(batch_size=settings.batch_size, seq=settings.seq, fast_path=fast, logging_steps=settings.logging_steps)
     row["optimizer"] = distributed.optimizer(plan, "paged_adamw_32bit")  # finechat's default, as train() picks it
     if mode == "fsdp" and settings.device != "cuda":
         return {**row, "error": "FSDP needs CUDA GPUs (skipped on CPU)"}
@@ -467,6 +468,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", help="JSON path, or a folder for multigpu-CARD-DATE.json (default: benchmarks/results)")
     p.add_argument("--timeout", type=int, default=d.timeout_s, help=f"seconds per run (default: {d.timeout_s})")
     p.add_argument("--resume-check", action="store_true", help="then resume ddp and fsdp runs for two more steps")
+    p.add_argument(
+        "--logging-steps",
+        type=int,
+        default=d.logging_steps,
+        help="log (and gather across processes) every N steps; tok_s then spans N steps, tok_s_from_period does not",
+    )
     a = p.parse_args(argv)
     settings = Settings(
         arch=a.arch,
@@ -485,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         output=a.output,
         timeout_s=a.timeout,
         resume_check=a.resume_check,
+        logging_steps=a.logging_steps,
     )
     try:
         run(
