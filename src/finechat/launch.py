@@ -6,7 +6,8 @@ module reports how they ended the way finechat reports everything, in one line a
 - A process that crashed or was killed: one line naming the rank and how it ended (its own traceback, if any, is
   above), exit 1.
 
-torchrun's own log lines and its traceback on a signal stay out of the user's terminal. Started by hand,
+torchrun's own log lines and its traceback on a signal stay out of the user's terminal. Unless OMP_NUM_THREADS is
+set, each process gets its share of the CPU cores (torchrun would give each one thread). Started by hand,
 `python -m finechat.launch --standalone --nproc_per_node 2 -m finechat train ...` takes torchrun's arguments.
 """
 
@@ -36,8 +37,12 @@ def main(argv: list[str] | None = None) -> int:
 
     _quiet_torchrun()
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_TIMEOUT_S)
+    args = torchrun.parse_args(sys.argv[1:] if argv is None else argv)
+    if "OMP_NUM_THREADS" not in os.environ and str(args.nproc_per_node).isdigit():
+        # torchrun would give each process one CPU thread; the processes share the machine's cores instead
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(args.nproc_per_node)))
     try:
-        torchrun.run(torchrun.parse_args(sys.argv[1:] if argv is None else argv))
+        torchrun.run(args)
     except SignalException as e:
         return 128 + int(e.sigval)  # the processes stopped after their step and reported it
     except ChildFailedError as e:
