@@ -341,7 +341,8 @@ class Decoder:
         return x, layer.mlp(h)
 
     def _linear(self, module: Any, h):
-        """module(h); for batched rows over an NF4 weight, finechat's 4-bit product when choose_nf4_batched chose it."""
+        """module(h); over an NF4 weight, finechat's 4-bit products where choose_nf4_one (one row) and
+        choose_nf4_batched (several rows) chose them."""
         if h.shape[0] > 1:
             if self.nf4_batched and nf4_matmul.applies(module):
                 return nf4_matmul.nf4_matmul(h, module)
@@ -419,7 +420,9 @@ class Decoder:
                 reference = self._check_logits()
                 self.nf4_one = True
                 same = all(torch.equal(a, b) for a, b in zip(reference, self._check_logits(), strict=True))
-        except Exception as e:  # a kernel that fails to compile or launch: bitsandbytes runs the one-row steps
+            if same and self.device.type == "cuda":
+                self.nf4_one_speedup = self._nf4_one_speedup(modules)
+        except Exception as e:  # a kernel that fails to compile, launch or be captured: bitsandbytes runs the steps
             self.nf4_one, self.nf4_one_check = False, "failed"
             log.warning("NF4 one-row product failed (%s: %s); one-row steps use bitsandbytes", type(e).__name__, e)
             return
@@ -427,8 +430,6 @@ class Decoder:
             self.nf4_one, self.nf4_one_check = False, "differs"
             log.info("NF4 one-row product is not bit for bit bitsandbytes' here; one-row steps use bitsandbytes")
             return
-        if self.device.type == "cuda":
-            self.nf4_one_speedup = self._nf4_one_speedup(modules)
         faster = self.nf4_one_speedup is None or self.nf4_one_speedup >= NF4_ONE_MIN_SPEEDUP
         self.nf4_one, self.nf4_one_check = faster, "bitwise" if faster else "slower"
 
