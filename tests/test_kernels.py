@@ -407,13 +407,17 @@ def compile_for_sm90(fn, types: dict[str, str], constants: dict, aligned: tuple[
     return compiled
 
 
-def test_training_kernels_compile_for_hopper_at_mistral_shapes():
+@pytest.mark.parametrize("sizes", ["multiples of 16", "odd"])
+def test_training_kernels_compile_for_hopper_at_mistral_shapes(sizes):
+    """Mistral-7B's sizes are multiples of 16 (where the earlier kernels failed); odd ones are the GPU tests'."""
     pytest.importorskip("triton")
     from finechat.kernels import dropout_triton as k
 
     bf16 = "*bf16"
     types = dict(x_ptr=bf16, out_ptr=bf16, a_ptr=bf16, g_ptr=bf16, partial_ptr="*fp32", scale="fp32")
-    aligned = (*types.keys() - {"scale"}, "M", "N", "R", "G", "rows_per_split")
+    aligned = (*types.keys() - {"scale"},)
+    if sizes == "multiples of 16":
+        aligned += ("M", "N", "R", "G", "rows_per_split")
     dot = dict(Q=dropout_ops._Q, RP=16, PRECISION="tf32")
     compile_for_sm90(k.masked, types, dict(BM=32, Q=dropout_ops._Q), aligned)
     compile_for_sm90(k.lora_a, types, dict(BM=32, **dot), aligned)
