@@ -5,7 +5,8 @@ product, at Mistral-7B's projection shapes. Not a test; a diagnosis, run on an H
 
 Per shape it prints how many outputs of the PyTorch emulation and of the Triton kernel equal bitsandbytes' bit for
 bit (bf16, a few inputs; fp16 on the first shape) and the largest difference where they do not, then the time per
-call of bitsandbytes' Linear4bit, the Triton kernel at a few (BN, num_warps) settings and cuBLAS on the bf16 weight.
+call of bitsandbytes' Linear4bit, the Triton kernel at a few (BN, num_warps) settings, the batched-step kernel
+(finechat.kernels.nf4_matmul) at one row, and cuBLAS on the bf16 weight.
 Times are per call over 200 calls replayed from one CUDA graph (the decode steps run as graphs; launched one by one
 from Python, the launches would be timed instead), cycling through enough copies of the weight to exceed twice the
 L2 cache, so that each call reads its weight from memory as a decode step does. GB/s counts the bytes a call must
@@ -17,7 +18,7 @@ import bitsandbytes as bnb
 import torch
 import triton
 
-from finechat.kernels import nf4_gemv
+from finechat.kernels import nf4_gemv, nf4_matmul
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]  # (N, K): q/o, k/v, gate/up, down
 SETTINGS = [(4, 4), (2, 2), (8, 8), (8, 4), (1, 1)]  # (BN, num_warps) of the Triton kernel
@@ -112,6 +113,11 @@ def timings(N: int, K: int, dtype: torch.dtype) -> list[str]:
                 rows.append(line(f"triton BN={bn}/w{warps}", us, nf4_bytes))
             except Exception as e:
                 rows.append(f"triton BN={bn}/w{warps} failed ({type(e).__name__}: {str(e)[:200]})")
+        try:  # the batched-step kernel at one row: not bitsandbytes' bits, but how fast a non-exact path could be
+            us = graph_time_us([lambda m=m: nf4_matmul.nf4_matmul(x, m) for m in layers])
+            rows.append(line("nf4_matmul at 1 row (not bitwise)", us, nf4_bytes))
+        except Exception as e:
+            rows.append(f"nf4_matmul at 1 row failed ({type(e).__name__}: {str(e)[:200]})")
         del layers
         dense_copies = min(32, max(2, math.ceil(2 * l2 / dense_bytes)))
         weights = [(torch.randn(N, K, device="cuda") * 0.02).to(dtype) for _ in range(dense_copies)]
