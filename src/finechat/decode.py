@@ -143,6 +143,10 @@ class Decoder:
         # when bit-for-bit the two products (measured on an H200: 29 instead of 60 us a layer at batch 1).
         self.kv_weights: list[Any] | None = None
         self.kv_check = "off"  # what choose_fused found for the joined k/v product
+        # With the fused kernels: a one-row step's RMSNorms as one kernel each (decode_ops.rms_norm_row) instead of
+        # three, when bit for bit (its mean reproduces the order of PyTorch's CUDA reduction).
+        self.norm_row = False
+        self.norm_row_check = "off"  # what choose_fused found for it: off, unavailable, bitwise, differs, failed
         # With the fused kernels: batched steps multiply by NF4 weights with finechat.kernels.nf4_matmul (the weight
         # read once, as 4-bit) instead of bitsandbytes, which dequantizes the whole weight from 5 rows on.
         self.nf4_batched = False
@@ -290,6 +294,8 @@ class Decoder:
     def _norm(self, module: Any, x, pending):
         """(x + pending, module(x + pending)), pending may be None."""
         if self.fused:
+            if self.norm_row and x.shape[0] == 1:
+                return decode_ops.rms_norm_row(module, x, pending)
             return decode_ops.rms_norm(module, x, pending)
         x = x if pending is None else x + pending
         return x, module(x)
@@ -386,6 +392,7 @@ class Decoder:
             )
         if not self.fused:
             return
+        self.choose_norm_row(fused)
         self.kv_weights = self._joined_kv()
         if self.kv_weights is None:
             self.kv_check = "unavailable"
@@ -395,6 +402,24 @@ class Decoder:
         if self.kv_check == "differs" and not even_if_different:
             self.kv_weights = None  # frees the copies
             log.info("one k/v product is not bit-for-bit two here; k and v stay two products")
+
+    def choose_norm_row(self, reference: list[Any]) -> None:
+        """One kernel per RMSNorm in one-row steps, when a step through it gives the reference logits bit for bit."""
+        import torch
+
+        if decode_ops.torch_mean_order(self.lm.config.hidden_size) is None:
+            self.norm_row_check = "unavailable"
+            return
+        try:
+            self.norm_row = True
+            same = all(torch.equal(a, b) for a, b in zip(reference, self._check_logits(), strict=True))
+        except Exception as e:  # a kernel that fails to compile or launch: three kernels per norm, as before
+            self.norm_row, self.norm_row_check = False, "failed"
+            log.warning("one-kernel RMSNorm failed (%s: %s); three kernels per norm", type(e).__name__, e)
+            return
+        self.norm_row, self.norm_row_check = same, "bitwise" if same else "differs"
+        if not same:
+            log.info("one-kernel RMSNorm is not bit for bit the modules' here; three kernels per norm")
 
     def choose_nf4_one(self) -> None:
         """Use finechat's one-row NF4 product when every NF4 product of the first layer gives bitsandbytes' bits for

@@ -153,6 +153,7 @@ def run(settings: DecodeBenchSettings, command: str = "finechat bench generate")
             "positions_per_slot": decoder.capacity if decoder else 0,
             "fused_kernels": bool(decoder and decoder.fused),
             "fused_check": decoder.fused_check if decoder else None,
+            "norm_row_check": decoder.norm_row_check if decoder else None,
             "joined_kv_check": decoder.kv_check if decoder else None,
             "nf4_one_row_check": decoder.nf4_one_check if decoder else None,
             "nf4_one_row_speedup": decoder.nf4_one_speedup if decoder else None,

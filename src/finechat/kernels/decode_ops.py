@@ -7,6 +7,9 @@ kernels cut that to about 15 per layer:
 
 - `add_square(a, b)`: the residual add and the squares that RMSNorm averages (float32);
 - the mean of those squares stays a torch reduction, so its summation order is exactly the unfused norm's;
+- `rms_norm_row(module, a, b)`: all of RMSNorm for one row (the batch-1 step) in one kernel, the mean summed in the
+  order PyTorch's CUDA reduction sums one row (`torch_mean_order`), used only where a step through it gives the
+  modules' logits bit for bit;
 - `rms_apply(s, variance, weight, eps)`: x * rsqrt(variance + eps), rounded to the input dtype, times the weight;
 - `rope_into_cache(...)`: the rotary embedding of q and k, with k and v written straight into the static KV cache;
 - `silu_mul(gate, up)`: SiLU(gate) rounded, times up.
@@ -76,6 +79,75 @@ def rms_norm(module: Any, a: torch.Tensor, b: torch.Tensor | None) -> tuple[torc
     s, sq = add_square(a, b)
     variance = sq.mean(-1, keepdim=True)  # torch's reduction: the same summation order as the module's own
     return s, rms_apply(s, variance, module.weight, module.variance_epsilon)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RMSNorm of one row in one kernel: the mean of the squares summed in the order of PyTorch's own CUDA reduction
+
+
+def torch_mean_order(width: int) -> tuple[int, int] | None:
+    """(threads, vectors per thread) of the kernel PyTorch's CUDA `mean` over the last dimension of ONE contiguous
+    float32 row of `width` elements launches (ATen's Reduce.cuh: `setReduceConfig`, vectorized input), or None where
+    this module does not reproduce it (width <= 128, not a multiple of 4, or more than 4 vectors per thread; up to
+    16,384 wide).
+
+    That kernel sums as follows. The row is read as 4-element vectors; thread t of `threads` (a power of two, at most
+    512) takes vectors t, t + threads, ... and adds component i of each to its accumulator i, in order, from 0. The
+    four accumulators are added left to right. The threads' sums are then halved pairwise through shared memory
+    (thread t adds thread t + offset, offset = threads/2 down to 32), and the last 32 by a warp's shuffle-down (lane
+    t adds lane t + offset, offset = 1, 2, 4, 8, 16). The mean is that sum times float32(1 / width)."""
+    if width <= 128 or width % 4:
+        return None
+    vectors = width // 4
+    threads = 512 if vectors >= 512 else 1 << (vectors.bit_length() - 1)
+    per_thread = -(-vectors // threads)
+    return (threads, per_thread) if per_thread <= 4 else None
+
+
+def mean_factor(width: int) -> float:
+    """float32(1) / float32(width), rounded once as PyTorch's mean computes its factor."""
+    import numpy as np
+
+    return float(np.float32(1) / np.float32(width))
+
+
+def torch_mean_emulated(squares: torch.Tensor) -> torch.Tensor:
+    """The mean of one float32 row as PyTorch's CUDA kernel sums it (torch_mean_order), in PyTorch ops: the
+    reference the fused kernel is tested against (the CPU's own mean sums in another order)."""
+    width = squares.shape[-1]
+    order = torch_mean_order(width)
+    if order is None:
+        raise ValueError(f"torch_mean_emulated: width {width} is not covered")
+    threads, per_thread = order
+    padded = torch.zeros(per_thread * threads * 4, dtype=torch.float32, device=squares.device)
+    padded[:width] = squares.reshape(width).float()
+    vectors = padded.view(per_thread, threads, 4)
+    acc = vectors[0].clone()
+    for j in range(1, per_thread):
+        acc = acc + vectors[j]
+    value = ((acc[:, 0] + acc[:, 1]) + acc[:, 2]) + acc[:, 3]
+    while value.numel() > 32:
+        half = value.numel() // 2
+        value = value[:half] + value[half:]
+    for _ in range(5):  # the warp's shuffle-down, offsets 1 to 16: what lane 0 ends with
+        value = value[0::2] + value[1::2]
+    return value * torch.tensor(mean_factor(width), dtype=torch.float32, device=squares.device)
+
+
+def rms_norm_row(module: Any, a: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """rms_norm for one row in one kernel (add, squares, their mean in PyTorch's CUDA order, the norm) instead of
+    three; the caller checks torch_mean_order(width) first."""
+    width = a.shape[-1]
+    threads, per_thread = torch_mean_order(width)  # type: ignore[misc]
+    s = a if b is None else torch.empty_like(a)
+    weight = module.weight
+    out = torch.empty(a.shape, dtype=torch.promote_types(a.dtype, weight.dtype), device=a.device)
+    _kernels().rms_norm_row[(1,)](
+        a, a if b is None else b, s, weight, out, width, module.variance_epsilon, mean_factor(width),
+        HAS_B=b is not None, PRECISE=_precise(), KB=threads // 32, LOG_KB=(threads // 32).bit_length() - 1,
+        NV=per_thread,
+    )  # fmt: skip
+    return s, out
 
 
 def rms_apply(s: torch.Tensor, variance: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -212,7 +284,53 @@ def _kernels() -> Any:
         act = tl.math.div_rn(x, 1.0 + e).to(g.dtype)
         tl.store(out_ptr + offs, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=inside)
 
+    @triton.jit
+    def rms_norm_row_kernel(
+        a_ptr, b_ptr, s_ptr, w_ptr, out_ptr, width, eps, factor,
+        HAS_B: tl.constexpr, PRECISE: tl.constexpr, KB: tl.constexpr, LOG_KB: tl.constexpr, NV: tl.constexpr,
+    ):  # fmt: skip
+        # PyTorch's thread t = 32k + l (KB * 32 threads) reads the 4-element vectors j * KB * 32 + t, j < NV; here a
+        # [4, KB, 32] tile per j holds component i of thread (k, l)'s vector j
+        i = tl.arange(0, 4)[:, None, None]
+        thread = (tl.arange(0, KB)[:, None] * 32 + tl.arange(0, 32)[None, :])[None, :, :]
+        acc = tl.full([4, KB, 32], 0.0, tl.float32)
+        for j in tl.static_range(NV):
+            offs = (j * KB * 32 + thread) * 4 + i
+            inside = offs < width
+            a = tl.load(a_ptr + offs, mask=inside, other=0.0)
+            if HAS_B:
+                a = (a.to(tl.float32) + tl.load(b_ptr + offs, mask=inside, other=0.0).to(tl.float32)).to(a.dtype)
+                tl.store(s_ptr + offs, a, mask=inside)
+            f = a.to(tl.float32)
+            # each square rounded on its own (no multiply-add into the sum); zeros past the row add nothing
+            acc = acc + (libdevice.mul_rn(f, f) if PRECISE else f * f)
+        # a thread's four accumulators, left to right (a masked sum adds zeros: exact)
+        c0 = tl.sum(tl.where(i == 0, acc, 0.0), axis=0)
+        c1 = tl.sum(tl.where(i == 1, acc, 0.0), axis=0)
+        c2 = tl.sum(tl.where(i == 2, acc, 0.0), axis=0)
+        c3 = tl.sum(tl.where(i == 3, acc, 0.0), axis=0)
+        value = ((c0 + c1) + c2) + c3  # [KB, 32]
+        for level in tl.static_range(LOG_KB, 0, -1):  # shared memory: thread t adds thread t + 32 * 2**(level-1)
+            value = tl.sum(tl.reshape(value, [2, 1 << (level - 1), 32]), axis=0)
+        value = tl.reshape(value, [32])
+        for level in tl.static_range(5, 0, -1):  # a warp's shuffle-down: lane l adds lane l + 1, + 2, ..., + 16
+            value = tl.sum(tl.reshape(value, [1 << (level - 1), 2]), axis=1)
+        variance = libdevice.mul_rn(value, factor) if PRECISE else value * factor  # [1]
+        v = variance + eps
+        r = tl.reshape(libdevice.rsqrt(v) if PRECISE else tl.math.rsqrt(v), [1, 1, 1])
+        for j in tl.static_range(NV):
+            offs = (j * KB * 32 + thread) * 4 + i
+            inside = offs < width
+            a = tl.load(a_ptr + offs, mask=inside, other=0.0)
+            if HAS_B:
+                a = (a.to(tl.float32) + tl.load(b_ptr + offs, mask=inside, other=0.0).to(tl.float32)).to(a.dtype)
+            h = (a.to(tl.float32) * r).to(a.dtype)
+            w = tl.load(w_ptr + offs, mask=inside, other=0.0)
+            out = w.to(tl.float32) * h.to(tl.float32)
+            tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=inside)
+
     class Kernels:
+        rms_norm_row = rms_norm_row_kernel
         add_square = add_square_kernel
         rms_apply = rms_apply_kernel
         rope_into_cache = rope_into_cache_kernel
