@@ -306,11 +306,13 @@ def test_one_kernel_rms_norm_sums_in_the_emulated_cuda_order(width):
     module = torch.nn.Module()
     module.weight = torch.nn.Parameter((torch.rand(width, device=device, generator=gen) + 0.5).half())
     module.variance_epsilon = 1e-5
-    s, out = ops.rms_norm_row(module, a, b)
     squares = (a + b).float().pow(2)
+    for warp in ops.WARP_ORDERS:
+        s, out = ops.rms_norm_row(module, a, b, warp)
+        variance = ops.torch_mean_emulated(squares, warp)
+        assert torch.equal(s, a + b)
+        assert torch.equal(out, module.weight * ((a + b).float() * torch.rsqrt(variance + 1e-5)).half()), warp
     variance = ops.torch_mean_emulated(squares)
-    assert torch.equal(s, a + b)
-    assert torch.equal(out, module.weight * ((a + b).float() * torch.rsqrt(variance + 1e-5)).half())
     left_to_right = np.float32(0)
     for value in squares.flatten().cpu().numpy():
         left_to_right = np.float32(left_to_right + value)
@@ -669,6 +671,7 @@ def test_one_kernel_rms_norm_compiles_for_hopper():
     for threads, vectors in (decode_ops.torch_mean_order(4096), decode_ops.torch_mean_order(5120)):
         blocks = threads // 32
         constants = dict(HAS_B=True, PRECISE=True, KB=blocks, LOG_KB=blocks.bit_length() - 1, NV=vectors)
+        constants["WARP_DESCENDING"] = False
         compiled = compile_for_sm90(kernel, types, constants, ("a_ptr", "b_ptr", "s_ptr", "w_ptr", "out_ptr", "width"))
         # the squares are each rounded (mul.rn), never fused into the sums as multiply-adds
         assert "fma.rn.f32" not in compiled.asm["ptx"] and compiled.asm["ptx"].count("mul.rn") >= 4 * vectors

@@ -146,7 +146,8 @@ class Decoder:
         # With the fused kernels: a one-row step's RMSNorms as one kernel each (decode_ops.rms_norm_row) instead of
         # three, when bit for bit (its mean reproduces the order of PyTorch's CUDA reduction).
         self.norm_row = False
-        self.norm_row_check = "off"  # what choose_fused found for it: off, unavailable, bitwise, differs, failed
+        self.norm_row_check = "off"  # off, unavailable, bitwise (ascending|descending: its warp order), differs, failed
+        self.norm_row_warp = "ascending"
         # With the fused kernels: batched steps multiply by NF4 weights with finechat.kernels.nf4_matmul (the weight
         # read once, as 4-bit) instead of bitsandbytes, which dequantizes the whole weight from 5 rows on.
         self.nf4_batched = False
@@ -295,7 +296,7 @@ class Decoder:
         """(x + pending, module(x + pending)), pending may be None."""
         if self.fused:
             if self.norm_row and x.shape[0] == 1:
-                return decode_ops.rms_norm_row(module, x, pending)
+                return decode_ops.rms_norm_row(module, x, pending, self.norm_row_warp)
             return decode_ops.rms_norm(module, x, pending)
         x = x if pending is None else x + pending
         return x, module(x)
@@ -412,14 +413,17 @@ class Decoder:
             return
         try:
             self.norm_row = True
-            same = all(torch.equal(a, b) for a, b in zip(reference, self._check_logits(), strict=True))
+            for warp in decode_ops.WARP_ORDERS:  # the order as read from PyTorch's source first
+                self.norm_row_warp = warp
+                if all(torch.equal(a, b) for a, b in zip(reference, self._check_logits(), strict=True)):
+                    self.norm_row_check = f"bitwise ({warp})"
+                    return
         except Exception as e:  # a kernel that fails to compile or launch: three kernels per norm, as before
             self.norm_row, self.norm_row_check = False, "failed"
             log.warning("one-kernel RMSNorm failed (%s: %s); three kernels per norm", type(e).__name__, e)
             return
-        self.norm_row, self.norm_row_check = same, "bitwise" if same else "differs"
-        if not same:
-            log.info("one-kernel RMSNorm is not bit for bit the modules' here; three kernels per norm")
+        self.norm_row, self.norm_row_check = False, "differs"
+        log.info("one-kernel RMSNorm is not bit for bit the modules' here; three kernels per norm")
 
     def choose_nf4_one(self) -> None:
         """Use finechat's one-row NF4 product when every NF4 product of the first layer gives bitsandbytes' bits for

@@ -111,9 +111,13 @@ def mean_factor(width: int) -> float:
     return float(np.float32(1) / np.float32(width))
 
 
-def torch_mean_emulated(squares: torch.Tensor) -> torch.Tensor:
+WARP_ORDERS = ("ascending", "descending")  # the shuffle-down offsets of the last 32 sums: 1 to 16 (as read), or 16 to 1
+
+
+def torch_mean_emulated(squares: torch.Tensor, warp: str = "ascending") -> torch.Tensor:
     """The mean of one float32 row as PyTorch's CUDA kernel sums it (torch_mean_order), in PyTorch ops: the
-    reference the fused kernel is tested against (the CPU's own mean sums in another order)."""
+    reference the fused kernel is tested against (the CPU's own mean sums in another order). `warp` picks the
+    order of the warp's last five steps (WARP_ORDERS)."""
     width = squares.shape[-1]
     order = torch_mean_order(width)
     if order is None:
@@ -129,12 +133,17 @@ def torch_mean_emulated(squares: torch.Tensor) -> torch.Tensor:
     while value.numel() > 32:
         half = value.numel() // 2
         value = value[:half] + value[half:]
-    for _ in range(5):  # the warp's shuffle-down, offsets 1 to 16: what lane 0 ends with
-        value = value[0::2] + value[1::2]
+    for _ in range(5):  # the warp's shuffle-down: what lane 0 ends with
+        if warp == "descending":
+            value = value[: value.numel() // 2] + value[value.numel() // 2 :]
+        else:
+            value = value[0::2] + value[1::2]
     return value * torch.tensor(mean_factor(width), dtype=torch.float32, device=squares.device)
 
 
-def rms_norm_row(module: Any, a: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm_row(
+    module: Any, a: torch.Tensor, b: torch.Tensor | None, warp: str = "ascending"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """rms_norm for one row in one kernel (add, squares, their mean in PyTorch's CUDA order, the norm) instead of
     three; the caller checks torch_mean_order(width) first."""
     width = a.shape[-1]
@@ -145,7 +154,7 @@ def rms_norm_row(module: Any, a: torch.Tensor, b: torch.Tensor | None) -> tuple[
     _kernels().rms_norm_row[(1,)](
         a, a if b is None else b, s, weight, out, width, module.variance_epsilon, mean_factor(width),
         HAS_B=b is not None, PRECISE=_precise(), KB=threads // 32, LOG_KB=(threads // 32).bit_length() - 1,
-        NV=per_thread,
+        NV=per_thread, WARP_DESCENDING=warp == "descending",
     )  # fmt: skip
     return s, out
 
@@ -288,6 +297,7 @@ def _kernels() -> Any:
     def rms_norm_row_kernel(
         a_ptr, b_ptr, s_ptr, w_ptr, out_ptr, width, eps, factor,
         HAS_B: tl.constexpr, PRECISE: tl.constexpr, KB: tl.constexpr, LOG_KB: tl.constexpr, NV: tl.constexpr,
+        WARP_DESCENDING: tl.constexpr,
     ):  # fmt: skip
         # PyTorch's thread t = 32k + l (KB * 32 threads) reads the 4-element vectors j * KB * 32 + t, j < NV; here a
         # [4, KB, 32] tile per j holds component i of thread (k, l)'s vector j
@@ -313,8 +323,11 @@ def _kernels() -> Any:
         for level in tl.static_range(LOG_KB, 0, -1):  # shared memory: thread t adds thread t + 32 * 2**(level-1)
             value = tl.sum(tl.reshape(value, [2, 1 << (level - 1), 32]), axis=0)
         value = tl.reshape(value, [32])
-        for level in tl.static_range(5, 0, -1):  # a warp's shuffle-down: lane l adds lane l + 1, + 2, ..., + 16
-            value = tl.sum(tl.reshape(value, [1 << (level - 1), 2]), axis=1)
+        for level in tl.static_range(5, 0, -1):  # a warp's shuffle-down, lane l adding lane l + offset
+            if WARP_DESCENDING:  # offsets 16, 8, 4, 2, 1
+                value = tl.sum(tl.reshape(value, [2, 1 << (level - 1)]), axis=0)
+            else:  # offsets 1, 2, 4, 8, 16 (Reduce.cuh's block_x_reduce as read)
+                value = tl.sum(tl.reshape(value, [1 << (level - 1), 2]), axis=1)
         variance = libdevice.mul_rn(value, factor) if PRECISE else value * factor  # [1]
         v = variance + eps
         r = tl.reshape(libdevice.rsqrt(v) if PRECISE else tl.math.rsqrt(v), [1, 1, 1])
