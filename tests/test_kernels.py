@@ -675,3 +675,35 @@ def test_one_kernel_rms_norm_compiles_for_hopper():
         compiled = compile_for_sm90(kernel, types, constants, ("a_ptr", "b_ptr", "s_ptr", "w_ptr", "out_ptr", "width"))
         # the squares are each rounded (mul.rn), never fused into the sums as multiply-adds
         assert "fma.rn.f32" not in compiled.asm["ptx"] and compiled.asm["ptx"].count("mul.rn") >= 4 * vectors
+
+
+def test_decode_and_dequantize_kernels_compile_for_hopper():
+    """The decode step's other fused kernels and the NF4 dequantization, as Mistral-7B's bf16 decode step and
+    training launch them."""
+    pytest.importorskip("triton")
+    from finechat.kernels import decode_ops, nf4
+    from finechat.kernels.nf4_triton import dequantize_nf4
+
+    k = decode_ops._kernels()
+    bf16 = "*bf16"
+    compile_for_sm90(
+        k.add_square, dict(a_ptr=bf16, b_ptr=bf16, s_ptr=bf16, sq_ptr="*fp32"), dict(HAS_B=True, BLOCK=4096),
+        ("a_ptr", "b_ptr", "s_ptr", "sq_ptr", "width"),
+    )  # fmt: skip
+    compile_for_sm90(
+        k.rms_apply, dict(s_ptr=bf16, var_ptr="*fp32", w_ptr=bf16, out_ptr=bf16, eps="fp32"),
+        dict(PRECISE=True, BLOCK=4096), ("s_ptr", "w_ptr", "out_ptr", "width"),
+    )  # fmt: skip
+    pointers = ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "q_out_ptr", "keys_ptr", "values_ptr")
+    compile_for_sm90(
+        k.rope_into_cache, {**dict.fromkeys(pointers, bf16), "pos_ptr": "*i64"}, dict(DIM=128, PRECISE=True),
+        (*pointers, "pos_ptr", "q_row", "k_row", "v_row", "capacity"),
+    )  # fmt: skip
+    compile_for_sm90(
+        k.silu_mul, dict(g_ptr=bf16, u_ptr=bf16, out_ptr=bf16), dict(PRECISE=True, BLOCK=1024),
+        ("g_ptr", "u_ptr", "out_ptr", "n"),
+    )  # fmt: skip
+    types = dict(packed_ptr="*u8", qscale_ptr="*u8", scale2_ptr="*fp32", code2_ptr="*fp32", offset_ptr="*fp32")
+    types |= dict(nf4_ptr="*fp32", out_ptr=bf16, n="i64", n_bytes="i64")
+    constants = dict(BLOCKSIZE=64, BLOCKSIZE2=256, BYTES=nf4._BYTES)
+    compile_for_sm90(dequantize_nf4, types, constants, (*types, "n", "n_bytes"))
