@@ -312,6 +312,9 @@ def test_one_kernel_rms_norm_sums_in_the_emulated_cuda_order(width):
         variance = ops.torch_mean_emulated(squares, warp)
         assert torch.equal(s, a + b)
         assert torch.equal(out, module.weight * ((a + b).float() * torch.rsqrt(variance + 1e-5)).half()), warp
+    rows = torch.cat([a, b, a + b])  # several rows (batched steps): each summed as it is alone
+    _, together = ops.rms_norm_row(module, rows, None)
+    assert all(torch.equal(together[r : r + 1], ops.rms_norm_row(module, rows[r : r + 1], None)[1]) for r in range(3))
     variance = ops.torch_mean_emulated(squares)
     left_to_right = np.float32(0)
     for value in squares.flatten().cpu().numpy():

@@ -143,8 +143,8 @@ class Decoder:
         # when bit-for-bit the two products (measured on an H200: 29 instead of 60 us a layer at batch 1).
         self.kv_weights: list[Any] | None = None
         self.kv_check = "off"  # what choose_fused found for the joined k/v product
-        # With the fused kernels: a one-row step's RMSNorms as one kernel each (decode_ops.rms_norm_row) instead of
-        # three, when bit for bit (its mean reproduces the order of PyTorch's CUDA reduction).
+        # With the fused kernels: each RMSNorm as one kernel (decode_ops.rms_norm_row) instead of three, when a
+        # one-row step through it is bit for bit (its mean reproduces the order of PyTorch's CUDA reduction).
         self.norm_row = False
         self.norm_row_check = "off"  # off, unavailable, bitwise (ascending|descending: its warp order), differs, failed
         self.norm_row_warp = "ascending"
@@ -295,7 +295,7 @@ class Decoder:
     def _norm(self, module: Any, x, pending):
         """(x + pending, module(x + pending)), pending may be None."""
         if self.fused:
-            if self.norm_row and x.shape[0] == 1:
+            if self.norm_row:  # chosen for its bits in one-row steps; batched steps use it too
                 return decode_ops.rms_norm_row(module, x, pending, self.norm_row_warp)
             return decode_ops.rms_norm(module, x, pending)
         x = x if pending is None else x + pending

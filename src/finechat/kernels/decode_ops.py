@@ -144,14 +144,16 @@ def torch_mean_emulated(squares: torch.Tensor, warp: str = "ascending") -> torch
 def rms_norm_row(
     module: Any, a: torch.Tensor, b: torch.Tensor | None, warp: str = "ascending"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """rms_norm for one row in one kernel (add, squares, their mean in PyTorch's CUDA order, the norm) instead of
-    three; the caller checks torch_mean_order(width) first."""
+    """rms_norm in one kernel (add, squares, their mean in PyTorch's CUDA order for one row, the norm) instead of
+    three; the caller checks torch_mean_order(width) first. Several rows are each summed as a lone row is (PyTorch
+    would sum a batch in another order: batched steps are not bitwise batch-1 steps anyway)."""
     width = a.shape[-1]
+    rows = a.numel() // width
     threads, per_thread = torch_mean_order(width)  # type: ignore[misc]
     s = a if b is None else torch.empty_like(a)
     weight = module.weight
     out = torch.empty(a.shape, dtype=torch.promote_types(a.dtype, weight.dtype), device=a.device)
-    _kernels().rms_norm_row[(1,)](
+    _kernels().rms_norm_row[(rows,)](
         a, a if b is None else b, s, weight, out, width, module.variance_epsilon, mean_factor(width),
         HAS_B=b is not None, PRECISE=_precise(), KB=threads // 32, LOG_KB=(threads // 32).bit_length() - 1,
         NV=per_thread, WARP_DESCENDING=warp == "descending",
@@ -301,16 +303,18 @@ def _kernels() -> Any:
     ):  # fmt: skip
         # PyTorch's thread t = 32k + l (KB * 32 threads) reads the 4-element vectors j * KB * 32 + t, j < NV; here a
         # [4, KB, 32] tile per j holds component i of thread (k, l)'s vector j
+        row = tl.program_id(0).to(tl.int64) * width  # one program per row, each summed as a lone row is
         i = tl.arange(0, 4)[:, None, None]
         thread = (tl.arange(0, KB)[:, None] * 32 + tl.arange(0, 32)[None, :])[None, :, :]
         acc = tl.full([4, KB, 32], 0.0, tl.float32)
         for j in tl.static_range(NV):
             offs = (j * KB * 32 + thread) * 4 + i
             inside = offs < width
-            a = tl.load(a_ptr + offs, mask=inside, other=0.0)
+            a = tl.load(a_ptr + row + offs, mask=inside, other=0.0)
             if HAS_B:
-                a = (a.to(tl.float32) + tl.load(b_ptr + offs, mask=inside, other=0.0).to(tl.float32)).to(a.dtype)
-                tl.store(s_ptr + offs, a, mask=inside)
+                b = tl.load(b_ptr + row + offs, mask=inside, other=0.0)
+                a = (a.to(tl.float32) + b.to(tl.float32)).to(a.dtype)
+                tl.store(s_ptr + row + offs, a, mask=inside)
             f = a.to(tl.float32)
             # each square rounded on its own (no multiply-add into the sum); zeros past the row add nothing
             acc = acc + (libdevice.mul_rn(f, f) if PRECISE else f * f)
@@ -334,13 +338,14 @@ def _kernels() -> Any:
         for j in tl.static_range(NV):
             offs = (j * KB * 32 + thread) * 4 + i
             inside = offs < width
-            a = tl.load(a_ptr + offs, mask=inside, other=0.0)
+            a = tl.load(a_ptr + row + offs, mask=inside, other=0.0)
             if HAS_B:
-                a = (a.to(tl.float32) + tl.load(b_ptr + offs, mask=inside, other=0.0).to(tl.float32)).to(a.dtype)
+                b = tl.load(b_ptr + row + offs, mask=inside, other=0.0)
+                a = (a.to(tl.float32) + b.to(tl.float32)).to(a.dtype)
             h = (a.to(tl.float32) * r).to(a.dtype)
             w = tl.load(w_ptr + offs, mask=inside, other=0.0)
             out = w.to(tl.float32) * h.to(tl.float32)
-            tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=inside)
+            tl.store(out_ptr + row + offs, out.to(out_ptr.dtype.element_ty), mask=inside)
 
     class Kernels:
         rms_norm_row = rms_norm_row_kernel
