@@ -88,8 +88,8 @@ def rms_norm(module: Any, a: torch.Tensor, b: torch.Tensor | None) -> tuple[torc
 def torch_mean_order(width: int) -> tuple[int, int] | None:
     """(threads, vectors per thread) of the kernel PyTorch's CUDA `mean` over the last dimension of ONE contiguous
     float32 row of `width` elements launches (ATen's Reduce.cuh: `setReduceConfig`, vectorized input), or None where
-    this module does not reproduce it (width <= 128, not a multiple of 4, or more than 4 vectors per thread; up to
-    16,384 wide).
+    this module does not reproduce it (width <= 128, not a multiple of 4, or more than 4 vectors per thread: over
+    8,192 wide).
 
     That kernel sums as follows. The row is read as 4-element vectors; thread t of `threads` (a power of two, at most
     512) takes vectors t, t + threads, ... and adds component i of each to its accumulator i, in order, from 0. The
