@@ -335,6 +335,7 @@ def _kernels() -> Any:
         variance = libdevice.mul_rn(value, factor) if PRECISE else value * factor  # [1]
         v = variance + eps
         r = tl.reshape(libdevice.rsqrt(v) if PRECISE else tl.math.rsqrt(v), [1, 1, 1])
+        # second pass: a + b again rather than s read back, which another thread may have written (no barrier here)
         for j in tl.static_range(NV):
             offs = (j * KB * 32 + thread) * 4 + i
             inside = offs < width
