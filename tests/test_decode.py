@@ -302,7 +302,7 @@ def test_batched_nf4_steps_use_the_4bit_product_and_equal_one_at_a_time(interpre
     engine = Engine(model, tokenizer, max_batch=3, fused="on")  # float32: numpy's exp may differ in the last bit
     engine.warm_up()
     decoder = engine.batcher.decoder
-    assert decoder.fused and decoder.nf4_check == "close" and decoder.nf4_batched
+    assert decoder.fused and decoder.nf4_check == "close" and decoder.nf4_way == "finechat"  # no timing off CUDA
     jobs = [(prompt(engine, i), greedy(n)) for i, n in enumerate([20, 35, 12])]
     alone = [engine.generate(*job).complete() for job in jobs]
     engine.batcher.largest = 0
@@ -385,6 +385,24 @@ def test_one_row_nf4_steps_give_bitsandbytes_bits_on_gpu(tmp_path, monkeypatch):
     engine.close()
 
 
+def test_batched_nf4_steps_in_pieces_of_four_rows_equal_one_at_a_time(interpreted, tiny_mistral_dir):
+    """The third way of batched NF4 products: bitsandbytes' own call on pieces of at most four rows."""
+    from finechat.models import load_for_inference
+
+    model, tokenizer = load_for_inference(str(tiny_mistral_dir), quantize="nf4", compute_dtype="float32")
+    engine = Engine(model, tokenizer, max_batch=6, fused="on")
+    engine.warm_up()
+    decoder = engine.batcher.decoder
+    assert decoder.nf4_check == "close"
+    decoder.nf4_way = "pieces"
+    jobs = [(prompt(engine, i), greedy(n)) for i, n in enumerate([20, 35, 12, 18, 25, 9])]
+    alone = [engine.generate(*job).complete() for job in jobs]
+    engine.batcher.largest = 0
+    assert concurrently(engine, jobs) == alone
+    assert engine.batcher.largest > decode.NF4_PIECE_ROWS
+    engine.close()
+
+
 @pytest.mark.gpu
 def test_batched_graphs_equal_one_at_a_time_in_float32_on_gpu(tiny_model_dir):
     engine = Engine.load(str(tiny_model_dir), compute_dtype="float32", max_batch=4)
@@ -402,9 +420,15 @@ def test_batched_graphs_equal_one_at_a_time_in_float32_on_gpu(tiny_model_dir):
 def test_batched_nf4_steps_use_the_4bit_product_on_gpu(tiny_mistral_dir):
     """NF4 weights, float32 compute: batched steps through finechat.kernels.nf4_matmul give the replies one at a
     time gives."""
-    engine = Engine.load(str(tiny_mistral_dir), quantize="nf4", compute_dtype="float32", max_batch=4)
+    engine = Engine.load(str(tiny_mistral_dir), quantize="nf4", compute_dtype="float32", max_batch=8)
     decoder = engine.batcher.decoder
-    assert decoder.graphs and decoder.nf4_check == "close" and decoder.nf4_batched
+    assert decoder.graphs and decoder.nf4_check == "close"
+    # every captured batch size and NF4 weight shape got the fastest way of a timing at load
+    shapes = {tuple(m.weight.quant_state.shape) for m in decoder._projections(0)}
+    assert set(decoder.nf4_ways) == {(b, *shape) for b in decoder.batch_sizes for shape in shapes}
+    assert all(
+        t[decoder.nf4_ways[tuple(map(int, k.split("x")))]] == min(t.values()) for k, t in decoder.nf4_times.items()
+    )
     jobs = [(prompt(engine, i), greedy(n)) for i, n in enumerate([12, 30, 50, 21, 44, 9])]
     alone = [engine.generate(*job).complete() for job in jobs]
     assert concurrently(engine, jobs) == alone

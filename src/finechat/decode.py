@@ -11,6 +11,7 @@ matrix products run at another shape), as in every batching server."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import sys
@@ -26,6 +27,11 @@ BATCH_SIZES = (2, 4, 8, 16, 32, 64)  # batched graphs are captured for these siz
 # finechat's one-row NF4 product replaces bitsandbytes' only when it is at least this much faster (timed at load)
 NF4_ONE_MIN_SPEEDUP = 1.05
 REPEATS = 10  # passes over the first layer's products per timed graph
+# Batched steps over NF4 weights, timed at load per batch size and weight shape: finechat's product (the weight read
+# once, as 4-bit), bitsandbytes' own call, or bitsandbytes' call on pieces of NF4_PIECE_ROWS rows, the most it
+# multiplies straight from the 4-bit weight for every shape (from 5 rows on it may dequantize the whole weight).
+NF4_WAYS = ("finechat", "bitsandbytes", "pieces")
+NF4_PIECE_ROWS = 4
 MIN_LENGTH_BUCKET = 64  # batched steps attend over the cache rounded up to a power of two from here
 GPU_CACHE_FRACTION = 0.4  # of the GPU memory still free after loading: the KV cache's share
 CPU_CACHE_BYTES = 256 << 20
@@ -148,9 +154,12 @@ class Decoder:
         self.norm_row = False
         self.norm_row_check = "off"  # off, unavailable, bitwise (ascending|descending: its warp order), differs, failed
         self.norm_row_warp = "ascending"
-        # With the fused kernels: batched steps multiply by NF4 weights with finechat.kernels.nf4_matmul (the weight
-        # read once, as 4-bit) instead of bitsandbytes, which dequantizes the whole weight from 5 rows on.
-        self.nf4_batched = False
+        # With the fused kernels: how batched steps multiply by NF4 weights, per (rows, out features, in features):
+        # one of NF4_WAYS, chosen by choose_nf4_batched (on CUDA: the fastest in a timing at load). bitsandbytes
+        # dequantizes a whole weight to bf16 from 5 rows on for most of Mistral-7B's shapes on an H100/H200.
+        self.nf4_ways: dict[tuple[int, int, int], str] = {}
+        self.nf4_way = "bitsandbytes"  # for a shape or row count not in nf4_ways
+        self.nf4_times: dict[str, dict[str, float]] = {}  # "rows x N x K" -> way -> microseconds per product
         self.nf4_check = "off"  # what choose_nf4_batched found: off, unavailable, close, differs, failed
         # With the fused kernels: one-row steps multiply by NF4 weights with finechat.kernels.nf4_gemv, which does
         # bitsandbytes' one-row arithmetic in its order, when its products and the step's logits are bit for bit.
@@ -351,8 +360,8 @@ class Decoder:
         """module(h); over an NF4 weight, finechat's 4-bit products where choose_nf4_one (one row) and
         choose_nf4_batched (several rows) chose them."""
         if h.shape[0] > 1:
-            if self.nf4_batched and nf4_matmul.applies(module):
-                return nf4_matmul.nf4_matmul(h, module)
+            if self.nf4_check == "close" and nf4_matmul.applies(module):
+                return self._nf4_rows(self._nf4_way(module, h.shape[0]), module, h)
         elif self.nf4_one and nf4_gemv.applies(module):
             return nf4_gemv.nf4_gemv(h, module)
         return module(h)
@@ -431,10 +440,7 @@ class Decoder:
         the first layer's products replayed from a CUDA graph run faster through it."""
         import torch
 
-        layer = self.layers[0]
-        attention, mlp = layer.self_attn, layer.mlp
-        modules = [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj]
-        modules += [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        modules = self._projections(0)
         if not all(nf4_gemv.applies(m) for m in modules) or nf4_gemv._kernel() is None:
             self.nf4_one_check = "unavailable"
             return
@@ -469,28 +475,16 @@ class Decoder:
 
         rows = [torch.randn(1, 1, m.weight.quant_state.shape[1], device=self.device).to(self.dtype) for m in modules]
         ways = {"bitsandbytes": lambda x, m: m(x), "finechat": nf4_gemv.nf4_gemv}
-        times = {}
-        for name, way in ways.items():
-            for x, m in zip(rows, modules, strict=True):
-                way(x, m)  # compiled and warm before the capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(REPEATS):
-                    for x, m in zip(rows, modules, strict=True):
-                        way(x, m)
-            graph.replay()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times[name] = start.elapsed_time(end)
-            del graph
+        times = {
+            name: _graph_ms(lambda way=way: [way(x, m) for x, m in zip(rows, modules, strict=True)])
+            for name, way in ways.items()
+        }
         return round(times["bitsandbytes"] / times["finechat"], 3)
 
     def choose_nf4_batched(self) -> None:
-        """Use finechat's NF4 product in batched steps when the model has NF4 weights it covers and it agrees with
-        bitsandbytes on them to rounding (not bitwise: batched rows never are)."""
+        """How batched steps multiply by NF4 weights: when finechat's product agrees with bitsandbytes to rounding
+        (not bitwise: batched rows never are), each of the first layer's weight shapes at each captured batch size
+        goes the fastest of NF4_WAYS in a CUDA-graph timing; off CUDA (no timing), finechat's product throughout."""
         import torch
 
         layer = self.layers[0]
@@ -506,15 +500,78 @@ class Decoder:
                 x = torch.randn(4, 1, k, generator=gen, device=self.device).to(self.dtype)
                 got, want = nf4_matmul.nf4_matmul(x, module).float(), module(x).float()
                 worst = max(worst, ((got - want).norm() / want.norm()).item())
-        except Exception as e:  # a kernel that fails to compile or launch: bitsandbytes runs the batched steps
-            self.nf4_check = "failed"
+            tolerance = 1e-5 if self.dtype == torch.float32 else 2e-2
+            if worst >= tolerance:
+                self.nf4_check = "differs"
+                log.warning("NF4 batched product differs from bitsandbytes (relative error %.3g); not used", worst)
+                return
+            if self.device.type == "cuda":
+                self.nf4_ways = self._fastest_nf4_ways()
+            else:
+                self.nf4_way = "finechat"
+        except Exception as e:  # a kernel that fails to compile, launch or be captured: bitsandbytes runs them
+            self.nf4_check, self.nf4_ways, self.nf4_way = "failed", {}, "bitsandbytes"
             log.warning("NF4 batched product failed (%s: %s); batched steps use bitsandbytes", type(e).__name__, e)
             return
-        tolerance = 1e-5 if self.dtype == torch.float32 else 2e-2
-        self.nf4_batched = worst < tolerance
-        self.nf4_check = "close" if self.nf4_batched else "differs"
-        if not self.nf4_batched:
-            log.warning("NF4 batched product differs from bitsandbytes (relative error %.3g); not used", worst)
+        self.nf4_check = "close"
+
+    def _projections(self, i: int) -> list[Any]:
+        """Layer i's seven projections: q, k, v, o, gate, up, down."""
+        attention, mlp = self.layers[i].self_attn, self.layers[i].mlp
+        return [
+            attention.q_proj,
+            attention.k_proj,
+            attention.v_proj,
+            attention.o_proj,
+            mlp.gate_proj,
+            mlp.up_proj,
+            mlp.down_proj,
+        ]
+
+    @property
+    def nf4_summary(self) -> str:
+        """What choose_nf4_batched found, with how many (batch size, weight shape) pairs go each way."""
+        if self.nf4_check != "close" or not self.nf4_ways:
+            return self.nf4_check if self.nf4_check != "close" else f"close ({self.nf4_way} throughout)"
+        counts = {w: list(self.nf4_ways.values()).count(w) for w in NF4_WAYS}
+        return "close (" + ", ".join(f"{w} {n}" for w, n in counts.items() if n) + " of the timed shapes)"
+
+    def _nf4_way(self, module: Any, rows: int) -> str:
+        n, k = module.weight.quant_state.shape
+        return self.nf4_ways.get((rows, n, k), self.nf4_way)
+
+    @staticmethod
+    def _nf4_rows(way: str, module: Any, h):
+        """h [rows, 1, K] times the module's NF4 weight, the given way (one of NF4_WAYS)."""
+        import torch
+
+        if way == "finechat":
+            return nf4_matmul.nf4_matmul(h, module)
+        if way == "pieces" and h.shape[0] > NF4_PIECE_ROWS:
+            return torch.cat([module(h[i : i + NF4_PIECE_ROWS]) for i in range(0, h.shape[0], NF4_PIECE_ROWS)])
+        return module(h)
+
+    def _fastest_nf4_ways(self) -> dict[tuple[int, int, int], str]:
+        """(rows, out features, in features) -> the fastest way, for every captured batch size and every NF4 weight
+        shape of the first layer, each way timed in a CUDA graph of REPEATS products."""
+        import torch
+
+        shapes: dict[tuple[int, int], Any] = {}
+        for module in self._projections(0):
+            if nf4_matmul.applies(module):
+                shapes.setdefault(tuple(module.weight.quant_state.shape), module)
+        ways: dict[tuple[int, int, int], str] = {}
+        for rows in self.batch_sizes:
+            for (n, k), module in shapes.items():
+                x = torch.randn(rows, 1, k, device=self.device).to(self.dtype)
+                candidates = [w for w in NF4_WAYS if w != "pieces" or rows > NF4_PIECE_ROWS]
+                if rows > nf4_matmul.MAX_ROWS:
+                    candidates.remove("finechat")
+                times = {way: _graph_ms(functools.partial(self._nf4_rows, way, module, x)) for way in candidates}
+                ways[rows, n, k] = min(times, key=times.__getitem__)
+                self.nf4_times[f"{rows}x{n}x{k}"] = {w: round(t * 1000 / REPEATS, 1) for w, t in times.items()}
+        log.info("NF4 batched products (us per product by way): %s", self.nf4_times)
+        return ways
 
     def _joined_kv(self) -> list[Any] | None:
         """Per layer, k_proj's and v_proj's weights stacked (copies), when both are plain bias-free Linear layers."""
@@ -614,3 +671,22 @@ def _graph(fn: Any, pool: Any) -> tuple[Any, Any]:
     with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         out = fn()
     return graph, out
+
+
+def _graph_ms(fn: Any) -> float:
+    """GPU milliseconds of one replay of a CUDA graph of REPEATS calls of fn (called once before, to compile and
+    warm up), with no launch cost in the way, as the decode steps replay their products."""
+    import torch
+
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(REPEATS):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)

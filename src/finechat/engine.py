@@ -198,7 +198,7 @@ class Engine:
                     "on" if decoder.kv_weights is not None else "off",
                     decoder.kv_check,
                     decoder.nf4_one_check,
-                    decoder.nf4_check,
+                    decoder.nf4_summary,
                 )
             self.fast_off, self._ready = reason, True
             self.warmup_s = time.perf_counter() - start
