@@ -422,7 +422,7 @@ def test_batched_nf4_steps_use_the_4bit_product_on_gpu(tiny_mistral_dir):
     time gives."""
     engine = Engine.load(str(tiny_mistral_dir), quantize="nf4", compute_dtype="float32", max_batch=8)
     decoder = engine.batcher.decoder
-    assert decoder.graphs and decoder.nf4_check == "close"
+    assert decoder.graphs and decoder.nf4_check == "timed"
     # every captured batch size and NF4 weight shape got the fastest way of a timing at load
     shapes = {tuple(m.weight.quant_state.shape) for m in decoder._projections(0)}
     assert set(decoder.nf4_ways) == {(b, *shape) for b in decoder.batch_sizes for shape in shapes}

@@ -28,9 +28,10 @@ BATCH_SIZES = (2, 4, 8, 16, 32, 64)  # batched graphs are captured for these siz
 NF4_ONE_MIN_SPEEDUP = 1.05
 REPEATS = 10  # passes over the first layer's products per timed graph
 # Batched steps over NF4 weights, timed at load per batch size and weight shape: finechat's product (the weight read
-# once, as 4-bit), bitsandbytes' own call, or bitsandbytes' call on pieces of NF4_PIECE_ROWS rows, the most it
-# multiplies straight from the 4-bit weight for every shape (from 5 rows on it may dequantize the whole weight).
-NF4_WAYS = ("finechat", "bitsandbytes", "pieces")
+# once, as 4-bit), bitsandbytes' own call (from 5 rows on it may dequantize the whole weight), that call on pieces of
+# NF4_PIECE_ROWS rows (the most it always multiplies straight from the 4-bit weight), or bitsandbytes' fused kernel
+# called directly (nf4_matmul.bitsandbytes_kernel).
+NF4_WAYS = ("finechat", "bitsandbytes", "pieces", "bitsandbytes-kernel")
 NF4_PIECE_ROWS = 4
 MIN_LENGTH_BUCKET = 64  # batched steps attend over the cache rounded up to a power of two from here
 GPU_CACHE_FRACTION = 0.4  # of the GPU memory still free after loading: the KV cache's share
@@ -160,7 +161,7 @@ class Decoder:
         self.nf4_ways: dict[tuple[int, int, int], str] = {}
         self.nf4_way = "bitsandbytes"  # for a shape or row count not in nf4_ways
         self.nf4_times: dict[str, dict[str, float]] = {}  # "rows x N x K" -> way -> microseconds per product
-        self.nf4_check = "off"  # what choose_nf4_batched found: off, unavailable, close, differs, failed
+        self.nf4_check = "off"  # what choose_nf4_batched found: off, unavailable, timed, close, differs, failed
         # With the fused kernels: one-row steps multiply by NF4 weights with finechat.kernels.nf4_gemv, which does
         # bitsandbytes' one-row arithmetic in its order, when its products and the step's logits are bit for bit.
         self.nf4_one = False
@@ -360,7 +361,7 @@ class Decoder:
         """module(h); over an NF4 weight, finechat's 4-bit products where choose_nf4_one (one row) and
         choose_nf4_batched (several rows) chose them."""
         if h.shape[0] > 1:
-            if self.nf4_check == "close" and nf4_matmul.applies(module):
+            if (self.nf4_ways or self.nf4_way != "bitsandbytes") and nf4_matmul.applies(module):
                 return self._nf4_rows(self._nf4_way(module, h.shape[0]), module, h)
         elif self.nf4_one and nf4_gemv.applies(module):
             return nf4_gemv.nf4_gemv(h, module)
@@ -482,38 +483,39 @@ class Decoder:
         return round(times["bitsandbytes"] / times["finechat"], 3)
 
     def choose_nf4_batched(self) -> None:
-        """How batched steps multiply by NF4 weights: when finechat's product agrees with bitsandbytes to rounding
-        (not bitwise: batched rows never are), each of the first layer's weight shapes at each captured batch size
-        goes the fastest of NF4_WAYS in a CUDA-graph timing; off CUDA (no timing), finechat's product throughout."""
+        """How batched steps multiply by NF4 weights (not bitwise a one-row step: batched rows never are). On CUDA,
+        each of the first layer's weight shapes at each captured batch size goes the fastest of NF4_WAYS in a
+        CUDA-graph timing, among the ways that agree with bitsandbytes' call to rounding ("timed"); elsewhere (no
+        timing) finechat's product throughout, when it agrees ("close")."""
         import torch
 
         layer = self.layers[0]
-        modules = [layer.self_attn.q_proj, layer.mlp.down_proj]
-        if not all(nf4_matmul.applies(m) for m in modules) or nf4_matmul._kernel() is None:
+        if not all(nf4_matmul.applies(m) for m in (layer.self_attn.q_proj, layer.mlp.down_proj)):
             self.nf4_check = "unavailable"
             return
+        tolerance = 1e-5 if self.dtype == torch.float32 else 2e-2
         try:
+            if self.device.type == "cuda":
+                self.nf4_ways, self.nf4_check = self._fastest_nf4_ways(tolerance), "timed"
+                return
+            if nf4_matmul._kernel() is None:
+                self.nf4_check = "unavailable"
+                return
             gen = torch.Generator(device=self.device).manual_seed(0)
             worst = 0.0
-            for module in modules:
-                k = module.weight.quant_state.shape[1]
-                x = torch.randn(4, 1, k, generator=gen, device=self.device).to(self.dtype)
-                got, want = nf4_matmul.nf4_matmul(x, module).float(), module(x).float()
+            for module in (layer.self_attn.q_proj, layer.mlp.down_proj):
+                x = torch.randn(4, 1, module.weight.quant_state.shape[1], generator=gen, device=self.device)
+                got, want = nf4_matmul.nf4_matmul(x.to(self.dtype), module).float(), module(x.to(self.dtype)).float()
                 worst = max(worst, ((got - want).norm() / want.norm()).item())
-            tolerance = 1e-5 if self.dtype == torch.float32 else 2e-2
-            if worst >= tolerance:
-                self.nf4_check = "differs"
-                log.warning("NF4 batched product differs from bitsandbytes (relative error %.3g); not used", worst)
-                return
-            if self.device.type == "cuda":
-                self.nf4_ways = self._fastest_nf4_ways()
-            else:
-                self.nf4_way = "finechat"
         except Exception as e:  # a kernel that fails to compile, launch or be captured: bitsandbytes runs them
-            self.nf4_check, self.nf4_ways, self.nf4_way = "failed", {}, "bitsandbytes"
-            log.warning("NF4 batched product failed (%s: %s); batched steps use bitsandbytes", type(e).__name__, e)
+            self.nf4_check, self.nf4_ways = "failed", {}
+            log.warning("NF4 batched products failed (%s: %s); batched steps use bitsandbytes", type(e).__name__, e)
             return
-        self.nf4_check = "close"
+        if worst >= tolerance:
+            self.nf4_check = "differs"
+            log.warning("NF4 batched product differs from bitsandbytes (relative error %.3g); not used", worst)
+            return
+        self.nf4_check, self.nf4_way = "close", "finechat"
 
     def _projections(self, i: int) -> list[Any]:
         """Layer i's seven projections: q, k, v, o, gate, up, down."""
@@ -530,11 +532,13 @@ class Decoder:
 
     @property
     def nf4_summary(self) -> str:
-        """What choose_nf4_batched found, with how many (batch size, weight shape) pairs go each way."""
-        if self.nf4_check != "close" or not self.nf4_ways:
-            return self.nf4_check if self.nf4_check != "close" else f"close ({self.nf4_way} throughout)"
+        """What choose_nf4_batched found; when timed, how many (batch size, weight shape) pairs go each way."""
+        if self.nf4_check == "close":
+            return f"close ({self.nf4_way} throughout)"
+        if self.nf4_check != "timed":
+            return self.nf4_check
         counts = {w: list(self.nf4_ways.values()).count(w) for w in NF4_WAYS}
-        return "close (" + ", ".join(f"{w} {n}" for w, n in counts.items() if n) + " of the timed shapes)"
+        return "timed: " + ", ".join(f"{w} {n}" for w, n in counts.items() if n) + f" of {len(self.nf4_ways)}"
 
     def _nf4_way(self, module: Any, rows: int) -> str:
         n, k = module.weight.quant_state.shape
@@ -547,13 +551,16 @@ class Decoder:
 
         if way == "finechat":
             return nf4_matmul.nf4_matmul(h, module)
+        if way == "bitsandbytes-kernel":
+            return nf4_matmul.bitsandbytes_kernel(h, module)
         if way == "pieces" and h.shape[0] > NF4_PIECE_ROWS:
             return torch.cat([module(h[i : i + NF4_PIECE_ROWS]) for i in range(0, h.shape[0], NF4_PIECE_ROWS)])
         return module(h)
 
-    def _fastest_nf4_ways(self) -> dict[tuple[int, int, int], str]:
+    def _fastest_nf4_ways(self, tolerance: float) -> dict[tuple[int, int, int], str]:
         """(rows, out features, in features) -> the fastest way, for every captured batch size and every NF4 weight
-        shape of the first layer, each way timed in a CUDA graph of REPEATS products."""
+        shape of the first layer, each way that agrees with bitsandbytes' call to the tolerance (relative) timed in
+        a CUDA graph of REPEATS products."""
         import torch
 
         shapes: dict[tuple[int, int], Any] = {}
@@ -564,10 +571,20 @@ class Decoder:
         for rows in self.batch_sizes:
             for (n, k), module in shapes.items():
                 x = torch.randn(rows, 1, k, device=self.device).to(self.dtype)
+                want = module(x).float()
                 candidates = [w for w in NF4_WAYS if w != "pieces" or rows > NF4_PIECE_ROWS]
-                if rows > nf4_matmul.MAX_ROWS:
+                if rows > nf4_matmul.MAX_ROWS or nf4_matmul._kernel() is None:
                     candidates.remove("finechat")
-                times = {way: _graph_ms(functools.partial(self._nf4_rows, way, module, x)) for way in candidates}
+                times = {}
+                for way in candidates:
+                    run = functools.partial(self._nf4_rows, way, module, x)
+                    try:
+                        got = run().float()
+                    except RuntimeError as e:  # e.g. no fused kernel in this bitsandbytes
+                        log.info("NF4 batched way %s unavailable (%s)", way, e)
+                        continue
+                    if ((got - want).norm() / want.norm()).item() < tolerance:  # a way that agrees to rounding
+                        times[way] = _graph_ms(run)
                 ways[rows, n, k] = min(times, key=times.__getitem__)
                 self.nf4_times[f"{rows}x{n}x{k}"] = {w: round(t * 1000 / REPEATS, 1) for w, t in times.items()}
         log.info("NF4 batched products (us per product by way): %s", self.nf4_times)

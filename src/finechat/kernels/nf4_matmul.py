@@ -50,6 +50,30 @@ def nf4_matmul_reference(x: torch.Tensor, module: Any) -> torch.Tensor:
     return x @ bnbf.dequantize_4bit(weight, weight.quant_state).to(x.dtype).t()
 
 
+def bitsandbytes_kernel(x: torch.Tensor, module: Any) -> torch.Tensor:
+    """x @ W^T through bitsandbytes' own fused 4-bit kernel (SIMT below 8 rows, mma.sync above), whatever the
+    number of rows. bitsandbytes' dispatch sends most of Mistral-7B's shapes past 4 rows to dequantize-then-multiply
+    on sm_90 instead; finechat.decode times both at load. Raises RuntimeError where this bitsandbytes has no such
+    kernel (it is internal to bitsandbytes 0.50's CUDA backend)."""
+    impl = _bitsandbytes_kernel()
+    if impl is None or x.device.type != "cuda":
+        raise RuntimeError("bitsandbytes' fused 4-bit kernel is not available here")
+    qs = module.weight.quant_state
+    return impl(
+        x, module.weight.view(-1, 1), qs.shape, qs.state2.absmax, qs.blocksize, qs.quant_type,
+        absmax_8bit=qs.absmax, absmax_code=qs.state2.code, absmax_offset=qs.offset,
+    )  # fmt: skip
+
+
+@functools.cache
+def _bitsandbytes_kernel() -> Any:
+    try:
+        from bitsandbytes.backends.cuda import ops
+    except Exception:  # no CUDA build of bitsandbytes
+        return None
+    return getattr(ops, "_gemm_4bit_kernel_impl", None)
+
+
 def nf4_matmul(x: torch.Tensor, module: Any) -> torch.Tensor:
     """x [..., K] @ W^T -> [..., N] for at most MAX_ROWS rows of x, in x's dtype (float32 accumulation)."""
     kernel = _kernel()
