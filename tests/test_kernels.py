@@ -193,7 +193,7 @@ def require_triton_dropout():
 def philox_keep(seed: int, p: float, rows: int, cols: int) -> np.ndarray:
     """The keep-mask as finechat.kernels.dropout documents it, from a numpy Philox-4x32-10 (Triton's constants)."""
     mask32 = np.uint64(0xFFFFFFFF)
-    q, lanes = dropout_ops._Q, 4
+    q, lanes = dropout_ops._Q, 8
     groups = -(-cols // (lanes * q))
     r, c = np.meshgrid(np.arange(rows, dtype=np.uint64), np.arange(cols, dtype=np.uint64), indexing="ij")
     group, lane, j = c // np.uint64(lanes * q), (c // np.uint64(q)) % np.uint64(lanes), c % np.uint64(q)
@@ -211,8 +211,9 @@ def philox_keep(seed: int, p: float, rows: int, cols: int) -> np.ndarray:
             prod_a & mask32,
         )
         k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask32, (k1 + np.uint64(0xBB67AE85)) & mask32
-    draw = np.choose(lane.astype(np.int64), [c0, c1, c2, c3])
-    return (draw >> np.uint64(1)) >= np.uint64(dropout_ops._threshold(p))
+    output = np.choose((lane // np.uint64(2)).astype(np.int64), [c0, c1, c2, c3])
+    draw = (output >> (np.uint64(16) * (lane % np.uint64(2)))) & np.uint64(0xFFFF)  # lane 2l + h: half h of output l
+    return draw >= np.uint64(dropout_ops._threshold(p))
 
 
 @gpu

@@ -1,12 +1,14 @@
 """LoRA-input dropout regenerated from a seed: the keep-mask is never stored; forward and backward draw it again.
 
 The mask of an input x, seen as a matrix [M, N] (rows = tokens, any leading dimensions flattened), is a pure function
-of (seed, p, row, column). On CUDA it comes from Philox-4x32-10 (Triton's `randint4x`), one call per 4 elements:
-columns are cut into groups of 4*Q; in group g, lane l in 0..3 holds columns g*4Q + l*Q + [0, Q), and the element at
-(row r, lane l, position j) takes output l of the Philox counter r*G*Q + g*Q + j (G groups per row). An element is
-kept when its 32-bit draw shifted right by one is at least round(p * 2^31), so it is dropped with probability p
-(within 2^-32). Drawing one value per Philox call (`tl.rand`, the previous version) made the kernels
-arithmetic-bound: 137 ms of GPU time per step at 8x1024 on Mistral-7B (H200), for ~120 GB of memory traffic.
+of (seed, p, row, column). On CUDA it comes from Philox-4x32-10 (Triton's `randint4x`), one call per 8 elements, each
+drawing 16 bits: columns are cut into groups of 8*Q; in group g, lane L = 2l + h in 0..7 holds columns
+g*8Q + L*Q + [0, Q), and the element at (row r, lane L, position j) takes half h (0: low 16 bits, 1: high) of output l
+of the Philox counter r*G*Q + g*Q + j (G groups per row). An element is kept when its 16-bit draw is at least
+round(p * 2^16), so it is dropped with probability p within 2^-17. Drawing one value per Philox call (`tl.rand`, the
+first version) made the kernels arithmetic-bound: 137 ms of GPU time per step at 8x1024 on Mistral-7B (H200), for
+~120 GB of memory traffic; one 32-bit value per output (four per call, the second version) still left the fused
+kernels bound by Philox's multiplications: 95 ms a step, `lora_a` at a seventh of the card's bandwidth (round 3).
 
 The operations, each one Triton kernel on CUDA and its reference in plain PyTorch beside it:
 - masked(x, p, seed) = x * keep (no 1/(1-p): the caller folds it into the adapter scale);
@@ -48,8 +50,8 @@ def _fused_failed(e: Exception) -> None:
     log.warning("fused dropout kernels failed to compile (%s); using the mask kernel and cuBLAS", _BROKEN["fused"])
 
 
-_Q = 32  # columns per Philox lane: the mask's layout depends on it, so every kernel uses the same value
-_GROUP = 4 * _Q
+_Q = 16  # columns per Philox lane: the mask's layout depends on it, so every kernel uses the same value
+_GROUP = 8 * _Q  # columns per group: eight lanes, the 16-bit halves of Philox's four outputs
 _generators: dict[torch.device, torch.Generator] = {}
 
 
@@ -191,10 +193,10 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _threshold(p: float) -> int:
-    """Drop an element when its 31-bit draw is below this (a 32-bit kernel argument)."""
+    """Drop an element when its 16-bit draw is below this."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability {p} outside [0, 1)")
-    return min(round(p * 2**31), 2**31 - 1)
+    return min(round(p * 2**16), 2**16 - 1)
 
 
 def _seed31(seed: int) -> int:

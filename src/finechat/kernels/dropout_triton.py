@@ -1,10 +1,11 @@
 """The Triton kernels of finechat.kernels.dropout (the mask's layout, the operations and their references are
 described there). Importing this module needs Triton.
 
-Every kernel works on whole column groups: one [BM, 4Q] tile per group, its keep-mask assembled from the four outputs
-of one Philox call per [BM, Q] position. (Four [BM, Q] lanes, each with its own product, was the previous form: on
-Triton 3.6 for sm_90 it failed to compile once the column count was specialized as a multiple of 16, an assertion in
-the layout conversion; the one-tile form compiles, and reads each row of the group in one go.)"""
+Every kernel works on whole column groups: one [BM, 8Q] tile per group, its keep-mask assembled from the eight 16-bit
+halves of the four outputs of one Philox call per [BM, Q] position. (Four [BM, Q] lanes, each with its own product,
+was an earlier form: on Triton 3.6 for sm_90 it failed to compile once the column count was specialized as a
+multiple of 16, an assertion in the layout conversion; the one-tile form compiles, and reads each row of the group
+in one go.)"""
 
 import triton
 import triton.language as tl
@@ -12,17 +13,19 @@ import triton.language as tl
 
 @triton.jit
 def draws(seed, rows, group, G, BM: tl.constexpr, Q: tl.constexpr):
-    """[BM, 4Q] 32-bit draws for columns group*4Q + [0, 4Q) of these rows (int64): column l*Q + j holds output l of
-    the Philox counter row*G*Q + group*Q + j."""
+    """[BM, 8Q] 16-bit draws for columns group*8Q + [0, 8Q) of these rows (int64): column (2l + h)*Q + j holds half h
+    (0: the low 16 bits, 1: the high) of output l of the Philox counter row*G*Q + group*Q + j."""
     counter = rows[:, None] * (G * Q) + group * Q + tl.arange(0, Q)[None, :]
     r0, r1, r2, r3 = tl.randint4x(seed, counter)
     lanes = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # [BM, Q, 2, 2]: [row, j, a, b] is output a + 2b
-    return tl.reshape(tl.permute(lanes, (0, 3, 2, 1)), (BM, 4 * Q))  # [row, b, a, j] -> column (2b + a)*Q + j
+    halves = tl.join(lanes & 0xFFFF, lanes >> 16)  # [BM, Q, 2, 2, 2]: [row, j, a, b, h]
+    # [row, b, a, h, j] -> column (4b + 2a + h)*Q + j = (2l + h)*Q + j
+    return tl.reshape(tl.permute(halves, (0, 3, 2, 4, 1)), (BM, 8 * Q))
 
 
 @triton.jit
 def kept(draw, threshold):
-    return (draw >> 1).to(tl.int32, bitcast=True) >= threshold
+    return draw.to(tl.int32, bitcast=True) >= threshold
 
 
 @triton.jit
@@ -34,8 +37,8 @@ def tile(rows, col0, M, N, W: tl.constexpr):
 
 @triton.jit
 def dropped(x_ptr, rows, group, M, N, G, threshold, seed, BM: tl.constexpr, Q: tl.constexpr):
-    """x * keep on the [BM, 4Q] tile of column group `group` (zeros outside the matrix), with the tile's columns."""
-    offs, inside, cols = tile(rows, group * 4 * Q, M, N, 4 * Q)
+    """x * keep on the [BM, 8Q] tile of column group `group` (zeros outside the matrix), with the tile's columns."""
+    offs, inside, cols = tile(rows, group * 8 * Q, M, N, 8 * Q)
     x = tl.load(x_ptr + offs, mask=inside, other=0.0)
     return tl.where(kept(draws(seed, rows, group, G, BM, Q), threshold), x, 0.0).to(x.dtype), cols
 
@@ -45,7 +48,7 @@ def masked(x_ptr, out_ptr, M, N, G, threshold, seed, BM: tl.constexpr, Q: tl.con
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     group = tl.program_id(1)
     xd, _ = dropped(x_ptr, rows, group, M, N, G, threshold, seed, BM, Q)
-    offs, inside, _ = tile(rows, group * 4 * Q, M, N, 4 * Q)
+    offs, inside, _ = tile(rows, group * 8 * Q, M, N, 8 * Q)
     tl.store(out_ptr + offs, xd, mask=inside)
 
 
@@ -61,7 +64,7 @@ def lora_a(
     for group in range(0, G):
         xd, cols = dropped(x_ptr, rows, group, M, N, G, threshold, seed, BM, Q)
         a_t = tl.load(a_ptr + r[None, :] * N + cols[:, None], mask=(cols[:, None] < N) & (r[None, :] < R), other=0.0)
-        acc = tl.dot(xd, a_t, acc, input_precision=PRECISION)  # [BM, 4Q] @ [4Q, RP]
+        acc = tl.dot(xd, a_t, acc, input_precision=PRECISION)  # [BM, 8Q] @ [8Q, RP]
     inside = (rows[:, None] < M) & (r[None, :] < R)
     tl.store(out_ptr + rows[:, None] * R + r[None, :], acc.to(out_ptr.dtype.element_ty), mask=inside)
 
@@ -75,13 +78,13 @@ def lora_a_grad(
     group = tl.program_id(0)
     split = tl.program_id(1)
     r = tl.arange(0, RP)
-    acc = tl.zeros((RP, 4 * Q), dtype=tl.float32)
+    acc = tl.zeros((RP, 8 * Q), dtype=tl.float32)
     for start in range(0, rows_per_split, BM):
         rows = (split * rows_per_split + start + tl.arange(0, BM)).to(tl.int64)
         g_t = tl.load(g_ptr + rows[None, :] * R + r[:, None], mask=(rows[None, :] < M) & (r[:, None] < R), other=0.0)
         xd, _ = dropped(x_ptr, rows, group, M, N, G, threshold, seed, BM, Q)
-        acc = tl.dot(g_t, xd, acc, input_precision=PRECISION)  # [RP, BM] @ [BM, 4Q]
-    cols = group * 4 * Q + tl.arange(0, 4 * Q)
+        acc = tl.dot(g_t, xd, acc, input_precision=PRECISION)  # [RP, BM] @ [BM, 8Q]
+    cols = group * 8 * Q + tl.arange(0, 8 * Q)
     out_ptr = partial_ptr + split.to(tl.int64) * R * N
     tl.store(out_ptr + r[:, None] * N + cols[None, :], acc, mask=(r[:, None] < R) & (cols[None, :] < N))
 
@@ -91,13 +94,13 @@ def lora_dx(
     out_ptr, g_ptr, a_ptr, M, N, R, G, threshold, seed, scale,
     BM: tl.constexpr, Q: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """out[M, N] = scale * keep * (g @ A), one [BM, 4Q] tile per program."""
+    """out[M, N] = scale * keep * (g @ A), one [BM, 8Q] tile per program."""
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     group = tl.program_id(1)
     r = tl.arange(0, RP)
     g = tl.load(g_ptr + rows[:, None] * R + r[None, :], mask=(rows[:, None] < M) & (r[None, :] < R), other=0.0)
-    offs, inside, cols = tile(rows, group * 4 * Q, M, N, 4 * Q)
+    offs, inside, cols = tile(rows, group * 8 * Q, M, N, 8 * Q)
     a = tl.load(a_ptr + r[:, None] * N + cols[None, :], mask=(r[:, None] < R) & (cols[None, :] < N), other=0.0)
-    t = tl.dot(g, a, input_precision=PRECISION)  # [BM, RP] @ [RP, 4Q], float32
+    t = tl.dot(g, a, input_precision=PRECISION)  # [BM, RP] @ [RP, 8Q], float32
     out = tl.where(kept(draws(seed, rows, group, G, BM, Q), threshold), t * scale, 0.0)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=inside)
