@@ -187,6 +187,41 @@ def test_ddp_options_reach_accelerate(tiny_model_dir, text_file, tmp_path):
     assert distributed.DDP_OPTIONS["find_unused_parameters"] is False
 
 
+def _any_process_worker(rank: int, world: int, init: str, out: str) -> None:
+    """One of test_any_process_agrees_over_the_host's processes."""
+    from unittest import mock
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    result = {"gloo": [distributed.any_process(rank == 1), distributed.any_process(False)]}
+    assert distributed.host_group() is None  # gloo reduces host tensors itself
+    with mock.patch.object(dist, "get_backend", return_value="nccl"):  # what the helper sees under NCCL
+        group = distributed.host_group()
+        result["nccl"] = [distributed.any_process(rank == 0), distributed.any_process(False)]
+        result["made_once"] = distributed.host_group() is group
+    result["group_backend"] = dist.get_backend(group)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_any_process_agrees_over_the_host(tmp_path):
+    """Each process's Ctrl-C flag reaches the others over host tensors: on the default group under gloo, and under
+    NCCL (faked: no GPUs here) over a gloo group of its own, made once, so the check never waits for the GPU."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_any_process_worker, args=(2, f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result == {
+            "gloo": [True, False],
+            "nccl": [True, False],
+            "made_once": True,
+            "group_backend": "gloo",
+        }
+
+
 def adapter_layout(path: Path) -> dict[str, tuple[list[int], str]]:
     """Tensor name -> (shape, dtype) of a saved adapter file."""
     from safetensors import safe_open

@@ -180,10 +180,28 @@ def any_process(flag: bool) -> bool:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
         return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    # On the host, over gloo: callbacks.InterruptCallback asks after every step, and the NCCL all-reduce plus .item()
+    # it used to do waited for the GPU to finish the step, so the host could never queue the next one ahead.
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=host_group())
     return bool(t.item())
+
+
+_host_group: tuple[Any, Any] | None = None  # (default group, a gloo group over the same processes)
+
+
+def host_group() -> Any:
+    """The process group of all processes to reduce host (CPU) tensors over: None (the default group) when that runs
+    gloo, else a gloo group made on the first call. All processes must make that first call at the same point."""
+    import torch.distributed as dist
+
+    global _host_group
+    if "gloo" in str(dist.get_backend()):
+        return None
+    world = dist.group.WORLD
+    if _host_group is None or _host_group[0] is not world:  # none yet, or made for a process group since destroyed
+        _host_group = (world, dist.new_group(backend="gloo"))
+    return _host_group[1]
 
 
 # How DistributedDataParallel wraps a LoRA model (finechat's fast path included):

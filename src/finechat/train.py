@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +98,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     stopper = InterruptCallback()
     trainer.add_callback(stopper)
     try:
-        with stopper.armed():
+        with stopper.armed(), _frozen_heap():
             output = trainer.train(resume_from_checkpoint=str(start) if start else None)
     except torch.OutOfMemoryError:
         raise UserError(
@@ -141,6 +144,20 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         push(run_dir, config.push_to_hub)
     distributed.finish(plan)
     return summary
+
+
+@contextlib.contextmanager
+def _frozen_heap() -> Iterator[None]:
+    """Leave the objects alive now (model, tokenizer, datasets: millions under a real corpus) out of Python's garbage
+    collections while the block runs. A full collection walks every tracked object; one during a step stalls that
+    step, and under DDP every process with it. Suspected of the 3.2 s step that hit both GPUs at once in the H200
+    bench (docs/benchmarks.md; steptrace's gc_s will say)."""
+    gc.collect()  # what is garbage already is freed, not frozen
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()  # collectable again: train() may run many times in one process (the tests do)
 
 
 def _build_trainer(
@@ -208,7 +225,11 @@ def _build_trainer(
         data_seed=config.seed,
         report_to="none",
         disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="non_padding",  # counted on the device between logging steps (finechat.trainer)
+        # The filter checks every micro-step's loss for NaN/inf on the host, a GPU sync per micro-step. Off, a NaN loss
+        # shows as NaN in metrics.jsonl; with it, the NaN steps (and once the weights are NaN, all later ones) were
+        # logged as the mean of earlier losses, while the optimizer stepped on them all the same.
+        logging_nan_inf_filter=False,
         dataloader_num_workers=0,
         **distributed.trainer_kwargs(plan, on_gpu),
     )
