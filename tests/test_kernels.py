@@ -386,7 +386,6 @@ def test_nf4_matmul_multiplies_like_dequantize_then_matmul(monkeypatch):
     """finechat.kernels.nf4_matmul (batched decode steps over NF4 weights): several output blocks and K splits, the
     last split shorter, 2 to 16 rows; under Triton's interpreter on CPU."""
     import importlib
-    from types import SimpleNamespace
 
     pytest.importorskip("triton")
     from finechat.kernels import nf4_matmul, nf4_triton
@@ -395,20 +394,33 @@ def test_nf4_matmul_multiplies_like_dequantize_then_matmul(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         importlib.reload(nf4_triton)  # its kernels are built for the interpreter from here
     nf4_matmul._kernel.cache_clear()
+    try:
+        check_nf4_matmul(nf4_matmul)
+    finally:  # later tests compile the module's kernels for sm_90: built for the interpreter, their helpers cannot be
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        importlib.reload(nf4_triton)
+        nf4_matmul._kernel.cache_clear()
+
+
+def check_nf4_matmul(nf4_matmul) -> None:
+    from types import SimpleNamespace
+
     device = kernel_device()
-    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
-        packed, qs = quantized(192, 1024, dtype, device)
+    # K = 1088: 17 blocks of 64, so the last 256-wide step of the K range is part-full
+    for (n, k), dtype, tol in [((192, 1024), torch.float32, 1e-5), ((96, 1088), torch.float32, 1e-5)] + [
+        ((192, 1024), torch.float16, 2e-3)
+    ]:
+        packed, qs = quantized(n, k, dtype, device)
         packed.quant_state = qs
         module = SimpleNamespace(weight=packed, bias=None)
         assert nf4_matmul.applies(module)
         for rows in (2, 5, 16):
-            x = torch.randn(rows, 1, 1024, device=device).to(dtype)
+            x = torch.randn(rows, 1, k, device=device).to(dtype)
             got = nf4_matmul.nf4_matmul(x, module)
-            assert got.shape == (rows, 1, 192) and got.dtype == dtype
-            assert rel_err(got, nf4_matmul.nf4_matmul_reference(x, module)) < tol, (dtype, rows)
+            assert got.shape == (rows, 1, n) and got.dtype == dtype
+            assert rel_err(got, nf4_matmul.nf4_matmul_reference(x, module)) < tol, (dtype, rows, k)
     with pytest.raises(ValueError, match="at most 16"):
         nf4_matmul.nf4_matmul(torch.randn(17, 1024, device=device).to(dtype), module)
-    nf4_matmul._kernel.cache_clear()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -417,7 +429,7 @@ def test_nf4_matmul_multiplies_like_dequantize_then_matmul(monkeypatch):
 # is where the previous dropout kernels failed on the GPU and the interpreter could not tell.
 
 
-def compile_for_sm90(fn, types: dict[str, str], constants: dict, aligned: tuple[str, ...]):
+def compile_for_sm90(fn, types: dict[str, str], constants: dict, aligned: tuple[str, ...], **options):
     """Compile fn to a cubin for sm_90 (returns the compiled kernel); arguments not named in types or constants are
     32-bit integers."""
     import triton
@@ -434,7 +446,7 @@ def compile_for_sm90(fn, types: dict[str, str], constants: dict, aligned: tuple[
         constexprs={index[name]: value for name, value in constants.items()},
         attrs={index[name]: [["tt.divisibility", 16]] for name in aligned if name in index},
     )
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options or None)
     assert compiled.asm["cubin"], fn.__name__
     return compiled
 
@@ -464,8 +476,11 @@ def test_batched_nf4_kernel_compiles_for_hopper_at_mistral_shapes():
 
     types = dict(x_ptr="*bf16", packed_ptr="*u8", qscale_ptr="*u8", scale2_ptr="*fp32", code2_ptr="*fp32")
     types |= dict(offset_ptr="*fp32", nf4_ptr="*fp32", partial_ptr="*fp32")
-    constants = dict(STEPS=13, BLOCKSIZE2=256, BM=nf4_matmul.MAX_ROWS, BN=nf4_matmul._BN, BK=64, PRECISION="tf32")
-    compile_for_sm90(nf4_matmul_kernel, types, constants, (*types, "M", "N", "K"))
+    for settings in nf4_matmul.SETTINGS.values():  # every tile setting the decoder may time
+        constants = dict(STEPS=13, BLOCKSIZE2=256, BM=nf4_matmul.MAX_ROWS, BN=settings["bn"], BK=settings["bk"])
+        constants |= dict(BLOCK=64, PRECISION="tf32")
+        launch = dict(num_warps=settings["num_warps"], num_stages=settings["num_stages"])
+        compile_for_sm90(nf4_matmul_kernel, types, constants, (*types, "M", "N", "K"), **launch)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

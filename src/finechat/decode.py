@@ -28,7 +28,7 @@ BATCH_SIZES = (2, 4, 8, 16, 32, 64)  # batched graphs are captured for these siz
 NF4_ONE_MIN_SPEEDUP = 1.05
 REPEATS = 10  # passes over the first layer's products per timed graph
 # Batched steps over NF4 weights, timed at load per batch size and weight shape: finechat's product (the weight read
-# once, as 4-bit), bitsandbytes' own call (from 5 rows on it may dequantize the whole weight), that call on pieces of
+# once, as 4-bit; timed at each of nf4_matmul.SETTINGS), bitsandbytes' own call (from 5 rows on it may dequantize the whole weight), that call on pieces of
 # NF4_PIECE_ROWS rows (the most it always multiplies straight from the 4-bit weight), or bitsandbytes' fused kernel
 # called directly (nf4_matmul.bitsandbytes_kernel).
 NF4_WAYS = ("finechat", "bitsandbytes", "pieces", "bitsandbytes-kernel")
@@ -537,7 +537,8 @@ class Decoder:
             return f"close ({self.nf4_way} throughout)"
         if self.nf4_check != "timed":
             return self.nf4_check
-        counts = {w: list(self.nf4_ways.values()).count(w) for w in NF4_WAYS}
+        chosen = list(self.nf4_ways.values())
+        counts = {w: chosen.count(w) for w in dict.fromkeys(chosen)}
         return "timed: " + ", ".join(f"{w} {n}" for w, n in counts.items() if n) + f" of {len(self.nf4_ways)}"
 
     def _nf4_way(self, module: Any, rows: int) -> str:
@@ -549,8 +550,8 @@ class Decoder:
         """h [rows, 1, K] times the module's NF4 weight, the given way (one of NF4_WAYS)."""
         import torch
 
-        if way == "finechat":
-            return nf4_matmul.nf4_matmul(h, module)
+        if way in nf4_matmul.SETTINGS:  # finechat's kernel, at one of its timed tile settings
+            return nf4_matmul.nf4_matmul(h, module, **nf4_matmul.SETTINGS[way])
         if way == "bitsandbytes-kernel":
             return nf4_matmul.bitsandbytes_kernel(h, module)
         if way == "pieces" and h.shape[0] > NF4_PIECE_ROWS:
@@ -573,8 +574,9 @@ class Decoder:
                 x = torch.randn(rows, 1, k, device=self.device).to(self.dtype)
                 want = module(x).float()
                 candidates = [w for w in NF4_WAYS if w != "pieces" or rows > NF4_PIECE_ROWS]
-                if rows > nf4_matmul.MAX_ROWS or nf4_matmul._kernel() is None:
-                    candidates.remove("finechat")
+                candidates.remove("finechat")
+                if rows <= nf4_matmul.MAX_ROWS and nf4_matmul._kernel() is not None:
+                    candidates += list(nf4_matmul.SETTINGS)  # the kernel at each of its tile settings
                 times = {}
                 for way in candidates:
                     run = functools.partial(self._nf4_rows, way, module, x)

@@ -3,10 +3,12 @@ registers: the weight is read once, as 4-bit, whatever the number of rows.
 
 bitsandbytes 0.50 keeps its fused 4-bit kernel only up to 4 rows for most of Mistral-7B's projections on an H100 or
 H200; from 5 rows it writes the whole weight out in bf16 and multiplies that (measured on an H200: a 16-row decode
-step took 13.2 ms against 5.3 ms for one row, so 16 NF4 streams gave only 5.5x one stream). Here one program decodes
-a [BN, 64] tile of W (the 4-bit values, the block's 8-bit scale through its second-level scale, the offset, as
-bitsandbytes' dequantize does) and multiplies it with the rows' [16, 64] tile; the K range is split across programs
-when N alone leaves SMs idle, and the partial sums add up in a fixed order.
+step took 13.2 ms against 5.3 ms for one row, so 16 NF4 streams gave only 5.5x one stream). Here each step of a
+program decodes a [BN, BK] tile of W (the 4-bit values through a tree of selects over the 16 code values held in
+registers, each block's 8-bit scale through its second-level scale, the offset, as bitsandbytes' dequantize does) and
+multiplies it with the rows' [16, BK] tile; the K range is split across programs when N alone leaves SMs idle, and the
+partial sums add up in a fixed order. (The first version looked each code value up in memory, one gather per weight,
+and ran at 40 GB/s on an H200, 17-25x slower than bitsandbytes: round 3 in docs/benchmarks.md.)
 
 The rows are not bitwise bitsandbytes' (the products run in another order), as no batched row is bitwise a batch-1
 row; the one-row step keeps bitsandbytes' kernel. `finechat.decode` checks the kernel against the reference at load
@@ -22,7 +24,16 @@ import torch
 from finechat.kernels import checked
 
 MAX_ROWS = 16  # tl.dot's smallest side; more rows go through bitsandbytes
-_BN = 64  # output features per program
+_BN = 32  # output features per program
+_BK = 128  # weights of K per step: two quantization blocks, 64 contiguous bytes of each row
+# Tile and launch settings finechat.decode times at load, per weight shape and row count (name -> nf4_matmul's keyword
+# arguments). All four compile for sm_90 without register spills (ptxas -v: 144-218 registers a thread).
+SETTINGS: dict[str, dict[str, int]] = {
+    "finechat": dict(bn=_BN, bk=_BK, num_warps=4, num_stages=1),
+    "finechat-64x128-s2": dict(bn=64, bk=128, num_warps=4, num_stages=2),
+    "finechat-64x256-w8": dict(bn=64, bk=256, num_warps=8, num_stages=1),
+    "finechat-16x256": dict(bn=16, bk=256, num_warps=4, num_stages=1),
+}
 
 
 def applies(module: Any) -> bool:
@@ -74,8 +85,12 @@ def _bitsandbytes_kernel() -> Any:
     return getattr(ops, "_gemm_4bit_kernel_impl", None)
 
 
-def nf4_matmul(x: torch.Tensor, module: Any) -> torch.Tensor:
-    """x [..., K] @ W^T -> [..., N] for at most MAX_ROWS rows of x, in x's dtype (float32 accumulation)."""
+def nf4_matmul(
+    x: torch.Tensor, module: Any, bn: int = _BN, num_warps: int = 4, num_stages: int = 1, bk: int = _BK
+) -> torch.Tensor:
+    """x [..., K] @ W^T -> [..., N] for at most MAX_ROWS rows of x, in x's dtype (float32 accumulation). bn, bk,
+    num_warps and num_stages are the kernel's tile and launch settings (the defaults are what decoding uses; the
+    probe benchmarks/probes/nf4_matmul.py times others)."""
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("the NF4 matmul kernel is not available (no Triton)")
@@ -86,16 +101,16 @@ def nf4_matmul(x: torch.Tensor, module: Any) -> torch.Tensor:
     M = x2.shape[0]
     if M > MAX_ROWS:
         raise ValueError(f"nf4_matmul: {M} rows (at most {MAX_ROWS})")
-    steps = K // qs.blocksize
-    n_blocks = -(-N // _BN)
+    steps = -(-K // bk)
+    n_blocks = -(-N // bn)
     splits = max(1, min(steps, -(-2 * _sm_count(x.device) // n_blocks)))
-    k_per_split = -(-steps // splits) * qs.blocksize
-    splits = -(-K // k_per_split)
+    steps_per_split = -(-steps // splits)
+    splits = -(-steps // steps_per_split)
     partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
     kernel[(n_blocks, splits)](
         x2, weight, qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset, qs.code, partial, M, N, K,
-        STEPS=k_per_split // qs.blocksize, BLOCKSIZE2=qs.state2.blocksize, BM=MAX_ROWS, BN=_BN, BK=qs.blocksize,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        STEPS=steps_per_split, BLOCKSIZE2=qs.state2.blocksize, BM=MAX_ROWS, BN=bn, BK=bk, BLOCK=qs.blocksize,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     out = partial[0] if splits == 1 else partial.sum(0)
     return out.to(x.dtype).reshape(*x.shape[:-1], N)
