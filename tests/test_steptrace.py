@@ -2,6 +2,7 @@
 
 import gc
 import json
+import time
 from types import SimpleNamespace
 
 import torch
@@ -36,6 +37,34 @@ def test_records_every_step_and_profiles_the_asked_one(tmp_path, monkeypatch):
     assert "aten::mm" in {op["name"] for op in profile["top_host_ops"]}
     assert "aten::mm" in (tmp_path / "trace" / "profile-rank1.txt").read_text()
     assert not (tmp_path / "trace" / "profile-rank0.json").exists()
+
+
+def waiting_for_the_other_rank(seconds: float) -> None:
+    time.sleep(seconds)  # stands in for whatever stalls a step
+
+
+def test_a_stalled_step_records_where_the_main_thread_was(tmp_path, monkeypatch):
+    """Host and drain time per step; a step past 3x the median (and STALL_MIN_S) gets the main thread's stacks."""
+    monkeypatch.setattr(steptrace, "STALL_MIN_S", 0.1)
+    monkeypatch.setattr(steptrace, "STALL_EVERY_S", 0.05)
+    trace = steptrace.StepTrace(tmp_path, rank=0)
+    state = SimpleNamespace(global_step=0)
+    trace.on_train_begin(None, state, None)
+    for step in range(1, 6):
+        trace.on_step_begin(None, state, None)
+        waiting_for_the_other_rank(0.4 if step == 5 else 0.01)
+        state.global_step = step
+        trace.on_step_end(None, state, None)
+    steps = trace.steps
+    assert all(abs(s["host_s"] + s["drain_s"] - s["s"]) < 1e-3 for s in steps)
+    assert not any("stacks" in s for s in steps[:4])  # no median for the first three; the fourth is no stall
+    stacks = steps[4]["stacks"]
+    assert 2 <= len(stacks) <= steptrace.STALL_STACKS and stacks[0]["at_s"] >= 0.1
+    assert all("waiting_for_the_other_rank" in "".join(s["stack"]) for s in stacks)
+    assert trace._watch is None  # the watchdog thread has ended
+    trace.on_train_end(None, state, None)
+    saved = json.loads((tmp_path / "step-times-rank0.json").read_text())["steps"][4]
+    assert saved["stacks"] == stacks
 
 
 def test_off_without_the_environment(monkeypatch):

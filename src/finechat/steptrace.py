@@ -8,6 +8,10 @@ outside the run folder:
   next batch), and what can stall a step without showing in a kernel profile: `gc_s` (Python garbage-collection
   pauses) and, on CUDA, `device_allocs`/`device_frees`/`alloc_retries` (the caching allocator's cudaMalloc and
   cudaFree calls, which synchronize, and its retries after a failed allocation);
+- per step also `host_s` (step begin until the host had queued it all, host-side waits included) and `drain_s` (the
+  wait for the GPU after that): a stalled step's time shows on one side or the other. A step that runs past
+  STALL_FACTOR times the median step so far (and at least STALL_MIN_S) gets `stacks`: the main thread's Python stack,
+  taken by a watchdog thread at that moment and then every STALL_EVERY_S while the step lasts (up to STALL_STACKS);
 - with FINECHAT_PROFILE_STEP=N, profile-rank<R>.json and profile-rank<R>.txt: kernels of step N by GPU time (NCCL
   ones among them), GPU time by kind (matmul, NCCL, copies, other) against the step's wall time, and the host's
   waits for the device. The profiled step runs slower; leave it out of timings.
@@ -18,7 +22,11 @@ from __future__ import annotations
 import gc
 import json
 import os
+import statistics
+import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +35,11 @@ from transformers import TrainerCallback
 TRACE_ENV = "FINECHAT_STEP_TRACE"
 PROFILE_STEP_ENV = "FINECHAT_PROFILE_STEP"
 TOP_KERNELS = 15
+STALL_FACTOR = 3.0  # a step this many times the median so far is a stall: its stacks are recorded
+STALL_MIN_S = 1.0  # and at least this long
+STALL_EVERY_S = 0.5  # between two stacks of one stall
+STALL_STACKS = 4  # stacks per stall at most
+STACK_FRAMES = 30  # innermost frames kept per stack
 
 
 def from_environment(rank: int) -> StepTrace | None:
@@ -48,6 +61,8 @@ class StepTrace(TrainerCallback):
         self._gc_s = 0.0  # garbage-collection pauses so far
         self._gc_start = 0.0
         self._counters: dict[str, int] = {}
+        self._watch: tuple[threading.Thread, threading.Event] | None = None
+        self._stacks: list[dict[str, Any]] = []
 
     def on_train_begin(self, args, state, control, **kw):
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -59,10 +74,16 @@ class StepTrace(TrainerCallback):
             self._profiler = _start_profiler()
         self._begin = _now()
         self._gc_at_begin, self._counters = self._gc_s, _allocator_counters()
+        self._watch_for_a_stall()
 
     def on_step_end(self, args, state, control, **kw):
+        queued = time.perf_counter()
         end = _now()
-        step = {"step": state.global_step, "s": end - self._begin, "period": end - self._last_end}
+        self._stop_watching()
+        step: dict[str, Any] = {"step": state.global_step, "s": end - self._begin, "period": end - self._last_end}
+        step.update(host_s=queued - self._begin, drain_s=end - queued)
+        if self._stacks:
+            step["stacks"], self._stacks = self._stacks, []
         step["gc_s"] = self._gc_s - self._gc_at_begin
         after = _allocator_counters()
         step.update({name: after[name] - self._counters.get(name, 0) for name in after})
@@ -78,6 +99,35 @@ class StepTrace(TrainerCallback):
             gc.callbacks.remove(self._gc_pause)
         path = self.folder / f"step-times-rank{self.rank}.json"
         path.write_text(json.dumps({"rank": self.rank, "steps": self.steps}) + "\n")
+
+    def _watch_for_a_stall(self) -> None:
+        """Start a watchdog thread that records the main thread's stack if this step becomes a stall."""
+        times = [s["s"] for s in self.steps]
+        if len(times) < 3:  # no median to hold it against yet
+            return
+        limit = max(STALL_MIN_S, STALL_FACTOR * statistics.median(times))
+        done, main, begin = threading.Event(), threading.get_ident(), self._begin
+
+        def watch() -> None:
+            wait = limit
+            while len(self._stacks) < STALL_STACKS and not done.wait(wait):
+                frame = sys._current_frames().get(main)
+                if frame is None:
+                    return
+                lines = [line.rstrip() for line in traceback.format_stack(frame)[-STACK_FRAMES:]]
+                self._stacks.append({"at_s": round(time.perf_counter() - begin, 3), "stack": lines})
+                wait = STALL_EVERY_S
+
+        thread = threading.Thread(target=watch, name="finechat-stall-watch", daemon=True)
+        thread.start()
+        self._watch = (thread, done)
+
+    def _stop_watching(self) -> None:
+        if self._watch is not None:
+            thread, done = self._watch
+            done.set()
+            thread.join()
+            self._watch = None
 
     def _gc_pause(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":

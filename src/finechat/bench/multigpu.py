@@ -298,7 +298,9 @@ def read_trace(folder: Path, warmup: int, profiled: int | None, tokens_per_step:
         period_s[str(trace["rank"])] = [round(s["period"], 4) for s in timed]
         if timed:  # steps over twice the median: what else happened in them (garbage collection, cudaMalloc/Free)
             slow = 2 * _median([s["s"] for s in timed])
-            stalls[str(trace["rank"])] = [{k: round(v, 4) for k, v in s.items()} for s in timed if s["s"] > slow]
+            stalls[str(trace["rank"])] = [
+                {k: round(v, 4) if isinstance(v, float) else v for k, v in s.items()} for s in timed if s["s"] > slow
+            ]
     if step_s:
         out["step_s"], out["period_s"] = step_s, period_s
         if any(stalls.values()):
