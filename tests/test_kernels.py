@@ -416,9 +416,11 @@ def check_nf4_matmul(nf4_matmul) -> None:
         assert nf4_matmul.applies(module)
         for rows in (2, 5, 16):
             x = torch.randn(rows, 1, k, device=device).to(dtype)
-            got = nf4_matmul.nf4_matmul(x, module)
-            assert got.shape == (rows, 1, n) and got.dtype == dtype
-            assert rel_err(got, nf4_matmul.nf4_matmul_reference(x, module)) < tol, (dtype, rows, k)
+            want = nf4_matmul.nf4_matmul_reference(x, module)
+            for name, settings in nf4_matmul.SETTINGS.items():  # every tile and decoding setting the decoder times
+                got = nf4_matmul.nf4_matmul(x, module, **settings)
+                assert got.shape == (rows, 1, n) and got.dtype == dtype
+                assert rel_err(got, want) < tol, (name, dtype, rows, k)
     with pytest.raises(ValueError, match="at most 16"):
         nf4_matmul.nf4_matmul(torch.randn(17, 1024, device=device).to(dtype), module)
 
@@ -478,7 +480,7 @@ def test_batched_nf4_kernel_compiles_for_hopper_at_mistral_shapes():
     types |= dict(offset_ptr="*fp32", nf4_ptr="*fp32", partial_ptr="*fp32")
     for settings in nf4_matmul.SETTINGS.values():  # every tile setting the decoder may time
         constants = dict(STEPS=13, BLOCKSIZE2=256, BM=nf4_matmul.MAX_ROWS, BN=settings["bn"], BK=settings["bk"])
-        constants |= dict(BLOCK=64, PRECISION="tf32")
+        constants |= dict(BLOCK=64, PRECISION="tf32", GATHER=bool(settings.get("gather")))
         launch = dict(num_warps=settings["num_warps"], num_stages=settings["num_stages"])
         compile_for_sm90(nf4_matmul_kernel, types, constants, (*types, "M", "N", "K"), **launch)
 

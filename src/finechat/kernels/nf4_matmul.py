@@ -27,12 +27,16 @@ MAX_ROWS = 16  # tl.dot's smallest side; more rows go through bitsandbytes
 _BN = 32  # output features per program
 _BK = 128  # weights of K per step: two quantization blocks, 64 contiguous bytes of each row
 # Tile and launch settings finechat.decode times at load, per weight shape and row count (name -> nf4_matmul's keyword
-# arguments). All four compile for sm_90 without register spills (ptxas -v: 144-218 registers a thread).
+# arguments). Each compiles for sm_90 (tests/test_kernels.py); the select-tree ones without register spills (ptxas -v:
+# 144-218 registers a thread).
 SETTINGS: dict[str, dict[str, int]] = {
     "finechat": dict(bn=_BN, bk=_BK, num_warps=4, num_stages=1),
     "finechat-64x128-s2": dict(bn=64, bk=128, num_warps=4, num_stages=2),
     "finechat-64x256-w8": dict(bn=64, bk=256, num_warps=8, num_stages=1),
     "finechat-16x256": dict(bn=16, bk=256, num_warps=4, num_stages=1),
+    # the code values gathered from memory, one load per nibble (round 5: the select tree ran at ~200 GB/s)
+    "finechat-gather": dict(bn=_BN, bk=_BK, num_warps=4, num_stages=1, gather=1),
+    "finechat-64x256-w8-gather": dict(bn=64, bk=256, num_warps=8, num_stages=1, gather=1),
 }
 
 
@@ -86,10 +90,16 @@ def _bitsandbytes_kernel() -> Any:
 
 
 def nf4_matmul(
-    x: torch.Tensor, module: Any, bn: int = _BN, num_warps: int = 4, num_stages: int = 1, bk: int = _BK
+    x: torch.Tensor,
+    module: Any,
+    bn: int = _BN,
+    num_warps: int = 4,
+    num_stages: int = 1,
+    bk: int = _BK,
+    gather: int = 0,
 ) -> torch.Tensor:
     """x [..., K] @ W^T -> [..., N] for at most MAX_ROWS rows of x, in x's dtype (float32 accumulation). bn, bk,
-    num_warps and num_stages are the kernel's tile and launch settings (the defaults are what decoding uses; the
+    gather, num_warps and num_stages are the kernel's tile, decoding and launch settings (the defaults are what decoding uses; the
     probe benchmarks/probes/nf4_matmul.py times others)."""
     kernel = _kernel()
     if kernel is None:
@@ -110,7 +120,8 @@ def nf4_matmul(
     kernel[(n_blocks, splits)](
         x2, weight, qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset, qs.code, partial, M, N, K,
         STEPS=steps_per_split, BLOCKSIZE2=qs.state2.blocksize, BM=MAX_ROWS, BN=bn, BK=bk, BLOCK=qs.blocksize,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", GATHER=bool(gather), num_warps=num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
     out = partial[0] if splits == 1 else partial.sum(0)
     return out.to(x.dtype).reshape(*x.shape[:-1], N)

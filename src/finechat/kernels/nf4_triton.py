@@ -51,11 +51,12 @@ def nf4_matmul_kernel(
     x_ptr, packed_ptr, qscale_ptr, scale2_ptr, code2_ptr, offset_ptr, nf4_ptr, partial_ptr,
     M, N, K,
     STEPS: tl.constexpr, BLOCKSIZE2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK: tl.constexpr, PRECISION: tl.constexpr, GATHER: tl.constexpr = False,
 ):  # fmt: skip
     """partial[split] = x @ W^T over this split's K range, for BN output features: each step decodes a [BN, BK] tile
     of W (BK // BLOCK quantization blocks of BLOCK weights; BK // 2 bytes per row, read contiguously) and multiplies
-    the [BM, BK] tile of x with it."""
+    the [BM, BK] tile of x with it. GATHER: code values loaded from the 16-entry table (cached) instead of selected
+    in registers; with num_stages=1 the loads are not staged through shared memory as round 3's kernel's were."""
     split = tl.program_id(1)
     n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     m = tl.arange(0, BM)
@@ -78,8 +79,11 @@ def nf4_matmul_kernel(
         q = tl.load(qscale_ptr + block, mask=block_in, other=0).to(tl.int32)
         scale = tl.load(code2_ptr + q) * tl.load(scale2_ptr + block // BLOCKSIZE2, mask=block_in, other=0.0) + offset
         scale = scale[:, :, None]  # [BN, blocks, 1]: each block's scale over its BLOCK // 2 bytes
-        high = _nf4_decode(byte >> 4, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15)
-        low = _nf4_decode(byte & 15, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15)
+        if GATHER:
+            high, low = tl.load(nf4_ptr + (byte >> 4)), tl.load(nf4_ptr + (byte & 15))
+        else:
+            high = _nf4_decode(byte >> 4, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15)
+            low = _nf4_decode(byte & 15, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15)
         # each weight as dequantize rounds it: the code value times the block's scale, then the compute dtype
         x = tl.load(x_ptr + m[:, None] * K + k0 + kk[None, :], mask=m_in[:, None] & (k0 + kk[None, :] < K), other=0.0)
         high = tl.reshape(tl.reshape(high, (BN, BK // BLOCK, BLOCK // 2)) * scale, (BN, BK // 2)).to(x.dtype)
