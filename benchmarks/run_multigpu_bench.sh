@@ -17,7 +17,9 @@
 #
 # Time: DEADLINE (seconds for the whole call, 550) bounds every phase; a phase that would not fit is skipped and says
 # so, and the bench writes its JSON after every mode, so what was measured is kept. Settings through the
-# environment: BATCH (4), SEQ (1024), STEPS (16), WARMUP (4), LOGGING_STEPS (1), FSDP_STEPS (10), FSDP_WARMUP (3), ARCH (mistral-7b),
+# environment: BATCH (4), SEQ (1024), STEPS (16), WARMUP (4), LOGGING_STEPS (1), OPTIMIZER (paged_adamw_32bit; another
+# one is an ablation, e.g. adamw_torch to see whether the DDP stall comes from paged memory), FSDP_STEPS (10),
+# FSDP_WARMUP (3), ARCH (mistral-7b),
 # SMOKE=0 to skip the tiny run, BENCH=0 to stop after it, FAST=0 / FSDP=0 / PLAIN=0 to skip a phase, PLAIN_MIN
 # (seconds that must be left for phase 3, 150). A warm machine keeps wheels, the random model and earlier rows of
 # the same day in /tmp, so a second call can run what the first skipped (e.g. `SMOKE=0 FAST=0 FSDP=0`).
@@ -86,7 +88,7 @@ fi
 # Kept in /tmp so that rows measured by separate phases (or calls on the same warm machine) end up in one file.
 results=/tmp/finechat-multigpu/results/
 common=(--arch "${ARCH:-mistral-7b}" --batch-size "${BATCH:-4}" --seq "${SEQ:-1024}" --output "$results"
-  --logging-steps "${LOGGING_STEPS:-1}")
+  --logging-steps "${LOGGING_STEPS:-1}" --optimizer "${OPTIMIZER:-paged_adamw_32bit}")
 steps=(--steps "${STEPS:-16}" --warmup "${WARMUP:-4}")
 # The first phase also builds the random model once per machine (about a minute for Mistral-7B).
 if [ "${FAST:-1}" = 1 ] && phase "1. single and DDP, fast path" 200; then

@@ -94,6 +94,19 @@ def test_summary_states_the_targets():
     assert s["fsdp_peak_over_single"] == round(8.0 / 6.0, 3) and s["fsdp_compared_with_fast_path"] is True
 
 
+def test_speedup_from_step_periods_with_stalls_in_and_ablations_aside():
+    """The DDP speed-up comes from the step periods (mean, stalls in; median beside it), not the logged tokens/s;
+    an optimizer ablation's rows are kept beside the default's and left out of the summary."""
+    single = {"mode": "single", "gpus": 1, "tok_s": 3500, "fast_path": True}
+    single |= {"tok_s_from_period": 10000, "tok_s_from_mean_period": 9800}
+    ddp = {"mode": "ddp", "gpus": 2, "tok_s": 9500, "fast_path": True}
+    ddp |= {"tok_s_from_period": 18400, "tok_s_from_mean_period": 12600}
+    ablation = {**ddp, "tok_s_from_mean_period": 19600, "optimizer_ablation": "adamw_torch"}
+    assert multigpu._row_key(ablation) != multigpu._row_key(ddp)
+    s = multigpu.summarize([single, ddp, ablation])
+    assert s["ddp_speedup"] == round(12600 / 9800, 3) and s["ddp_speedup_median_step"] == 1.84
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -43,6 +43,9 @@ MODES = ("single", "ddp", "fsdp")
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
+DEFAULT_OPTIMIZER = "paged_adamw_32bit"  # finechat's default, as train() picks it
+
+
 @dataclass
 class Settings:
     """What one bench run measures; each field is a flag."""
@@ -64,6 +67,7 @@ class Settings:
     timeout_s: int = 480  # per run
     resume_check: bool = False  # resume ddp and fsdp from their checkpoints for two more steps
     logging_steps: int = 1  # the Trainer gathers the loss and token counts from every process at each logged step
+    optimizer: str = DEFAULT_OPTIMIZER  # another one gives rows of their own, beside the default's (an ablation)
 
 
 def run(settings: Settings, command: str) -> dict[str, Any]:
@@ -159,6 +163,8 @@ def train_flags(settings: Settings, model_dir: Path, data: Path, run_dir: Path) 
         "--fast-path" if settings.fast_path else "--no-fast-path",
         "--logging-steps",
         str(settings.logging_steps),
+        "--optimizer",
+        settings.optimizer,
         "--save-steps",
         # A checkpoint after the last step only where --resume-check needs one: an FSDP checkpoint of a 7B model
         # gathers the whole base to host memory several times, which is not what this measures.
@@ -192,10 +198,14 @@ def train_mode(mode: str, settings: Settings, model_dir: Path, data: Path, workd
     fast = settings.fast_path and mode != "fsdp"
     row: dict[str, Any] = {"mode": mode, "gpus": gpus, "tok_s": None, "peak_gib": None}
     row.update(batch_size=settings.batch_size, seq=settings.seq, fast_path=fast, logging_steps=settings.logging_steps)
-    row["optimizer"] = distributed.optimizer(plan, "paged_adamw_32bit")  # finechat's default, as train() picks it
+    row["optimizer"] = distributed.optimizer(plan, settings.optimizer)  # as train() picks it
+    if settings.optimizer != DEFAULT_OPTIMIZER:
+        row["optimizer_ablation"] = settings.optimizer
     if mode == "fsdp" and settings.device != "cuda":
         return {**row, "error": "FSDP needs CUDA GPUs (skipped on CPU)"}
     name = mode if fast or mode == "fsdp" else f"{mode}-plain"
+    if settings.optimizer != DEFAULT_OPTIMIZER:
+        name += f"-{settings.optimizer}"
     run_dir = workdir / "runs" / name
     trace = workdir / "trace" / name if settings.profile else None
     for folder in (run_dir, trace):
@@ -324,8 +334,10 @@ def _median(values: list[float]) -> float:
     return round(ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2, 4)
 
 
-def _row_key(row: dict[str, Any]) -> tuple[str, bool]:
-    return row["mode"], bool(row.get("fast_path", False))
+def _row_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    """Rows are kept per mode and path; an optimizer ablation's rows beside them (and out of the summary)."""
+    key: tuple[Any, ...] = (row["mode"], bool(row.get("fast_path", False)))
+    return key + (row["optimizer_ablation"],) if row.get("optimizer_ablation") else key
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -485,6 +497,12 @@ def main(argv: list[str] | None = None) -> int:
         default=d.logging_steps,
         help="log (and gather across processes) every N steps; tok_s then spans N steps, tok_s_from_period does not",
     )
+    p.add_argument(
+        "--optimizer",
+        default=d.optimizer,
+        help=f"the optimizer of every mode (default: {d.optimizer}); another one is measured as an ablation, its rows "
+        "kept beside the default's",
+    )
     a = p.parse_args(argv)
     settings = Settings(
         arch=a.arch,
@@ -504,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout_s=a.timeout,
         resume_check=a.resume_check,
         logging_steps=a.logging_steps,
+        optimizer=a.optimizer,
     )
     try:
         run(
