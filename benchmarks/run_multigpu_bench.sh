@@ -19,7 +19,7 @@
 # so, and the bench writes its JSON after every mode, so what was measured is kept. Settings through the
 # environment: BATCH (4), SEQ (1024), STEPS (16), WARMUP (4), LOGGING_STEPS (1), OPTIMIZER (paged_adamw_32bit; another
 # one is an ablation, e.g. adamw_torch to see whether the DDP stall comes from paged memory), FSDP_STEPS (10),
-# FSDP_WARMUP (3), ARCH (mistral-7b),
+# FSDP_WARMUP (3), ABLATE_OPTIMIZER (unset: a phase 1b that repeats phase 1 with this optimizer), ARCH (mistral-7b),
 # SMOKE=0 to skip the tiny run, BENCH=0 to stop after it, FAST=0 / FSDP=0 / PLAIN=0 to skip a phase, PLAIN_MIN
 # (seconds that must be left for phase 3, 150). A warm machine keeps wheels, the random model and earlier rows of
 # the same day in /tmp, so a second call can run what the first skipped (e.g. `SMOKE=0 FAST=0 FSDP=0`).
@@ -93,6 +93,12 @@ steps=(--steps "${STEPS:-16}" --warmup "${WARMUP:-4}")
 # The first phase also builds the random model once per machine (about a minute for Mistral-7B).
 if [ "${FAST:-1}" = 1 ] && phase "1. single and DDP, fast path" 200; then
   bench "$(($(left) - 10))" "${common[@]}" "${steps[@]}" --modes single,ddp --fast-path 2>&1 | tee -a "$OUT/bench.log"
+fi
+# 1b. the same pair with another optimizer, as an ablation (rows kept beside the default's): ABLATE_OPTIMIZER=adamw_torch
+# tells whether the DDP stall of rounds 2 and 3 comes from the paged optimizer's managed memory.
+if [ -n "${ABLATE_OPTIMIZER:-}" ] && phase "1b. single and DDP, fast path, optimizer $ABLATE_OPTIMIZER" 150; then
+  bench "$(($(left) - 10))" "${common[@]}" "${steps[@]}" --modes single,ddp --fast-path \
+    --optimizer "$ABLATE_OPTIMIZER" 2>&1 | tee -a "$OUT/bench.log"
 fi
 plain() {
   if [ "${PLAIN:-1}" = 1 ] && phase "3. single and DDP, plain layers" "${PLAIN_MIN:-150}"; then

@@ -394,11 +394,15 @@ def format_table(result: dict[str, Any]) -> str:
         f"{'mode':<8}{'path':>6}{'gpus':>5}{'tokens/s':>12}{'peak GiB/GPU':>14}{'step s by rank':>22}  note",
     ]
     for r in result["rows"]:
-        tok = f"{r['tok_s']:,}" if r.get("tok_s") else "-"
+        rate = r.get("tok_s_from_mean_period") or r.get("tok_s")  # the step periods' mean, as the summary takes it
+        tok = f"{rate:,}" if rate else "-"
         peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-"
         path = "fast" if r.get("fast_path") else "plain"
         steps = " ".join(f"{v:.3f}" for v in r.get("step_s_median", {}).values()) or "-"
         note = r.get("error", "")[:60] or _profile_note(r.get("profile"))
+        stalls = max((len(v) for v in r.get("stalled_steps", {}).values()), default=0)
+        note = f"{stalls} stalled step(s); {note}" if stalls else note
+        note = f"optimizer {r['optimizer_ablation']} (ablation); {note}" if r.get("optimizer_ablation") else note
         lines.append(f"{r['mode']:<8}{path:>6}{r['gpus']:>5}{tok:>12}{peak:>14}{steps:>22}  {note}")
     summary = result.get("summary", {})
     for fast in ("fast", "plain"):
