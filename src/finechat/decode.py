@@ -28,9 +28,9 @@ BATCH_SIZES = (2, 4, 8, 16, 32, 64)  # batched graphs are captured for these siz
 NF4_ONE_MIN_SPEEDUP = 1.05
 REPEATS = 10  # passes over the first layer's products per timed graph
 # Batched steps over NF4 weights, timed at load per batch size and weight shape: finechat's product (the weight read
-# once, as 4-bit; timed at each of nf4_matmul.SETTINGS), bitsandbytes' own call (from 5 rows on it may dequantize the whole weight), that call on pieces of
-# NF4_PIECE_ROWS rows (the most it always multiplies straight from the 4-bit weight), or bitsandbytes' fused kernel
-# called directly (nf4_matmul.bitsandbytes_kernel).
+# once, as 4-bit; timed at each of nf4_matmul.SETTINGS), bitsandbytes' own call (from 5 rows on it may dequantize the
+# whole weight), that call on pieces of NF4_PIECE_ROWS rows (the most it always multiplies straight from the 4-bit
+# weight), or bitsandbytes' fused kernel called directly (nf4_matmul.bitsandbytes_kernel).
 NF4_WAYS = ("finechat", "bitsandbytes", "pieces", "bitsandbytes-kernel")
 NF4_PIECE_ROWS = 4
 MIN_LENGTH_BUCKET = 64  # batched steps attend over the cache rounded up to a power of two from here
@@ -361,7 +361,7 @@ class Decoder:
         """module(h); over an NF4 weight, finechat's 4-bit products where choose_nf4_one (one row) and
         choose_nf4_batched (several rows) chose them."""
         if h.shape[0] > 1:
-            if (self.nf4_ways or self.nf4_way != "bitsandbytes") and nf4_matmul.applies(module):
+            if nf4_matmul.applies(module):  # the way choose_nf4_batched chose (bitsandbytes' call by default)
                 return self._nf4_rows(self._nf4_way(module, h.shape[0]), module, h)
         elif self.nf4_one and nf4_gemv.applies(module):
             return nf4_gemv.nf4_gemv(h, module)
