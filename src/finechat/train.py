@@ -150,8 +150,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
 def _frozen_heap() -> Iterator[None]:
     """Leave the objects alive now (model, tokenizer, datasets: millions under a real corpus) out of Python's garbage
     collections while the block runs. A full collection walks every tracked object; one during a step stalls that
-    step, and under DDP every process with it. Suspected of the 3.2 s step that hit both GPUs at once in the H200
-    bench (docs/benchmarks.md; steptrace's gc_s will say)."""
+    step, and under DDP every process with it. (It was suspected of the 2-3 s DDP step in the H200 benches; round 3
+    had the stall with this on and 0.5 ms of collection in it, so that stall has another cause: docs/benchmarks.md.)"""
     gc.collect()  # what is garbage already is freed, not frozen
     gc.freeze()
     try:
