@@ -31,7 +31,7 @@ REPEATS = 10  # passes over the first layer's products per timed graph
 # once, as 4-bit; timed at each of nf4_matmul.SETTINGS), bitsandbytes' own call (from 5 rows on it may dequantize the
 # whole weight), that call on pieces of NF4_PIECE_ROWS rows (the most it always multiplies straight from the 4-bit
 # weight), or bitsandbytes' fused kernel called directly (nf4_matmul.bitsandbytes_kernel).
-NF4_WAYS = ("finechat", "bitsandbytes", "pieces", "bitsandbytes-kernel")
+NF4_WAYS = ("bitsandbytes", "pieces", "bitsandbytes-kernel")  # and finechat's kernel, one way per nf4_matmul.SETTINGS
 NF4_PIECE_ROWS = 4
 MIN_LENGTH_BUCKET = 64  # batched steps attend over the cache rounded up to a power of two from here
 GPU_CACHE_FRACTION = 0.4  # of the GPU memory still free after loading: the KV cache's share
@@ -156,8 +156,9 @@ class Decoder:
         self.norm_row_check = "off"  # off, unavailable, bitwise (ascending|descending: its warp order), differs, failed
         self.norm_row_warp = "ascending"
         # With the fused kernels: how batched steps multiply by NF4 weights, per (rows, out features, in features):
-        # one of NF4_WAYS, chosen by choose_nf4_batched (on CUDA: the fastest in a timing at load). bitsandbytes
-        # dequantizes a whole weight to bf16 from 5 rows on for most of Mistral-7B's shapes on an H100/H200.
+        # one of NF4_WAYS or nf4_matmul.SETTINGS, chosen by choose_nf4_batched (on CUDA: the fastest in a timing at
+        # load). bitsandbytes dequantizes a whole weight to bf16 from 5 rows on for most of Mistral-7B's shapes on an
+        # H100/H200.
         self.nf4_ways: dict[tuple[int, int, int], str] = {}
         self.nf4_way = "bitsandbytes"  # for a shape or row count not in nf4_ways
         self.nf4_times: dict[str, dict[str, float]] = {}  # "rows x N x K" -> way -> microseconds per product
@@ -484,9 +485,9 @@ class Decoder:
 
     def choose_nf4_batched(self) -> None:
         """How batched steps multiply by NF4 weights (not bitwise a one-row step: batched rows never are). On CUDA,
-        each of the first layer's weight shapes at each captured batch size goes the fastest of NF4_WAYS in a
-        CUDA-graph timing, among the ways that agree with bitsandbytes' call to rounding ("timed"); elsewhere (no
-        timing) finechat's product throughout, when it agrees ("close")."""
+        each of the first layer's weight shapes at each captured batch size goes the fastest of NF4_WAYS and
+        nf4_matmul.SETTINGS in a CUDA-graph timing, among the ways that agree with bitsandbytes' call to rounding
+        ("timed"); elsewhere (no timing) finechat's product throughout, when it agrees ("close")."""
         import torch
 
         layer = self.layers[0]
@@ -547,7 +548,7 @@ class Decoder:
 
     @staticmethod
     def _nf4_rows(way: str, module: Any, h):
-        """h [rows, 1, K] times the module's NF4 weight, the given way (one of NF4_WAYS)."""
+        """h [rows, 1, K] times the module's NF4 weight, the given way (one of NF4_WAYS or nf4_matmul.SETTINGS)."""
         import torch
 
         if way in nf4_matmul.SETTINGS:  # finechat's kernel, at one of its timed tile settings
@@ -574,7 +575,6 @@ class Decoder:
                 x = torch.randn(rows, 1, k, device=self.device).to(self.dtype)
                 want = module(x).float()
                 candidates = [w for w in NF4_WAYS if w != "pieces" or rows > NF4_PIECE_ROWS]
-                candidates.remove("finechat")
                 if rows <= nf4_matmul.MAX_ROWS and nf4_matmul._kernel() is not None:
                     candidates += list(nf4_matmul.SETTINGS)  # the kernel at each of its tile settings
                 times = {}

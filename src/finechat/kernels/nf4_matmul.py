@@ -99,8 +99,8 @@ def nf4_matmul(
     gather: int = 0,
 ) -> torch.Tensor:
     """x [..., K] @ W^T -> [..., N] for at most MAX_ROWS rows of x, in x's dtype (float32 accumulation). bn, bk,
-    gather, num_warps and num_stages are the kernel's tile, decoding and launch settings (the defaults are what decoding uses; the
-    probe benchmarks/probes/nf4_matmul.py times others)."""
+    gather, num_warps and num_stages are the kernel's tile, decoding and launch settings (the defaults are what
+    decoding uses off CUDA; finechat.decode times every one of SETTINGS, and so does benchmarks/probes/nf4_matmul.py)."""
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("the NF4 matmul kernel is not available (no Triton)")
