@@ -12,6 +12,7 @@ import torch
 
 from finechat import decode
 from finechat.engine import Engine, GenerationSettings
+from finechat.kernels import nf4_gemv
 
 
 def greedy(n: int, **kw) -> GenerationSettings:
@@ -377,8 +378,9 @@ def test_one_row_nf4_steps_give_bitsandbytes_bits_on_gpu(tmp_path, monkeypatch):
     folder = build_model(tmp_path / "wide", arch="mistral", hidden=1024, heads=16)
     engine = Engine.load(str(folder), quantize="nf4", compute_dtype="bfloat16")
     decoder = engine.batcher.decoder
-    assert decoder.graphs and decoder.nf4_one_check == "bitwise" and decoder.nf4_one
+    assert decoder.graphs and decoder.nf4_one_check.startswith("bitwise (") and decoder.nf4_one
     assert decoder.nf4_one_speedup is not None and decoder.nf4_one_speedup > 0
+    assert set(decoder.nf4_one_times) == {"bitsandbytes", *nf4_gemv.LOOKUPS}, decoder.nf4_one_times  # all bitwise
     for i in range(3):
         ids = prompt(engine, i)
         assert token_ids(engine, ids, 64) == generate_ids(engine, ids, 64)

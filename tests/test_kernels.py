@@ -418,6 +418,8 @@ def check_nf4_matmul(nf4_matmul) -> None:
             x = torch.randn(rows, 1, k, device=device).to(dtype)
             want = nf4_matmul.nf4_matmul_reference(x, module)
             for name, settings in nf4_matmul.SETTINGS.items():  # every tile and decoding setting the decoder times
+                if settings.get("prmt") and (device != "cuda" or dtype == torch.float32):
+                    continue  # PTX (the interpreter runs no assembly), 16-bit values (test_prmt_* check it on CPU)
                 got = nf4_matmul.nf4_matmul(x, module, **settings)
                 assert got.shape == (rows, 1, n) and got.dtype == dtype
                 assert rel_err(got, want) < tol, (name, dtype, rows, k)
@@ -473,14 +475,15 @@ def test_training_kernels_compile_for_hopper_at_mistral_shapes(sizes):
 
 def test_batched_nf4_kernel_compiles_for_hopper_at_mistral_shapes():
     pytest.importorskip("triton")
-    from finechat.kernels import nf4_matmul
+    from finechat.kernels import nf4_matmul, nf4_prmt
     from finechat.kernels.nf4_triton import nf4_matmul_kernel
 
     types = dict(x_ptr="*bf16", packed_ptr="*u8", qscale_ptr="*u8", scale2_ptr="*fp32", code2_ptr="*fp32")
-    types |= dict(offset_ptr="*fp32", nf4_ptr="*fp32", partial_ptr="*fp32")
+    types |= dict(offset_ptr="*fp32", nf4_ptr="*fp32", planes_ptr="*i32", partial_ptr="*fp32")
     for settings in nf4_matmul.SETTINGS.values():  # every tile setting the decoder may time
         constants = dict(STEPS=13, BLOCKSIZE2=256, BM=nf4_matmul.MAX_ROWS, BN=settings["bn"], BK=settings["bk"])
         constants |= dict(BLOCK=64, PRECISION="tf32", GATHER=bool(settings.get("gather")))
+        constants |= dict(CODES_ASM=nf4_prmt.codes_ptx(torch.bfloat16) if settings.get("prmt") else "")
         launch = dict(num_warps=settings["num_warps"], num_stages=settings["num_stages"])
         compile_for_sm90(nf4_matmul_kernel, types, constants, (*types, "M", "N", "K"), **launch)
 
@@ -658,27 +661,111 @@ def test_nf4_gemv_kernel_is_the_emulation_bit_for_bit(nf4_gemv_interpreted, rows
         assert torch.equal(got, want), (got != want).sum().item()
 
 
-def test_nf4_gemv_kernel_compiles_for_hopper_at_mistral_shapes(monkeypatch):
-    """bf16, K (4096 or 14336) a runtime multiple of 16; the scale is the kernel's one fused multiply-add (a product
-    fused into a sum anywhere else would change bits)."""
+def nf4_triton_for_sm90(monkeypatch):
+    """A copy of finechat.kernels.nf4_triton built for the compiler: its kernels call helpers, which the interpreter
+    tests above leave built for the interpreter in the module itself."""
     import importlib.util
 
-    pytest.importorskip("triton")
-    from finechat.kernels import nf4_gemv, nf4_triton
+    from finechat.kernels import nf4_triton
 
-    # a copy of the module built for the compiler: the kernel calls helpers, which the interpreter tests above
-    # leave built for the interpreter in finechat.kernels.nf4_triton itself
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     spec = importlib.util.spec_from_file_location("nf4_triton_for_sm90", nf4_triton.__file__)
     assert spec is not None and spec.loader is not None
     fresh = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fresh)
-    nf4_gemv_kernel = fresh.nf4_gemv_kernel
+    return fresh
+
+
+def test_nf4_gemv_kernel_compiles_for_hopper_at_mistral_shapes(monkeypatch):
+    """bf16, K (4096 or 14336) a runtime multiple of 16; the scale is the kernel's one fused multiply-add (a product
+    fused into a sum anywhere else would change bits)."""
+    pytest.importorskip("triton")
+    from finechat.kernels import nf4_gemv
+
+    nf4_gemv_kernel = nf4_triton_for_sm90(monkeypatch).nf4_gemv_kernel
     types = dict(x_ptr="*bf16", packed_ptr="*u8", qscale_ptr="*u8", scale2_ptr="*fp32", code2_ptr="*fp32")
     types |= dict(offset_ptr="*fp32", pairs_ptr="*i32", out_ptr="*bf16")
     constants = dict(BLOCKSIZE2=256, BN=nf4_gemv._BN, FUSED_FMA=True)
     compiled = compile_for_sm90(nf4_gemv_kernel, types, constants, (*types, "N", "K"))
     assert compiled.asm["ptx"].count("fma.rn.f32") == 1
+
+
+# finechat.kernels.nf4_prmt: the PTX programs run instruction by instruction in numpy (prmt's documented byte
+# selection, 16-bit products rounded once, float32 adds), against the arithmetic they stand for.
+
+
+def row_program_gemv(x: torch.Tensor, module) -> torch.Tensor:
+    """The one-row product as the prmt kernel computes it (nf4_prmt.row_program over each lane's 4 words in order,
+    groups in order, then the warp's shuffle-down sum), run on the CPU."""
+    from finechat.kernels import nf4_gemv, nf4_prmt
+
+    dtype, qs = x.dtype, module.weight.quant_state
+    N, K = qs.shape
+
+    def bits(t: torch.Tensor) -> np.ndarray:  # 16-bit values -> their patterns as uint32
+        return t.contiguous().view(torch.int16).numpy().astype(np.uint16).astype(np.uint32)
+
+    words = module.weight.reshape(N, K // 2).numpy().view("<u4").reshape(N, K // 1024, 32, 4)
+    x_bits = bits(x.reshape(K)).reshape(K // 1024, 32, 16, 2)
+    x_words = x_bits[..., 0] | (x_bits[..., 1] << 16)  # [group, lane, byte]: even weight's x in the low half
+    scale = bits(nf4_gemv._scales(qs).to(dtype)).reshape(N, K // 1024, 32 // 2, 1).repeat(2, axis=-1)
+    scale = scale.reshape(N, K // 1024, 32)
+    tables = {f"${8 + i}": np.uint32(w & 0xFFFFFFFF) for i, w in enumerate(nf4_prmt.plane_words(qs.code, dtype))}
+    total = np.zeros((N, 32), dtype=np.float32).view(np.uint32)
+    for g in range(K // 1024):
+        for j in range(4):
+            inputs = {"$1": total, "$2": words[:, g, :, j], "$7": scale[:, g] | (scale[:, g] << 16), **tables}
+            inputs |= {f"${3 + p}": np.broadcast_to(x_words[g, :, 4 * j + p], (N, 32)) for p in range(4)}
+            total = nf4_prmt.run(nf4_prmt.row_program(), dtype, inputs)["$0"]
+    lanes = total.view(np.float32)
+    for step in (16, 8, 4, 2, 1):
+        lanes = lanes[:, :step] + lanes[:, step : 2 * step]
+    return torch.from_numpy(lanes[:, 0] + np.float32(0.0)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prmt_row_program_is_bitsandbytes_arithmetic_bit_for_bit(dtype):
+    """On the mirrored inputs, where adding in another order changes about half of the outputs."""
+    from finechat.kernels import nf4_gemv
+
+    x, module = mirrored_nf4(6, 2048, dtype)
+    plain = torch.randn(2048, generator=torch.Generator().manual_seed(3)).to(dtype)
+    for xs in (x, plain):
+        got, want = row_program_gemv(xs, module), nf4_gemv.nf4_gemv_emulated(xs, module).reshape(6)
+        assert torch.equal(got, want), (got != want).sum().item()
+
+
+def test_prmt_codes_program_looks_up_every_byte():
+    from finechat.kernels import nf4_prmt
+
+    code = torch.linspace(-1, 1, 16) ** 3  # any 16 values: the lookup must not depend on NF4's
+    for dtype in (torch.bfloat16, torch.float16):
+        byte = np.arange(1024, dtype=np.uint32).reshape(256, 4) % 256  # every byte value at every position
+        byte[:, 1:] = np.roll(byte[:, 1:], 7, axis=0)
+        word = byte[:, 0] | byte[:, 1] << 8 | byte[:, 2] << 16 | byte[:, 3] << 24
+        tables = {f"${5 + i}": np.uint32(w & 0xFFFFFFFF) for i, w in enumerate(nf4_prmt.plane_words(code, dtype))}
+        out = nf4_prmt.run(nf4_prmt.codes_program(), dtype, {"$4": word, **tables})
+        value = code.to(dtype).view(torch.int16).numpy().astype(np.uint16).astype(np.uint32)
+        high, low = value[byte >> 4], value[byte & 15]
+        assert (out["$0"] == high[:, 0] | high[:, 1] << 16).all() and (out["$1"] == high[:, 2] | high[:, 3] << 16).all()
+        assert (out["$2"] == low[:, 0] | low[:, 1] << 16).all() and (out["$3"] == low[:, 2] | low[:, 3] << 16).all()
+
+
+def test_prmt_programs_assemble_for_hopper(monkeypatch):
+    """The PTX text is what ptxas takes (a compile of the one-row kernel through it, in bf16 and fp16), one program
+    per word of weights: 16 permutes and 8 pair products each."""
+    pytest.importorskip("triton")
+    from finechat.kernels import nf4_prmt
+
+    nf4_gemv_prmt_kernel = nf4_triton_for_sm90(monkeypatch).nf4_gemv_prmt_kernel
+
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        types = dict(x_ptr=f"*{name}", packed_ptr="*u8", qscale_ptr="*u8", scale2_ptr="*fp32", code2_ptr="*fp32")
+        types |= dict(offset_ptr="*fp32", planes_ptr="*i32", out_ptr=f"*{name}")
+        constants = dict(BLOCKSIZE2=256, BN=4, ROW_ASM=nf4_prmt.row_ptx(dtype))
+        compiled = compile_for_sm90(nf4_gemv_prmt_kernel, types, constants, (*types, "N", "K"), num_warps=4)
+        ptx = compiled.asm["ptx"]
+        assert ptx.count("prmt.b32") >= 4 * 16 and ptx.count(f"mul.rn.{nf4_prmt.DTYPES[dtype]}x2") == 4 * 8
 
 
 def test_one_kernel_rms_norm_compiles_for_hopper():

@@ -5,13 +5,14 @@ product, at Mistral-7B's projection shapes. Not a test; a diagnosis, run on an H
 
 Per shape it prints how many outputs of the PyTorch emulation and of the Triton kernel equal bitsandbytes' bit for
 bit (bf16, a few inputs; fp16 on the first shape) and the largest difference where they do not, then the time per
-call of bitsandbytes' Linear4bit, the Triton kernel at a few (BN, num_warps) settings, the batched-step kernel
+call of bitsandbytes' Linear4bit, the Triton kernel with each of nf4_gemv.LOOKUPS at a few (BN, num_warps) settings, the batched-step kernel
 (finechat.kernels.nf4_matmul) at one row, and cuBLAS on the bf16 weight.
 Times are per call over 200 calls replayed from one CUDA graph (the decode steps run as graphs; launched one by one
 from Python, the launches would be timed instead), cycling through enough copies of the weight to exceed twice the
 L2 cache, so that each call reads its weight from memory as a decode step does. GB/s counts the bytes a call must
 read: the 4-bit weight and its 8-bit block scales for NF4, the 16-bit weight for cuBLAS."""
 
+import functools
 import math
 
 import bitsandbytes as bnb
@@ -56,11 +57,13 @@ def compare(name: str, got: torch.Tensor, want: torch.Tensor) -> tuple[int, int]
 def check_bits(N: int, K: int, dtype: torch.dtype) -> str:
     layer = linear4bit(N, K, dtype, seed=0)
     assert nf4_gemv.applies(layer), "nf4_gemv.applies is False for a plain Linear4bit"
-    counts = {"emulation": [0, 0], "triton": [0, 0]}
+    ways = {"emulation": nf4_gemv.nf4_gemv_emulated}
+    ways |= {f"triton-{lookup}": functools.partial(nf4_gemv.nf4_gemv, lookup=lookup) for lookup in nf4_gemv.LOOKUPS}
+    counts = {name: [0, 0] for name in ways}
     with torch.inference_mode():
         for x in inputs(K, dtype):
             want = layer(x)
-            for name, fn in (("emulation", nf4_gemv.nf4_gemv_emulated), ("triton", nf4_gemv.nf4_gemv)):
+            for name, fn in ways.items():
                 try:
                     got = fn(x, layer)
                 except Exception as e:  # a kernel that fails to compile: say so and go on
@@ -106,13 +109,15 @@ def timings(N: int, K: int, dtype: torch.dtype) -> list[str]:
 
     with torch.inference_mode():
         rows.append(line("bitsandbytes", graph_time_us([lambda m=m: m(x) for m in layers]), nf4_bytes))
-        for bn, warps in SETTINGS:
-            try:
-                calls = [lambda m=m, bn=bn, w=warps: nf4_gemv.nf4_gemv(x, m, bn=bn, num_warps=w) for m in layers]
-                us = graph_time_us(calls)
-                rows.append(line(f"triton BN={bn}/w{warps}", us, nf4_bytes))
-            except Exception as e:
-                rows.append(f"triton BN={bn}/w{warps} failed ({type(e).__name__}: {str(e)[:200]})")
+        for lookup in nf4_gemv.LOOKUPS:
+            for bn, warps in SETTINGS:
+                name = f"triton-{lookup} BN={bn}/w{warps}"
+                try:
+                    gemv = functools.partial(nf4_gemv.nf4_gemv, bn=bn, num_warps=warps, lookup=lookup)
+                    us = graph_time_us([lambda m=m: gemv(x, m) for m in layers])
+                    rows.append(line(name, us, nf4_bytes))
+                except Exception as e:
+                    rows.append(f"{name} failed ({type(e).__name__}: {str(e)[:200]})")
         try:  # the batched-step kernel at one row: not bitsandbytes' bits, but how fast a non-exact path could be
             us = graph_time_us([lambda m=m: nf4_matmul.nf4_matmul(x, m) for m in layers])
             rows.append(line("nf4_matmul at 1 row (not bitwise)", us, nf4_bytes))

@@ -168,6 +168,8 @@ class Decoder:
         self.nf4_one = False
         self.nf4_one_check = "off"  # what choose_nf4_one found: off, unavailable, bitwise, slower, differs, failed
         self.nf4_one_speedup: float | None = None  # bitsandbytes' time over finechat's for the first layer's products
+        self.nf4_one_lookup = "table"  # which of nf4_gemv.LOOKUPS the one-row steps use
+        self.nf4_one_times: dict[str, float] = {}  # microseconds for the first layer's products: bitsandbytes, lookups
         if fused != "off":
             self.choose_fused(fused == "on")
         if self.fused:
@@ -365,7 +367,7 @@ class Decoder:
             if nf4_matmul.applies(module):  # the way choose_nf4_batched chose (bitsandbytes' call by default)
                 return self._nf4_rows(self._nf4_way(module, h.shape[0]), module, h)
         elif self.nf4_one and nf4_gemv.applies(module):
-            return nf4_gemv.nf4_gemv(h, module)
+            return nf4_gemv.nf4_gemv(h, module, lookup=self.nf4_one_lookup)
         return module(h)
 
     def _head(self, x, pending):
@@ -439,49 +441,62 @@ class Decoder:
     def choose_nf4_one(self) -> None:
         """Use finechat's one-row NF4 product when every NF4 product of the first layer gives bitsandbytes' bits for
         a random row, a step through it gives bit for bit the logits of a step through bitsandbytes, and (on CUDA)
-        the first layer's products replayed from a CUDA graph run faster through it."""
+        the first layer's products replayed from a CUDA graph run faster through it. Each of nf4_gemv.LOOKUPS is
+        checked (the byte-permute one only on CUDA: it is PTX), and the fastest bitwise one is kept."""
         import torch
 
         modules = self._projections(0)
         if not all(nf4_gemv.applies(m) for m in modules) or nf4_gemv._kernel() is None:
             self.nf4_one_check = "unavailable"
             return
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        rows = [torch.randn(1, 1, m.weight.quant_state.shape[1], generator=gen, device=self.device) for m in modules]
+        rows = [x.to(self.dtype) for x in rows]
+        bitwise, failed = [], []
+        for lookup in nf4_gemv.LOOKUPS if self.device.type == "cuda" else ("table",):
+            try:
+                pairs = zip(rows, modules, strict=True)
+                if all(torch.equal(nf4_gemv.nf4_gemv(x, m, lookup=lookup), m(x)) for x, m in pairs):
+                    bitwise.append(lookup)
+            except Exception as e:  # a kernel that fails to compile or launch: the other lookups may still run
+                failed.append(lookup)
+                log.warning("NF4 one-row product (%s) failed (%s: %s)", lookup, type(e).__name__, e)
+        if not bitwise:
+            self.nf4_one_check = "failed" if failed else "differs"
+            log.info("NF4 one-row product is not bit for bit bitsandbytes' here; one-row steps use bitsandbytes")
+            return
         try:
-            gen = torch.Generator(device=self.device).manual_seed(0)
-            same = True
-            for module in modules:
-                x = torch.randn(1, 1, module.weight.quant_state.shape[1], generator=gen, device=self.device)
-                x = x.to(self.dtype)
-                same = same and torch.equal(nf4_gemv.nf4_gemv(x, module), module(x))
-            if same:
-                reference = self._check_logits()
-                self.nf4_one = True
-                same = all(torch.equal(a, b) for a, b in zip(reference, self._check_logits(), strict=True))
-            if same and self.device.type == "cuda":
-                self.nf4_one_speedup = self._nf4_one_speedup(modules)
-        except Exception as e:  # a kernel that fails to compile, launch or be captured: bitsandbytes runs the steps
+            if self.device.type == "cuda":
+                self.nf4_one_times = self._nf4_one_times(modules, rows, bitwise)
+                self.nf4_one_lookup = min(bitwise, key=lambda lookup: self.nf4_one_times[lookup])
+                best = self.nf4_one_times[self.nf4_one_lookup]
+                self.nf4_one_speedup = round(self.nf4_one_times["bitsandbytes"] / best, 3)
+            else:
+                self.nf4_one_lookup = bitwise[0]
+            reference = self._check_logits()
+            self.nf4_one = True
+            same = all(torch.equal(a, b) for a, b in zip(reference, self._check_logits(), strict=True))
+        except Exception as e:  # a kernel that fails to be captured: bitsandbytes runs the steps
             self.nf4_one, self.nf4_one_check = False, "failed"
             log.warning("NF4 one-row product failed (%s: %s); one-row steps use bitsandbytes", type(e).__name__, e)
             return
         if not same:
             self.nf4_one, self.nf4_one_check = False, "differs"
-            log.info("NF4 one-row product is not bit for bit bitsandbytes' here; one-row steps use bitsandbytes")
+            log.info("NF4 one-row steps are not bit for bit bitsandbytes' here; one-row steps use bitsandbytes")
             return
         faster = self.nf4_one_speedup is None or self.nf4_one_speedup >= NF4_ONE_MIN_SPEEDUP
-        self.nf4_one, self.nf4_one_check = faster, "bitwise" if faster else "slower"
+        self.nf4_one, self.nf4_one_check = faster, f"bitwise ({self.nf4_one_lookup})" if faster else "slower"
 
-    def _nf4_one_speedup(self, modules: list[Any]) -> float:
-        """bitsandbytes' GPU time over finechat's for one row through each of these modules, each way captured in
-        a CUDA graph of REPEATS passes (as the decode step runs them: no launch cost in the way)."""
-        import torch
-
-        rows = [torch.randn(1, 1, m.weight.quant_state.shape[1], device=self.device).to(self.dtype) for m in modules]
-        ways = {"bitsandbytes": lambda x, m: m(x), "finechat": nf4_gemv.nf4_gemv}
-        times = {
-            name: _graph_ms(lambda way=way: [way(x, m) for x, m in zip(rows, modules, strict=True)])
+    def _nf4_one_times(self, modules: list[Any], rows: list[Any], lookups: list[str]) -> dict[str, float]:
+        """GPU microseconds of one row through each of these modules, bitsandbytes' way and each lookup's, each
+        captured in a CUDA graph of REPEATS passes (as the decode step runs them: no launch cost in the way)."""
+        ways: dict[str, Any] = {"bitsandbytes": lambda x, m: m(x)}
+        ways |= {lookup: functools.partial(nf4_gemv.nf4_gemv, lookup=lookup) for lookup in lookups}
+        return {
+            name: round(1000 * _graph_ms(lambda way=way: [way(x, m) for x, m in zip(rows, modules, strict=True)])
+                        / REPEATS, 2)
             for name, way in ways.items()
-        }
-        return round(times["bitsandbytes"] / times["finechat"], 3)
+        }  # fmt: skip
 
     def choose_nf4_batched(self) -> None:
         """How batched steps multiply by NF4 weights (not bitwise a one-row step: batched rows never are). On CUDA,
@@ -582,8 +597,8 @@ class Decoder:
                     run = functools.partial(self._nf4_rows, way, module, x)
                     try:
                         got = run().float()
-                    except RuntimeError as e:  # e.g. no fused kernel in this bitsandbytes
-                        log.info("NF4 batched way %s unavailable (%s)", way, e)
+                    except Exception as e:  # e.g. no fused kernel in this bitsandbytes, a setting that fails to build
+                        log.info("NF4 batched way %s unavailable (%s: %s)", way, type(e).__name__, e)
                         continue
                     if ((got - want).norm() / want.norm()).item() < tolerance:  # a way that agrees to rounding
                         times[way] = _graph_ms(run)

@@ -157,6 +157,7 @@ def run(settings: DecodeBenchSettings, command: str = "finechat bench generate")
             "joined_kv_check": decoder.kv_check if decoder else None,
             "nf4_one_row_check": decoder.nf4_one_check if decoder else None,
             "nf4_one_row_speedup": decoder.nf4_one_speedup if decoder else None,
+            "nf4_one_row_us": decoder.nf4_one_times if decoder else None,  # first layer's products, each way
             "nf4_batched_check": decoder.nf4_summary if decoder else None,
             "nf4_batched_us": decoder.nf4_times if decoder else None,  # per product, each way, at load
             "gpu_memory_gib": round(torch.cuda.memory_allocated() / 2**30, 2) if cuda else None,

@@ -31,8 +31,12 @@ from typing import Any
 
 import torch
 
-from finechat.kernels import checked, nf4_matmul
+from finechat.kernels import checked, nf4_matmul, nf4_prmt
 
+# How the kernel finds each byte's two code values: "table", one load per byte from a 256-entry table of pairs
+# (code_pairs), products in float32 rounded to dtype; "prmt", byte permutes in registers and products on pairs of
+# dtype (finechat.kernels.nf4_prmt: PTX, so CUDA only). Both give bitsandbytes' bits; the decoder keeps the faster.
+LOOKUPS = ("prmt", "table")
 GROUP = 1024  # weights of one row a warp covers per step: 32 lanes x 32 weights
 _BN = 4  # output rows per program
 _WARPS = 4  # a [4, 32, 16] byte tile is one 16-byte load per thread of 4 warps
@@ -95,23 +99,36 @@ def _scales(qs: Any) -> torch.Tensor:
     return total.float()
 
 
-def nf4_gemv(x: torch.Tensor, module: Any, bn: int = _BN, num_warps: int = _WARPS) -> torch.Tensor:
-    """x [..., K] (one row) @ W^T -> [..., N], bitwise bitsandbytes' one-row result, through the Triton kernel."""
-    kernel = _kernel()
-    if kernel is None:
+def nf4_gemv(
+    x: torch.Tensor, module: Any, bn: int = _BN, num_warps: int = _WARPS, lookup: str = "table"
+) -> torch.Tensor:
+    """x [..., K] (one row) @ W^T -> [..., N], bitwise bitsandbytes' one-row result, through the Triton kernel.
+    lookup: one of LOOKUPS, how the kernel finds the code values and multiplies (the decoder times both at load)."""
+    if lookup not in LOOKUPS:
+        raise ValueError(f"nf4_gemv: lookup {lookup!r}; expected one of {', '.join(LOOKUPS)}")
+    kernels = _kernel()
+    if kernels is None:
         raise RuntimeError("the NF4 one-row kernel is not available (no Triton)")
     dtype = _check_input(x, module)
     weight = module.weight
     qs = weight.quant_state
     N, K = qs.shape
     out = torch.empty(N, dtype=dtype, device=x.device)
-    kernel[(-(-N // bn),)](
-        x.reshape(K).contiguous(), weight, qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset,
-        code_pairs(qs.code, dtype), out, N, K,
-        BLOCKSIZE2=qs.state2.blocksize, BN=bn, FUSED_FMA=os.environ.get("TRITON_INTERPRET") != "1",
-        num_warps=num_warps,
-    )  # fmt: skip
-    return out.reshape(*x.shape[:-1], N)
+    shape, x = x.shape, x.reshape(K).contiguous()
+    scales = (qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset)
+    if lookup == "prmt":
+        planes = nf4_prmt.planes(qs.code, dtype)
+        kernels.nf4_gemv_prmt_kernel[(-(-N // bn),)](
+            x, weight, *scales, planes, out, N, K, BLOCKSIZE2=qs.state2.blocksize, BN=bn,
+            ROW_ASM=nf4_prmt.row_ptx(dtype), num_warps=num_warps,
+        )  # fmt: skip
+    else:
+        kernels.nf4_gemv_kernel[(-(-N // bn),)](
+            x, weight, *scales, code_pairs(qs.code, dtype), out, N, K,
+            BLOCKSIZE2=qs.state2.blocksize, BN=bn, FUSED_FMA=os.environ.get("TRITON_INTERPRET") != "1",
+            num_warps=num_warps,
+        )  # fmt: skip
+    return out.reshape(*shape[:-1], N)
 
 
 _PAIRS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -142,8 +159,8 @@ def _check_input(x: torch.Tensor, module: Any) -> torch.dtype:
 @functools.cache
 def _kernel() -> Any:
     def load() -> Any:
-        from finechat.kernels.nf4_triton import nf4_gemv_kernel
+        from finechat.kernels import nf4_triton
 
-        return nf4_gemv_kernel
+        return nf4_triton
 
     return checked(load, lambda kernel: None, False, "NF4 one-row kernel", "one-row NF4 steps use bitsandbytes")

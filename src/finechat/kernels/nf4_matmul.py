@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from finechat.kernels import checked
+from finechat.kernels import checked, nf4_prmt
 
 MAX_ROWS = 16  # tl.dot's smallest side; more rows go through bitsandbytes
 _BN = 32  # output features per program
@@ -37,6 +37,9 @@ SETTINGS: dict[str, dict[str, int]] = {
     # the code values gathered from memory, one load per nibble (round 5: the select tree ran at ~200 GB/s)
     "finechat-gather": dict(bn=_BN, bk=_BK, num_warps=4, num_stages=1, gather=1),
     "finechat-64x256-w8-gather": dict(bn=64, bk=256, num_warps=8, num_stages=1, gather=1),
+    # the code values by byte permutes, a word of 8 weights at a time (finechat.kernels.nf4_prmt; bf16/fp16 only)
+    "finechat-prmt": dict(bn=_BN, bk=_BK, num_warps=4, num_stages=1, prmt=1),
+    "finechat-64x256-w8-prmt": dict(bn=64, bk=256, num_warps=8, num_stages=1, prmt=1),
 }
 
 
@@ -97,13 +100,18 @@ def nf4_matmul(
     num_stages: int = 1,
     bk: int = _BK,
     gather: int = 0,
+    prmt: int = 0,
 ) -> torch.Tensor:
     """x [..., K] @ W^T -> [..., N] for at most MAX_ROWS rows of x, in x's dtype (float32 accumulation). bn, bk,
-    gather, num_warps and num_stages are the kernel's tile, decoding and launch settings (the defaults are what
-    decoding uses off CUDA; finechat.decode times every one of SETTINGS, and so does benchmarks/probes/nf4_matmul.py)."""
+    gather, prmt, num_warps and num_stages are the kernel's tile, decoding and launch settings (the defaults are what
+    decoding uses off CUDA; finechat.decode times every one of SETTINGS, and so does benchmarks/probes/nf4_matmul.py).
+    prmt: the code values by byte permutes, rounded to x's dtype before the scale multiplies them (bitsandbytes
+    multiplies the float32 values), for bfloat16 and float16 x on CUDA."""
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("the NF4 matmul kernel is not available (no Triton)")
+    if prmt and x.dtype not in nf4_prmt.DTYPES:
+        raise RuntimeError(f"nf4_matmul: prmt=1 looks code values up as 16-bit values; x is {x.dtype}")
     weight = module.weight
     qs = weight.quant_state
     N, K = qs.shape
@@ -118,10 +126,11 @@ def nf4_matmul(
     splits = -(-steps // steps_per_split)
     partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
     kernel[(n_blocks, splits)](
-        x2, weight, qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset, qs.code, partial, M, N, K,
+        x2, weight, qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset, qs.code,
+        nf4_prmt.planes(qs.code, x.dtype if prmt else torch.bfloat16), partial, M, N, K,
         STEPS=steps_per_split, BLOCKSIZE2=qs.state2.blocksize, BM=MAX_ROWS, BN=bn, BK=bk, BLOCK=qs.blocksize,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", GATHER=bool(gather), num_warps=num_warps,
-        num_stages=num_stages,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", GATHER=bool(gather),
+        CODES_ASM=nf4_prmt.codes_ptx(x.dtype) if prmt else "", num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     out = partial[0] if splits == 1 else partial.sum(0)
     return out.to(x.dtype).reshape(*x.shape[:-1], N)

@@ -47,16 +47,46 @@ def _nf4_decode(nibble, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c
 
 
 @triton.jit
+def _codes_by_permutes(asm: tl.constexpr, packed_ptr, planes_ptr, n, n_in, k0, K, dtype: tl.constexpr,
+                       BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """(high, low) [BN, BK // 2] in dtype: the code values of the high and low nibbles of the tile's bytes, looked
+    up a 32-bit word (4 bytes) at a time."""
+    w = tl.arange(0, BK // 8)
+    words = packed_ptr.to(tl.pointer_type(tl.int32)) + n[:, None] * (K // 8) + k0 // 8 + w[None, :]
+    word = tl.load(words, mask=n_in[:, None] & (k0 + 8 * w[None, :] < K), other=0)
+    t0, t1, t2, t3 = tl.load(planes_ptr), tl.load(planes_ptr + 1), tl.load(planes_ptr + 2), tl.load(planes_ptr + 3)
+    t4, t5, t6, t7 = tl.load(planes_ptr + 4), tl.load(planes_ptr + 5), tl.load(planes_ptr + 6), tl.load(planes_ptr + 7)
+    even01, even23, odd01, odd23 = tl.inline_asm_elementwise(
+        asm, "=r,=r,=r,=r" + ",r" * 9, [word, t0, t1, t2, t3, t4, t5, t6, t7], dtype=(tl.int32,) * 4, is_pure=True,
+        pack=1,
+    )  # fmt: skip
+    return _unpack_pairs(even01, even23, dtype, BN, BK), _unpack_pairs(odd01, odd23, dtype, BN, BK)
+
+
+@triton.jit
+def _unpack_pairs(first, second, dtype: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """[BN, BK // 8] words of two 16-bit values each (bytes 0-1 of each word of weights, then bytes 2-3) ->
+    [BN, BK // 2] values of dtype in byte order."""
+    a = (first & 0xFFFF).to(tl.int16).to(dtype, bitcast=True)
+    b = (first >> 16).to(tl.int16).to(dtype, bitcast=True)
+    c = (second & 0xFFFF).to(tl.int16).to(dtype, bitcast=True)
+    d = (second >> 16).to(tl.int16).to(dtype, bitcast=True)
+    return tl.reshape(tl.join(tl.join(a, b), tl.join(c, d)), (BN, BK // 2))
+
+
+@triton.jit
 def nf4_matmul_kernel(
-    x_ptr, packed_ptr, qscale_ptr, scale2_ptr, code2_ptr, offset_ptr, nf4_ptr, partial_ptr,
+    x_ptr, packed_ptr, qscale_ptr, scale2_ptr, code2_ptr, offset_ptr, nf4_ptr, planes_ptr, partial_ptr,
     M, N, K,
     STEPS: tl.constexpr, BLOCKSIZE2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    BLOCK: tl.constexpr, PRECISION: tl.constexpr, GATHER: tl.constexpr = False,
+    BLOCK: tl.constexpr, PRECISION: tl.constexpr, GATHER: tl.constexpr = False, CODES_ASM: tl.constexpr = "",
 ):  # fmt: skip
     """partial[split] = x @ W^T over this split's K range, for BN output features: each step decodes a [BN, BK] tile
     of W (BK // BLOCK quantization blocks of BLOCK weights; BK // 2 bytes per row, read contiguously) and multiplies
-    the [BM, BK] tile of x with it. GATHER: code values loaded from the 16-entry table (cached) instead of selected
-    in registers; with num_stages=1 the loads are not staged through shared memory as round 3's kernel's were."""
+    the [BM, BK] tile of x with it. The code values: by a tree of selects in registers; GATHER: loaded from the
+    16-entry table (cached; with num_stages=1 the loads are not staged through shared memory as round 3's kernel's
+    were); CODES_ASM: by byte permutes, a 32-bit word of packed weights per call (finechat.kernels.nf4_prmt.codes_ptx,
+    its tables at planes_ptr)."""
     split = tl.program_id(1)
     n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     m = tl.arange(0, BM)
@@ -72,18 +102,23 @@ def nf4_matmul_kernel(
     acc = tl.full((BM, BN), 0.0, tl.float32)  # tl.full, not tl.zeros: a builtin, which the interpreter also runs
     for step in range(STEPS):  # a constant trip count: this split's K range, BK weights per step
         k0 = (split * STEPS + step) * BK
-        byte_in = n_in[:, None] & (k0 + 2 * j[None, :] < K)
-        byte = tl.load(packed_ptr + n[:, None] * (K // 2) + k0 // 2 + j[None, :], mask=byte_in, other=0).to(tl.int32)
         block = (n[:, None] * K + k0) // BLOCK + blocks[None, :]  # [BN, BK // BLOCK]
         block_in = n_in[:, None] & (k0 + blocks[None, :] * BLOCK < K)
         q = tl.load(qscale_ptr + block, mask=block_in, other=0).to(tl.int32)
         scale = tl.load(code2_ptr + q) * tl.load(scale2_ptr + block // BLOCKSIZE2, mask=block_in, other=0.0) + offset
         scale = scale[:, :, None]  # [BN, blocks, 1]: each block's scale over its BLOCK // 2 bytes
-        if GATHER:
-            high, low = tl.load(nf4_ptr + (byte >> 4)), tl.load(nf4_ptr + (byte & 15))
+        if CODES_ASM != "":
+            high, low = _codes_by_permutes(CODES_ASM, packed_ptr, planes_ptr, n, n_in, k0, K, x_ptr.dtype.element_ty,
+                                           BN, BK)  # fmt: skip
         else:
-            high = _nf4_decode(byte >> 4, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15)
-            low = _nf4_decode(byte & 15, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15)
+            byte_in = n_in[:, None] & (k0 + 2 * j[None, :] < K)
+            byte = tl.load(packed_ptr + n[:, None] * (K // 2) + k0 // 2 + j[None, :], mask=byte_in, other=0)
+            byte = byte.to(tl.int32)
+            if GATHER:
+                high, low = tl.load(nf4_ptr + (byte >> 4)), tl.load(nf4_ptr + (byte & 15))
+            else:
+                high = _nf4_decode(byte >> 4, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15)
+                low = _nf4_decode(byte & 15, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15)
         # each weight as dequantize rounds it: the code value times the block's scale, then the compute dtype
         x = tl.load(x_ptr + m[:, None] * K + k0 + kk[None, :], mask=m_in[:, None] & (k0 + kk[None, :] < K), other=0.0)
         high = tl.reshape(tl.reshape(high, (BN, BK // BLOCK, BLOCK // 2)) * scale, (BN, BK // 2)).to(x.dtype)
@@ -183,6 +218,77 @@ def nf4_gemv_kernel(
         q_odd = (x_odd.to(tl.float32)[None, :, :] * w_odd.to(tl.float32)).to(dtype)
         acc = _add_pairs_in_order(acc, q_even.to(tl.float32) + q_odd.to(tl.float32), BN)
         byte, qscale = byte_ahead, qscale_ahead
+    for width in tl.static_range(5, 1, -1):  # lanes 32 -> 2 as a warp's shuffle-down sum halves them
+        acc = _fold(acc, BN, 1 << width)
+    lane0, lane1 = tl.split(acc)
+    tl.store(out_ptr + n, (lane0 + lane1 + 0.0).to(dtype), mask=n < N)
+
+
+@triton.jit
+def _quarters(t, BN: tl.constexpr):
+    """t [BN, LANES, 4] -> its four [BN, LANES] slices along the last axis, in order."""
+    first, second = tl.split(tl.reshape(t, (BN, LANES, 2, 2)))  # indices (0, 2) and (1, 3)
+    q0, q2 = tl.split(first)
+    q1, q3 = tl.split(second)
+    return q0, q1, q2, q3
+
+
+@triton.jit
+def _row_word(asm: tl.constexpr, total, word, x, scale, t0, t1, t2, t3, t4, t5, t6, t7, BN: tl.constexpr):
+    """The running sum after one 32-bit word of weights (finechat.kernels.nf4_prmt.row_program); x [BN, LANES, 4]
+    the word's x as pairs."""
+    x0, x1, x2, x3 = _quarters(x, BN)
+    return tl.inline_asm_elementwise(
+        asm, "=r" + ",r" * 15, [total, word, x0, x1, x2, x3, scale, t0, t1, t2, t3, t4, t5, t6, t7],
+        dtype=tl.float32, is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def nf4_gemv_prmt_kernel(
+    x_ptr, packed_ptr, qscale_ptr, scale2_ptr, code2_ptr, offset_ptr, planes_ptr, out_ptr,
+    N, K,
+    BLOCKSIZE2: tl.constexpr, BN: tl.constexpr, ROW_ASM: tl.constexpr,
+):  # fmt: skip
+    """nf4_gemv_kernel's result (bitsandbytes' bits) with the code values looked up by byte permutes and the 16-bit
+    products on pairs, a 32-bit word of packed weights (8 weights, 4 bytes in order) per call of ROW_ASM
+    (finechat.kernels.nf4_prmt.row_ptx), with its code tables from planes_ptr (nf4_prmt.plane_words, once per lane:
+    [LANES, 8])."""
+    dtype = x_ptr.dtype.element_ty
+    n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    row = tl.minimum(n, N - 1)  # the rows past N repeat the last one (no masked loads); their sums are not stored
+    lane = tl.arange(0, LANES)
+    groups = K // (LANES * 2 * PAIRS)
+    words = packed_ptr.to(tl.pointer_type(tl.int32))
+    row_start = tl.multiple_of(row * (K // 8), 128)  # K % 1024 == 0: a lane's 4 words load as one vector
+    packed = words + row_start[:, None, None] + (lane[:, None] * 4 + tl.arange(0, 4)[None, :])[None]
+    x_words = x_ptr.to(tl.pointer_type(tl.int32))
+    x_of_lane = (tl.zeros((BN,), tl.int32)[:, None, None] + lane[None, :, None] * 16) + tl.arange(0, 4)[None, None, :]
+    block = row[:, None] * (K // 64) + lane[None, :] // 2  # [BN, LANES]: a lane's 32 weights sit in one 64-block
+    offset = tl.load(offset_ptr)
+    # one copy of the tables per lane, so that they load into each thread's registers once: as uniform scalars
+    # ptxas copied them into registers again before every prmt (prmt takes at most one uniform operand)
+    planes = planes_ptr + tl.zeros((BN, LANES), tl.int32) + lane[None, :] * 8
+    t0, t1, t2, t3 = tl.load(planes), tl.load(planes + 1), tl.load(planes + 2), tl.load(planes + 3)
+    t4, t5, t6, t7 = tl.load(planes + 4), tl.load(planes + 5), tl.load(planes + 6), tl.load(planes + 7)
+    word = tl.load(packed)  # [BN, LANES, 4]
+    qscale = tl.load(qscale_ptr + block)
+    acc = tl.full((BN, LANES), 0.0, tl.float32)
+    for g in range(groups):
+        ahead = tl.minimum(g + 1, groups - 1)  # the next group's words load while this one is summed
+        word_ahead = tl.load(packed + ahead * (LANES * 4))
+        qscale_ahead = tl.load(qscale_ptr + block + ahead * (LANES // 2))
+        code2 = tl.load(code2_ptr + qscale.to(tl.int32))
+        scale2 = tl.load(scale2_ptr + (block + g * (LANES // 2)) // BLOCKSIZE2)
+        scale = tl.fma(code2, scale2, offset).to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        scale = scale | (scale << 16)
+        w0, w1, w2, w3 = _quarters(word, BN)
+        xg = x_words + g * (LANES * PAIRS) + x_of_lane
+        acc = _row_word(ROW_ASM, acc, w0, tl.load(xg), scale, t0, t1, t2, t3, t4, t5, t6, t7, BN)
+        acc = _row_word(ROW_ASM, acc, w1, tl.load(xg + 4), scale, t0, t1, t2, t3, t4, t5, t6, t7, BN)
+        acc = _row_word(ROW_ASM, acc, w2, tl.load(xg + 8), scale, t0, t1, t2, t3, t4, t5, t6, t7, BN)
+        acc = _row_word(ROW_ASM, acc, w3, tl.load(xg + 12), scale, t0, t1, t2, t3, t4, t5, t6, t7, BN)
+        word, qscale = word_ahead, qscale_ahead
     for width in tl.static_range(5, 1, -1):  # lanes 32 -> 2 as a warp's shuffle-down sum halves them
         acc = _fold(acc, BN, 1 << width)
     lane0, lane1 = tl.split(acc)
