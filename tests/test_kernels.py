@@ -751,6 +751,76 @@ def test_prmt_codes_program_looks_up_every_byte():
         assert (out["$2"] == low[:, 0] | low[:, 1] << 16).all() and (out["$3"] == low[:, 2] | low[:, 3] << 16).all()
 
 
+@pytest.fixture
+def prmt_interpreted(monkeypatch):
+    """finechat.kernels.nf4_triton built for Triton's interpreter, which runs no assembly: each call of an
+    nf4_prmt program runs it through nf4_prmt.run instead (pack=1, 32-bit operands), so the kernels' loads, word and
+    pair layouts and sums are checked on the CPU; the PTX itself is checked on a GPU (and assembled above)."""
+    import importlib
+    from types import SimpleNamespace
+
+    pytest.importorskip("triton")
+    from triton.runtime import interpreter
+
+    from finechat.kernels import nf4_gemv, nf4_matmul, nf4_prmt, nf4_triton
+
+    programs = {}
+    for dtype in nf4_prmt.DTYPES:
+        programs[nf4_prmt.row_ptx(dtype)] = (nf4_prmt.row_program(), dtype)
+        programs[nf4_prmt.codes_ptx(dtype)] = (nf4_prmt.codes_program(), dtype)
+
+    def create_inline_asm(self, asm, constraints, values, types, is_pure, pack):
+        ops, dtype = programs[asm]
+        outputs = constraints.count("=")
+        assert pack == 1 and all(v.data.itemsize == 4 for v in values)
+        inputs = {f"${outputs + i}": np.ascontiguousarray(v.data).view(np.uint32) for i, v in enumerate(values)}
+        result = nf4_prmt.run(ops, dtype, inputs)
+        handles = []
+        for i, ty in enumerate(types):
+            element = ty.scalar
+            data = result[f"${i}"].view(interpreter._get_np_dtype(element)).reshape(values[0].data.shape)
+            handles.append(interpreter.TensorHandle(data, element))
+        return SimpleNamespace(get_result=handles.__getitem__)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_inline_asm", create_inline_asm)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    importlib.reload(nf4_triton)
+    nf4_gemv._kernel.cache_clear()
+    nf4_matmul._kernel.cache_clear()
+    yield SimpleNamespace(nf4_gemv=nf4_gemv, nf4_matmul=nf4_matmul)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    importlib.reload(nf4_triton)
+    nf4_gemv._kernel.cache_clear()
+    nf4_matmul._kernel.cache_clear()
+
+
+def test_prmt_row_kernel_is_the_emulation_bit_for_bit(prmt_interpreted):
+    """The one-row kernel with lookup="prmt", in fp16 (the interpreter's bf16 rounds by truncation)."""
+    nf4_gemv = prmt_interpreted.nf4_gemv
+    for rows, cols, bn in ((38, 1024, 4), (5, 2048, 2)):
+        x, module = mirrored_nf4(rows, cols, torch.float16)
+        got = nf4_gemv.nf4_gemv(x, module, bn=bn, lookup="prmt")
+        want = nf4_gemv.nf4_gemv_emulated(x, module)
+        assert got.shape == (1, 1, rows) and torch.equal(got, want), (got != want).sum().item()
+
+
+def test_prmt_batched_kernel_multiplies_like_dequantize_then_matmul(prmt_interpreted):
+    from types import SimpleNamespace
+
+    nf4_matmul = prmt_interpreted.nf4_matmul
+    for n, k in ((96, 1088), (64, 1024)):
+        packed, qs = quantized(n, k, torch.float16, "cpu")
+        packed.quant_state = qs
+        module = SimpleNamespace(weight=packed, bias=None)
+        for rows in (2, 16):
+            x = torch.randn(rows, 1, k).to(torch.float16)
+            want = nf4_matmul.nf4_matmul_reference(x, module)
+            for name, settings in nf4_matmul.SETTINGS.items():
+                if settings.get("prmt"):
+                    got = nf4_matmul.nf4_matmul(x, module, **settings)
+                    assert rel_err(got, want) < 2e-3, (name, n, k, rows, rel_err(got, want))
+
+
 def test_prmt_programs_assemble_for_hopper(monkeypatch):
     """The PTX text is what ptxas takes (a compile of the one-row kernel through it, in bf16 and fp16), one program
     per word of weights: 16 permutes and 8 pair products each."""

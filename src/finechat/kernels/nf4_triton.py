@@ -71,7 +71,9 @@ def _unpack_pairs(first, second, dtype: tl.constexpr, BN: tl.constexpr, BK: tl.c
     b = (first >> 16).to(tl.int16).to(dtype, bitcast=True)
     c = (second & 0xFFFF).to(tl.int16).to(dtype, bitcast=True)
     d = (second >> 16).to(tl.int16).to(dtype, bitcast=True)
-    return tl.reshape(tl.join(tl.join(a, b), tl.join(c, d)), (BN, BK // 2))
+    # join adds a last axis: join(join(a, c), join(b, d))[..., i, j] is (a, c)[i] for j = 0 and (b, d)[i] for j = 1,
+    # so a, b, c, d in row-major order (join(join(a, b), join(c, d)) gave a, c, b, d: the CPU test caught it)
+    return tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), (BN, BK // 2))
 
 
 @triton.jit
@@ -263,12 +265,12 @@ def nf4_gemv_prmt_kernel(
     row_start = tl.multiple_of(row * (K // 8), 128)  # K % 1024 == 0: a lane's 4 words load as one vector
     packed = words + row_start[:, None, None] + (lane[:, None] * 4 + tl.arange(0, 4)[None, :])[None]
     x_words = x_ptr.to(tl.pointer_type(tl.int32))
-    x_of_lane = (tl.zeros((BN,), tl.int32)[:, None, None] + lane[None, :, None] * 16) + tl.arange(0, 4)[None, None, :]
+    x_of_lane = (tl.full((BN,), 0, tl.int32)[:, None, None] + lane[None, :, None] * 16) + tl.arange(0, 4)[None, None, :]
     block = row[:, None] * (K // 64) + lane[None, :] // 2  # [BN, LANES]: a lane's 32 weights sit in one 64-block
     offset = tl.load(offset_ptr)
     # one copy of the tables per lane, so that they load into each thread's registers once: as uniform scalars
     # ptxas copied them into registers again before every prmt (prmt takes at most one uniform operand)
-    planes = planes_ptr + tl.zeros((BN, LANES), tl.int32) + lane[None, :] * 8
+    planes = planes_ptr + tl.full((BN, LANES), 0, tl.int32) + lane[None, :] * 8
     t0, t1, t2, t3 = tl.load(planes), tl.load(planes + 1), tl.load(planes + 2), tl.load(planes + 3)
     t4, t5, t6, t7 = tl.load(planes + 4), tl.load(planes + 5), tl.load(planes + 6), tl.load(planes + 7)
     word = tl.load(packed)  # [BN, LANES, 4]
