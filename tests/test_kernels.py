@@ -455,6 +455,17 @@ def compile_for_sm90(fn, types: dict[str, str], constants: dict, aligned: tuple[
     return compiled
 
 
+def test_dropout_kernels_do_not_compile_again_for_new_seeds():
+    """Every call has its own seed; Triton would compile a variant per class of value (divisible by 16, equal to 1)
+    of a specialized integer argument, a 1-4 s stall inside a training step. The sizes stay specialized."""
+    pytest.importorskip("triton")
+    from finechat.kernels import dropout_triton as k
+
+    for kernel in (k.masked, k.lora_a, k.lora_a_grad, k.lora_dx):
+        params = {p.name: p for p in kernel.params}
+        assert params["seed"].do_not_specialize and not params["N"].do_not_specialize, kernel.fn.__name__
+
+
 @pytest.mark.parametrize("sizes", ["multiples of 16", "odd"])
 def test_training_kernels_compile_for_hopper_at_mistral_shapes(sizes):
     """Mistral-7B's sizes are multiples of 16 (where the earlier kernels failed); odd ones are the GPU tests'."""
