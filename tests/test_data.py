@@ -86,6 +86,11 @@ def test_text_is_packed_into_full_blocks(tiny_model_dir):
     total = sum(len(tok(r.text)["input_ids"]) + 1 for r in records)
     assert sum(len(e["input_ids"]) for e in examples) == total
     assert sum(e["input_ids"].count(tok.eos_token_id) for e in examples) == len(records)  # one EOS per document
+    assert 0 < len(examples[-1]["input_ids"]) < 64  # evaluation keeps the short last block; training does not:
+    whole = data.tokenize(records, tok, 64, whole_blocks=True)
+    assert whole == examples[:-1] and all(len(e["input_ids"]) == 64 for e in whole)
+    short = [data.Record(text="The quick brown fox.")]  # no full block: the short one trains
+    assert data.tokenize(short, tok, 64, whole_blocks=True) == data.tokenize(short, tok, 64)
 
 
 def test_chat_masks_cover_assistant_turns_only(tiny_model_dir):

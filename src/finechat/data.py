@@ -200,9 +200,13 @@ def train_eval_split(
     return train, heldout
 
 
-def tokenize(records: list[Record], tokenizer, max_seq_length: int) -> list[dict[str, list[int]]]:
+def tokenize(
+    records: list[Record], tokenizer, max_seq_length: int, whole_blocks: bool = False
+) -> list[dict[str, list[int]]]:
     """Token examples: plain text packed into max_seq_length blocks (documents end with EOS); each chat record
-    becomes one example whose assistant_masks mark the tokens that train."""
+    becomes one example whose assistant_masks mark the tokens that train. whole_blocks (training): the text's last,
+    shorter block is left out when there is a full one; its batch would be the one of another shape, whose first
+    step compiles kernels and plans attention anew (measured on an H200: a 4.3 s step among 0.4 s ones)."""
     examples: list[dict[str, list[int]]] = []
     stream: list[int] = []
     for r in records:
@@ -213,7 +217,7 @@ def tokenize(records: list[Record], tokenizer, max_seq_length: int) -> list[dict
             stream += tokenizer(r.text)["input_ids"] + [tokenizer.eos_token_id]
     for start in range(0, len(stream), max_seq_length):
         block = stream[start : start + max_seq_length]
-        if len(block) > 1:
+        if len(block) > 1 and (len(block) == max_seq_length or not whole_blocks or start == 0):
             examples.append({"input_ids": block, "assistant_masks": [1] * len(block)})
     return examples
 

@@ -56,7 +56,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
         config.max_train_docs,
         config.max_eval_docs,
     )
-    train_examples = data.tokenize(train_records, tokenizer, config.max_seq_length)
+    train_examples = data.tokenize(train_records, tokenizer, config.max_seq_length, whole_blocks=True)
     eval_examples = data.tokenize(eval_records, tokenizer, config.max_seq_length)
     plan = distributed.choose(plan, config.distributed, ref.path, config.quantize, config.compute_dtype)
     distributed.barrier(plan)  # every process has checked the run folder before rank 0 (re)creates it
