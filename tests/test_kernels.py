@@ -417,7 +417,7 @@ def check_nf4_matmul(nf4_matmul) -> None:
         for rows in (2, 5, 16):
             x = torch.randn(rows, 1, k, device=device).to(dtype)
             want = nf4_matmul.nf4_matmul_reference(x, module)
-            for name, settings in nf4_matmul.SETTINGS.items():  # every tile and decoding setting the decoder times
+            for name, settings in {"default": {}, **nf4_matmul.SETTINGS}.items():  # off CUDA, and each timed one
                 if settings.get("prmt") and (device != "cuda" or dtype == torch.float32):
                     continue  # PTX (the interpreter runs no assembly), 16-bit values (test_prmt_* check it on CPU)
                 got = nf4_matmul.nf4_matmul(x, module, **settings)
@@ -491,7 +491,8 @@ def test_batched_nf4_kernel_compiles_for_hopper_at_mistral_shapes():
 
     types = dict(x_ptr="*bf16", packed_ptr="*u8", qscale_ptr="*u8", scale2_ptr="*fp32", code2_ptr="*fp32")
     types |= dict(offset_ptr="*fp32", nf4_ptr="*fp32", planes_ptr="*i32", partial_ptr="*fp32")
-    for settings in nf4_matmul.SETTINGS.values():  # every tile setting the decoder may time
+    default = dict(bn=nf4_matmul._BN, bk=nf4_matmul._BK, num_warps=4, num_stages=1)  # the select tree
+    for settings in [default, *nf4_matmul.SETTINGS.values()]:  # and every setting the decoder may time
         constants = dict(STEPS=13, BLOCKSIZE2=256, BM=nf4_matmul.MAX_ROWS, BN=settings["bn"], BK=settings["bk"])
         constants |= dict(BLOCK=64, PRECISION="tf32", GATHER=bool(settings.get("gather")))
         constants |= dict(CODES_ASM=nf4_prmt.codes_ptx(torch.bfloat16) if settings.get("prmt") else "")

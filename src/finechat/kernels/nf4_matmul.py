@@ -4,11 +4,12 @@ registers: the weight is read once, as 4-bit, whatever the number of rows.
 bitsandbytes 0.50 keeps its fused 4-bit kernel only up to 4 rows for most of Mistral-7B's projections on an H100 or
 H200; from 5 rows it writes the whole weight out in bf16 and multiplies that (measured on an H200: a 16-row decode
 step took 13.2 ms against 5.3 ms for one row, so 16 NF4 streams gave only 5.5x one stream). Here each step of a
-program decodes a [BN, BK] tile of W (the 4-bit values through a tree of selects over the 16 code values held in
-registers, each block's 8-bit scale through its second-level scale, the offset, as bitsandbytes' dequantize does) and
-multiplies it with the rows' [16, BK] tile; the K range is split across programs when N alone leaves SMs idle, and the
-partial sums add up in a fixed order. (The first version looked each code value up in memory, one gather per weight,
-and ran at 40 GB/s on an H200, 17-25x slower than bitsandbytes: round 3 in docs/benchmarks.md.)
+program decodes a [BN, BK] tile of W (the 4-bit values by byte permutes on CUDA, finechat.kernels.nf4_prmt, or by a
+gather or a tree of selects over the 16 code values; each block's 8-bit scale through its second-level scale, the
+offset, as bitsandbytes' dequantize does) and multiplies it with the rows' [16, BK] tile; the K range is split across
+programs when N alone leaves SMs idle, and the partial sums add up in a fixed order. On an H200 the byte permutes made
+it faster than bitsandbytes at 4 to 16 rows (round 7 in docs/benchmarks.md: 52.5 against 68.3 us at 14336x4096 and
+16 rows); the first version, one gather per weight staged through shared memory, ran at 40 GB/s (round 3).
 
 The rows are not bitwise bitsandbytes' (the products run in another order), as no batched row is bitwise a batch-1
 row; the one-row step keeps bitsandbytes' kernel. `finechat.decode` checks the kernel against the reference at load
@@ -27,19 +28,14 @@ MAX_ROWS = 16  # tl.dot's smallest side; more rows go through bitsandbytes
 _BN = 32  # output features per program
 _BK = 128  # weights of K per step: two quantization blocks, 64 contiguous bytes of each row
 # Tile and launch settings finechat.decode times at load, per weight shape and row count (name -> nf4_matmul's keyword
-# arguments). Each compiles for sm_90 (tests/test_kernels.py); the select-tree ones without register spills (ptxas -v:
-# 144-218 registers a thread).
+# arguments); each compiles for sm_90 (tests/test_kernels.py). Round 7 on an H200 (docs/benchmarks.md): the byte-permute
+# lookup won 13 of the 16 (rows, shape) pairs, bitsandbytes the other 3, the select tree and the gathers none, so
+# only the gather stays beside them (a way that needs no assembly), which keeps the NF4 warm-up under a minute
+# (52.5 s with all eight settings).
 SETTINGS: dict[str, dict[str, int]] = {
-    "finechat": dict(bn=_BN, bk=_BK, num_warps=4, num_stages=1),
-    "finechat-64x128-s2": dict(bn=64, bk=128, num_warps=4, num_stages=2),
-    "finechat-64x256-w8": dict(bn=64, bk=256, num_warps=8, num_stages=1),
-    "finechat-16x256": dict(bn=16, bk=256, num_warps=4, num_stages=1),
-    # the code values gathered from memory, one load per nibble (round 5: the select tree ran at ~200 GB/s)
-    "finechat-gather": dict(bn=_BN, bk=_BK, num_warps=4, num_stages=1, gather=1),
-    "finechat-64x256-w8-gather": dict(bn=64, bk=256, num_warps=8, num_stages=1, gather=1),
-    # the code values by byte permutes, a word of 8 weights at a time (finechat.kernels.nf4_prmt; bf16/fp16 only)
     "finechat-prmt": dict(bn=_BN, bk=_BK, num_warps=4, num_stages=1, prmt=1),
     "finechat-64x256-w8-prmt": dict(bn=64, bk=256, num_warps=8, num_stages=1, prmt=1),
+    "finechat-gather": dict(bn=_BN, bk=_BK, num_warps=4, num_stages=1, gather=1),
 }
 
 
