@@ -182,7 +182,8 @@ def test_ddp_options_reach_accelerate(tiny_model_dir, text_file, tmp_path):
     model = models.load_base(str(tiny_model_dir), compute_dtype="float32")
     plan = distributed.Plan("ddp", 2, 0)
     trainer = _build_trainer(config, model, tokenizer, Dataset.from_list(examples), None, tmp_path / "r", plan)
-    assert trainer.accelerator.ddp_handler.to_kwargs() == {"broadcast_buffers": False, "gradient_as_bucket_view": True}
+    kwargs = {"broadcast_buffers": False, "gradient_as_bucket_view": True, "bucket_cap_mb": 256}
+    assert trainer.accelerator.ddp_handler.to_kwargs() == kwargs
     assert trainer.args.ddp_find_unused_parameters is False
     assert distributed.DDP_OPTIONS["find_unused_parameters"] is False
 
