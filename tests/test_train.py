@@ -142,3 +142,11 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_reaches_the_same_step(tiny_model_d
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_batches_pad_to_few_shapes_on_gpu_only():
+    from finechat.train import pad_multiple
+
+    assert pad_multiple(1024, on_gpu=True) == 64 and pad_multiple(2048, on_gpu=True) == 64
+    assert pad_multiple(1000, on_gpu=True) is None  # padding to 1,024 would pass the limit
+    assert pad_multiple(1024, on_gpu=False) is None  # nothing compiles per shape on the CPU

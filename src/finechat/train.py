@@ -160,6 +160,17 @@ def _frozen_heap() -> Iterator[None]:
         gc.unfreeze()  # collectable again: train() may run many times in one process (the tests do)
 
 
+PAD_MULTIPLE = 64
+
+
+def pad_multiple(max_seq_length: int, on_gpu: bool) -> int | None:
+    """What batches are padded to a multiple of: on a GPU, PAD_MULTIPLE where max_seq_length is one, so that chat
+    data of every length makes at most max_seq_length / 64 batch shapes. A batch of a new shape compiles kernel
+    variants and plans attention in its first step (a 3.9-4.3 s step on an H200, from text's short last block:
+    docs/benchmarks.md, multi-GPU rounds 4-7); the cost per new chat length was not measured."""
+    return PAD_MULTIPLE if on_gpu and max_seq_length % PAD_MULTIPLE == 0 else None
+
+
 def _build_trainer(
     config: TrainConfig, model, tokenizer, train_ds, eval_ds, run_dir: Path, plan: distributed.Plan | None = None
 ):
@@ -214,6 +225,7 @@ def _build_trainer(
         bf16=bf16,
         max_length=config.max_seq_length,
         packing=False,  # data.tokenize already packs text into full blocks
+        pad_to_multiple_of=pad_multiple(config.max_seq_length, on_gpu),
         logging_steps=config.logging_steps,
         eval_strategy="steps" if eval_ds is not None else "no",
         eval_steps=config.eval_steps or None,
