@@ -844,9 +844,10 @@ def test_prmt_programs_assemble_for_hopper(monkeypatch):
     for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
         types = dict(x_ptr=f"*{name}", packed_ptr="*u8", qscale_ptr="*u8", scale2_ptr="*fp32", code2_ptr="*fp32")
         types |= dict(offset_ptr="*fp32", planes_ptr="*i32", out_ptr=f"*{name}")
-        constants = dict(BLOCKSIZE2=256, BN=4, ROW_ASM=nf4_prmt.row_ptx(dtype))
+        constants = dict(BLOCKSIZE2=256, BN=4, FUSED_FMA=True, ROW_ASM=nf4_prmt.row_ptx(dtype))
         compiled = compile_for_sm90(nf4_gemv_prmt_kernel, types, constants, (*types, "N", "K"), num_warps=4)
         ptx = compiled.asm["ptx"]
+        assert ptx.count("fma.rn.f32") == 1  # the block scale's one rounding, as the table kernel's
         assert ptx.count("prmt.b32") >= 4 * 16 and ptx.count(f"mul.rn.{nf4_prmt.DTYPES[dtype]}x2") == 4 * 8
 
 

@@ -116,17 +116,17 @@ def nf4_gemv(
     out = torch.empty(N, dtype=dtype, device=x.device)
     shape, x = x.shape, x.reshape(K).contiguous()
     scales = (qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset)
+    fused_fma = os.environ.get("TRITON_INTERPRET") != "1"
     if lookup == "prmt":
         planes = nf4_prmt.planes(qs.code, dtype)
         kernels.nf4_gemv_prmt_kernel[(-(-N // bn),)](
-            x, weight, *scales, planes, out, N, K, BLOCKSIZE2=qs.state2.blocksize, BN=bn,
+            x, weight, *scales, planes, out, N, K, BLOCKSIZE2=qs.state2.blocksize, BN=bn, FUSED_FMA=fused_fma,
             ROW_ASM=nf4_prmt.row_ptx(dtype), num_warps=num_warps,
         )  # fmt: skip
     else:
         kernels.nf4_gemv_kernel[(-(-N // bn),)](
             x, weight, *scales, code_pairs(qs.code, dtype), out, N, K,
-            BLOCKSIZE2=qs.state2.blocksize, BN=bn, FUSED_FMA=os.environ.get("TRITON_INTERPRET") != "1",
-            num_warps=num_warps,
+            BLOCKSIZE2=qs.state2.blocksize, BN=bn, FUSED_FMA=fused_fma, num_warps=num_warps,
         )  # fmt: skip
     return out.reshape(*shape[:-1], N)
 

@@ -176,6 +176,34 @@ def _fold(acc, BN: tl.constexpr, M: tl.constexpr):
 
 
 @triton.jit
+def _program_rows(N, BN: tl.constexpr):
+    """(n, row): the program's BN output rows, and the rows it reads (past N, the last one again: no masked loads;
+    their sums are not stored)."""
+    n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    return n, tl.minimum(n, N - 1)
+
+
+@triton.jit
+def _block_scale(code2_ptr, scale2_ptr, offset, qscale, block, g, BLOCKSIZE2: tl.constexpr, FUSED_FMA: tl.constexpr):
+    """Each lane's block scale in group g, float32, as bitsandbytes' kernel has it: one fused multiply-add."""
+    code2 = tl.load(code2_ptr + qscale.to(tl.int32))
+    scale2 = tl.load(scale2_ptr + (block + g * (LANES // 2)) // BLOCKSIZE2)
+    if FUSED_FMA:
+        return tl.fma(code2, scale2, offset)
+    # Triton's interpreter rounds tl.fma's product: float64 holds it exactly
+    return (code2.to(tl.float64) * scale2.to(tl.float64) + offset.to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
+def _store_warp_sums(acc, out_ptr, n, N, BN: tl.constexpr):
+    """out[n] = the sum of each row's 32 lanes as a warp's shuffle-down sum adds them, rounded to out's dtype."""
+    for width in tl.static_range(5, 1, -1):  # lanes 32 -> 2, halved at each step
+        acc = _fold(acc, BN, 1 << width)
+    lane0, lane1 = tl.split(acc)
+    tl.store(out_ptr + n, (lane0 + lane1 + 0.0).to(out_ptr.dtype.element_ty), mask=n < N)
+
+
+@triton.jit
 def nf4_gemv_kernel(
     x_ptr, packed_ptr, qscale_ptr, scale2_ptr, code2_ptr, offset_ptr, pairs_ptr, out_ptr,
     N, K,
@@ -183,8 +211,7 @@ def nf4_gemv_kernel(
 ):  # fmt: skip
     """out[n] = x . W[n] for BN rows n, each as one bitsandbytes warp computes it (K a multiple of 1024)."""
     dtype = x_ptr.dtype.element_ty
-    n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
-    row = tl.minimum(n, N - 1)  # the rows past N repeat the last one (no masked loads); their sums are not stored
+    n, row = _program_rows(N, BN)
     lane = tl.arange(0, LANES)
     groups = K // (LANES * 2 * PAIRS)
     row_start = tl.multiple_of(row * (K // 2), 512)  # K % 1024 == 0: a lane's 16 bytes load as one vector
@@ -200,12 +227,7 @@ def nf4_gemv_kernel(
         ahead = tl.minimum(g + 1, groups - 1)
         byte_ahead = tl.load(packed + ahead * (LANES * PAIRS))
         qscale_ahead = tl.load(qscale_ptr + block + ahead * (LANES // 2))
-        code2 = tl.load(code2_ptr + qscale.to(tl.int32))
-        scale2 = tl.load(scale2_ptr + (block + g * (LANES // 2)) // BLOCKSIZE2)
-        if FUSED_FMA:
-            scale = tl.fma(code2, scale2, offset)
-        else:  # Triton's interpreter rounds tl.fma's product: float64 holds it exactly
-            scale = (code2.to(tl.float64) * scale2.to(tl.float64) + offset.to(tl.float64)).to(tl.float32)
+        scale = _block_scale(code2_ptr, scale2_ptr, offset, qscale, block, g, BLOCKSIZE2, FUSED_FMA)
         scale = scale.to(dtype).to(tl.float32)[:, :, None]
         # one lookup per byte: the code values of both its nibbles, already rounded to dtype, as 16-bit halves
         codes = tl.load(pairs_ptr + byte.to(tl.int32))
@@ -220,10 +242,7 @@ def nf4_gemv_kernel(
         q_odd = (x_odd.to(tl.float32)[None, :, :] * w_odd.to(tl.float32)).to(dtype)
         acc = _add_pairs_in_order(acc, q_even.to(tl.float32) + q_odd.to(tl.float32), BN)
         byte, qscale = byte_ahead, qscale_ahead
-    for width in tl.static_range(5, 1, -1):  # lanes 32 -> 2 as a warp's shuffle-down sum halves them
-        acc = _fold(acc, BN, 1 << width)
-    lane0, lane1 = tl.split(acc)
-    tl.store(out_ptr + n, (lane0 + lane1 + 0.0).to(dtype), mask=n < N)
+    _store_warp_sums(acc, out_ptr, n, N, BN)
 
 
 @triton.jit
@@ -250,15 +269,14 @@ def _row_word(asm: tl.constexpr, total, word, x, scale, t0, t1, t2, t3, t4, t5, 
 def nf4_gemv_prmt_kernel(
     x_ptr, packed_ptr, qscale_ptr, scale2_ptr, code2_ptr, offset_ptr, planes_ptr, out_ptr,
     N, K,
-    BLOCKSIZE2: tl.constexpr, BN: tl.constexpr, ROW_ASM: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr, BN: tl.constexpr, FUSED_FMA: tl.constexpr, ROW_ASM: tl.constexpr,
 ):  # fmt: skip
     """nf4_gemv_kernel's result (bitsandbytes' bits) with the code values looked up by byte permutes and the 16-bit
     products on pairs, a 32-bit word of packed weights (8 weights, 4 bytes in order) per call of ROW_ASM
     (finechat.kernels.nf4_prmt.row_ptx), with its code tables from planes_ptr (nf4_prmt.plane_words, once per lane:
     [LANES, 8])."""
     dtype = x_ptr.dtype.element_ty
-    n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
-    row = tl.minimum(n, N - 1)  # the rows past N repeat the last one (no masked loads); their sums are not stored
+    n, row = _program_rows(N, BN)
     lane = tl.arange(0, LANES)
     groups = K // (LANES * 2 * PAIRS)
     words = packed_ptr.to(tl.pointer_type(tl.int32))
@@ -280,10 +298,9 @@ def nf4_gemv_prmt_kernel(
         ahead = tl.minimum(g + 1, groups - 1)  # the next group's words load while this one is summed
         word_ahead = tl.load(packed + ahead * (LANES * 4))
         qscale_ahead = tl.load(qscale_ptr + block + ahead * (LANES // 2))
-        code2 = tl.load(code2_ptr + qscale.to(tl.int32))
-        scale2 = tl.load(scale2_ptr + (block + g * (LANES // 2)) // BLOCKSIZE2)
-        scale = tl.fma(code2, scale2, offset).to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        scale = scale | (scale << 16)
+        scale = _block_scale(code2_ptr, scale2_ptr, offset, qscale, block, g, BLOCKSIZE2, FUSED_FMA)
+        scale = scale.to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        scale = scale | (scale << 16)  # the scale twice, a pair of dtype
         w0, w1, w2, w3 = _quarters(word, BN)
         xg = x_words + g * (LANES * PAIRS) + x_of_lane
         acc = _row_word(ROW_ASM, acc, w0, tl.load(xg), scale, t0, t1, t2, t3, t4, t5, t6, t7, BN)
@@ -291,7 +308,4 @@ def nf4_gemv_prmt_kernel(
         acc = _row_word(ROW_ASM, acc, w2, tl.load(xg + 8), scale, t0, t1, t2, t3, t4, t5, t6, t7, BN)
         acc = _row_word(ROW_ASM, acc, w3, tl.load(xg + 12), scale, t0, t1, t2, t3, t4, t5, t6, t7, BN)
         word, qscale = word_ahead, qscale_ahead
-    for width in tl.static_range(5, 1, -1):  # lanes 32 -> 2 as a warp's shuffle-down sum halves them
-        acc = _fold(acc, BN, 1 << width)
-    lane0, lane1 = tl.split(acc)
-    tl.store(out_ptr + n, (lane0 + lane1 + 0.0).to(dtype), mask=n < N)
+    _store_warp_sums(acc, out_ptr, n, N, BN)
