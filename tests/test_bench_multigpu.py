@@ -105,6 +105,13 @@ def test_speedup_from_step_periods_with_stalls_in_and_ablations_aside():
     assert multigpu._row_key(ablation) != multigpu._row_key(ddp)
     s = multigpu.summarize([single, ddp, ablation])
     assert s["ddp_speedup"] == round(12600 / 9800, 3) and s["ddp_speedup_median_step"] == 1.84
+    assert "ddp_speedup_ablation_optimizer_adamw_torch" not in s  # no single row of that ablation
+    no_offload = [{**row, "offload_ablation": "off"} for row in (single, ddp)]
+    no_offload[1]["tok_s_from_mean_period"] = 19000
+    s = multigpu.summarize([single, ddp, *no_offload])
+    assert s["ddp_speedup"] == round(12600 / 9800, 3) and s["ddp_speedup_ablation_offload_off"] == round(
+        19000 / 9800, 3
+    )
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,8 @@ def test_overrides_win_and_are_coerced():
     )
     assert config.max_steps == 7 and config.learning_rate == 1e-3
     assert config.lora_targets == ["q_proj", "v_proj"] and config.double_quant is False
+    assert cfg.load_config("smollm2-demo", {}).offload_activations is True
+    assert cfg.load_config("smollm2-demo", {"offload_activations": "false"}).offload_activations is False
 
 
 def test_unknown_key_names_it_and_the_valid_ones(tmp_path):

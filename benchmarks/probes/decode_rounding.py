@@ -1,5 +1,6 @@
 """GPU probe: which Triton formulation of exp/rsqrt/add/mul reproduces PyTorch's CUDA kernels bit for bit.
 Prints, per op and variant, how many of 2**22 random inputs differ from torch. Not a test; a diagnosis."""
+
 import torch
 import triton
 import triton.language as tl
@@ -101,8 +102,15 @@ for dtype in (torch.float32, torch.bfloat16):
     rs, rsq = ops.add_square_reference(a, b)
     var = rsq.mean(-1, keepdim=True)
     w = rand(4096)
-    print(dtype, "add", (s != rs).sum().item(), "sq", (sq != rsq).sum().item(),
-          "rms", (ops.rms_apply(s, var, w, 1e-5) != ops.rms_apply_reference(rs, var, w, 1e-5)).sum().item())
+    print(
+        dtype,
+        "add",
+        (s != rs).sum().item(),
+        "sq",
+        (sq != rsq).sum().item(),
+        "rms",
+        (ops.rms_apply(s, var, w, 1e-5) != ops.rms_apply_reference(rs, var, w, 1e-5)).sum().item(),
+    )
     ang = torch.rand(4, 64, device="cuda") * 50
     cos, sin = (torch.cat([f(ang), f(ang)], -1).to(dtype) for f in (torch.cos, torch.sin))
     q, k, v = rand(4, 32 * 128), rand(4, 8 * 128), rand(4, 8 * 128)

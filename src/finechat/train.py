@@ -192,7 +192,9 @@ def _build_trainer(
     # The fast path: CUDA + Llama-family, fused layers, offloaded checkpoints.
     fast = config.fast_path and not fsdp and fastpath.supported(model)
     if fast:
-        model = fastpath.prepare(model, gradient_checkpointing=config.gradient_checkpointing)
+        model = fastpath.prepare(
+            model, gradient_checkpointing=config.gradient_checkpointing, offload=config.offload_activations
+        )
     elif config.quantize == "nf4" and not fsdp:
         model = prepare_model_for_kbit_training(
             model,

@@ -44,6 +44,7 @@ NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "N
 
 
 DEFAULT_OPTIMIZER = "paged_adamw_32bit"  # finechat's default, as train() picks it
+ABLATIONS = ("optimizer_ablation", "offload_ablation")  # row fields that set a run apart from the default's rows
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Settings:
     resume_check: bool = False  # resume ddp and fsdp from their checkpoints for two more steps
     logging_steps: int = 1  # the Trainer gathers the loss and token counts from every process at each logged step
     optimizer: str = DEFAULT_OPTIMIZER  # another one gives rows of their own, beside the default's (an ablation)
+    offload: bool = True  # the fast path's activation offloading; off gives rows of their own (an ablation)
 
 
 def run(settings: Settings, command: str) -> dict[str, Any]:
@@ -161,6 +163,7 @@ def train_flags(settings: Settings, model_dir: Path, data: Path, run_dir: Path) 
         "--compute-dtype",
         dtype,
         "--fast-path" if settings.fast_path else "--no-fast-path",
+        "--offload-activations" if settings.offload else "--no-offload-activations",
         "--logging-steps",
         str(settings.logging_steps),
         "--optimizer",
@@ -201,11 +204,15 @@ def train_mode(mode: str, settings: Settings, model_dir: Path, data: Path, workd
     row["optimizer"] = distributed.optimizer(plan, settings.optimizer)  # as train() picks it
     if settings.optimizer != DEFAULT_OPTIMIZER:
         row["optimizer_ablation"] = settings.optimizer
+    if not settings.offload:
+        row["offload_ablation"] = "off"
     if mode == "fsdp" and settings.device != "cuda":
         return {**row, "error": "FSDP needs CUDA GPUs (skipped on CPU)"}
     name = mode if fast or mode == "fsdp" else f"{mode}-plain"
     if settings.optimizer != DEFAULT_OPTIMIZER:
         name += f"-{settings.optimizer}"
+    if not settings.offload:
+        name += "-nooffload"
     run_dir = workdir / "runs" / name
     trace = workdir / "trace" / name if settings.profile else None
     for folder in (run_dir, trace):
@@ -335,9 +342,10 @@ def _median(values: list[float]) -> float:
 
 
 def _row_key(row: dict[str, Any]) -> tuple[Any, ...]:
-    """Rows are kept per mode and path; an optimizer ablation's rows beside them (and out of the summary)."""
+    """Rows are kept per mode and path; an ablation's rows beside them (and out of the summary)."""
     key: tuple[Any, ...] = (row["mode"], bool(row.get("fast_path", False)))
-    return key + (row["optimizer_ablation"],) if row.get("optimizer_ablation") else key
+    ablations = tuple(row[k] for k in ABLATIONS if row.get(k))
+    return key + ablations if ablations else key
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -360,6 +368,13 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             out[f"ddp_speedup_{'fast' if fast else 'plain'}_path"] = speedup
             out.setdefault("ddp_speedup", speedup)
             out.setdefault("ddp_scaling_efficiency", round(speedup / ddp["gpus"], 3))
+    for key, ddp in by.items():  # each ablation's own speed-up, beside (not instead of) the target's
+        single = by.get(("single", *key[1:]))
+        if len(key) > 2 and key[0] == "ddp" and single and single.get("tok_s_from_mean_period"):
+            name = "_".join(f"{k.removesuffix('_ablation')}_{ddp[k]}" for k in ABLATIONS if ddp.get(k))
+            out[f"ddp_speedup_ablation_{name}"] = round(
+                ddp["tok_s_from_mean_period"] / single["tok_s_from_mean_period"], 3
+            )
     single = by.get(("single", False)) or by.get(("single", True))
     fsdp = by.get(("fsdp", False))
     if single and fsdp and single.get("peak_gib") and fsdp.get("peak_gib"):
@@ -403,6 +418,7 @@ def format_table(result: dict[str, Any]) -> str:
         stalls = max((len(v) for v in r.get("stalled_steps", {}).values()), default=0)
         note = f"{stalls} stalled step(s); {note}" if stalls else note
         note = f"optimizer {r['optimizer_ablation']} (ablation); {note}" if r.get("optimizer_ablation") else note
+        note = f"activation offload off (ablation); {note}" if r.get("offload_ablation") else note
         lines.append(f"{r['mode']:<8}{path:>6}{r['gpus']:>5}{tok:>12}{peak:>14}{steps:>22}  {note}")
     summary = result.get("summary", {})
     for fast in ("fast", "plain"):
@@ -507,6 +523,11 @@ def main(argv: list[str] | None = None) -> int:
         help=f"the optimizer of every mode (default: {d.optimizer}); another one is measured as an ablation, its rows "
         "kept beside the default's",
     )
+    p.add_argument(
+        "--no-offload",
+        action="store_true",
+        help="the fast path without activation offloading in every mode, measured as an ablation (rows kept beside)",
+    )
     a = p.parse_args(argv)
     settings = Settings(
         arch=a.arch,
@@ -527,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         resume_check=a.resume_check,
         logging_steps=a.logging_steps,
         optimizer=a.optimizer,
+        offload=not a.no_offload,
     )
     try:
         run(
