@@ -33,6 +33,8 @@ def test_tiny_dry_run_writes_every_row(tmp_path, capsys):
     # the same weights, greedy: the engine's tokens are generate's
     assert rows["finechat", 1, 16]["greedy_equal"] == rows["finechat", 1, 16]["compared"] == 8
     assert rows["finechat-server", 2, 16]["new_tokens"] == 16
+    per_step = rows["finechat-server", 2, 16]["decode_thread_ms_per_step"]  # where the decode thread's time goes
+    assert per_step["step"] > 0 and per_step["loop"] >= per_step["step"] + per_step["emit"]
     engine = result["engines"]["bf16"]
     assert engine["fused_check"] == "unavailable" and not engine["cuda_graphs"]  # the CPU decodes eagerly
     assert {"bf16_first_reply_vs_later", "bf16_warmup_s", "bf16_ttft_long_prompt_ms"} <= set(result["targets"])

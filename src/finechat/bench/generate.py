@@ -243,6 +243,7 @@ def _streams(engine: Any, prompts: list[list[int]], n: int) -> dict[str, Any]:
     rows: list[dict[str, Any]] = [{} for _ in range(streams)]
     batcher = engine.batcher
     steps, batched = (batcher.steps, batcher.rows) if batcher else (0, 0)
+    seconds = dict(batcher.seconds) if batcher else {}
 
     def one(i: int) -> None:
         rows[i] = _reply(engine, prompts[i], n)
@@ -264,6 +265,11 @@ def _streams(engine: Any, prompts: list[list[int]], n: int) -> dict[str, Any]:
     }
     if batcher and batcher.steps > steps:
         out["mean_batch"] = round((batcher.rows - batched) / (batcher.steps - steps), 1)
+        # the decode thread's time per step: the step itself (GPU time and sync), handing tokens out, and the rest
+        # of its loop (prefills are counted apart: they are not per step)
+        per_step = {k: (batcher.seconds[k] - seconds[k]) * 1000 / (batcher.steps - steps) for k in seconds}
+        per_step["other"] = per_step["loop"] - per_step["prefill"] - per_step["step"] - per_step["emit"]
+        out["decode_thread_ms_per_step"] = {k: round(v, 3) for k, v in per_step.items()}
     return out
 
 
