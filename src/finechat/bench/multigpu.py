@@ -425,6 +425,9 @@ def format_table(result: dict[str, Any]) -> str:
         if f"ddp_speedup_{fast}_path" in summary:
             speedup = summary[f"ddp_speedup_{fast}_path"]
             lines.append(f"DDP speed-up, {fast} path: {speedup:.2f}x (target >= 1.8x on 2 GPUs)")
+    for key, speedup in summary.items():
+        if key.startswith("ddp_speedup_ablation_"):
+            lines.append(f"DDP speed-up, ablation {key.removeprefix('ddp_speedup_ablation_')}: {speedup:.2f}x")
     if "fsdp_peak_over_single" in summary:
         lines.append(f"FSDP peak memory {summary['fsdp_peak_over_single']:.2f} of one GPU's (target < 1)")
     if "adapters_alike" in summary:
