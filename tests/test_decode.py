@@ -147,6 +147,35 @@ def test_an_abandoned_generation_leaves_the_batch(engine):
     assert engine.batcher.steps - steps < 399
 
 
+def test_the_next_step_is_launched_before_the_last_tokens_are_handed_out(engine):
+    """Readers woken by a step's tokens must not hold up the next step: it is on the GPU before they are handed out."""
+    from finechat.batching import END, Batcher, Request
+
+    class Recording:  # the engine's decoder, noting how many tokens the reader had when each step was launched
+        def __init__(self, decoder):
+            self.decoder, self.seen = decoder, []
+
+        def __getattr__(self, name):
+            return getattr(self.decoder, name)
+
+        def step(self, tokens, positions):
+            self.seen.append(request.out.qsize())
+            return self.decoder.step(tokens, positions)
+
+    recording = Recording(engine.batcher.decoder)
+    batcher = Batcher(recording, eos_ids=[], lock=engine.lock)  # no EOS: exactly 5 tokens
+    request = Request(prompt(engine), 5, None, threading.Event())
+    batcher.submit(request)
+    deadline = time.monotonic() + 60
+    while request.out.qsize() < 6 and time.monotonic() < deadline:  # read nothing until the end: qsize counts
+        time.sleep(0.01)
+    batcher.close()
+    items = [request.out.get(timeout=1) for _ in range(6)]
+    assert items[-1] is END and all(isinstance(t, int) for t in items[:-1])
+    # the prefill hands out token 1; step k (k = 1..4) is launched while token k is still the last one handed out
+    assert recording.seen == [1, 1, 2, 3]
+
+
 def test_a_model_the_decoder_does_not_cover_decodes_step_by_step(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(decode, "unsupported_reason", lambda model: "model type 'x'")
     engine = Engine.load(str(tiny_model_dir))

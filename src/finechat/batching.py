@@ -1,6 +1,10 @@
 """Continuous batching: one thread steps every running generation together through the decoder. A request joins
 between two steps (after its own prefill) and leaves as soon as it is finished, cancelled or no longer read, so a
-new reply never waits for a long one to end."""
+new reply never waits for a long one to end.
+
+The next step is launched on the GPU before the tokens of the last one are handed to their readers: waking 16
+reader threads made the decode thread wait for the GIL before it could launch again, and a batched step took 2.5-3.4
+ms more wall time than its CUDA graph on an H200 (docs/benchmarks.md, decode round 7)."""
 
 from __future__ import annotations
 
@@ -49,6 +53,7 @@ class Batcher:
         self.wake = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
+        self.inflight: tuple[list[Request], Any] | None = None  # a launched step: its rows, its logits (not yet read)
         self.steps = 0
         self.rows = 0  # sum of batch sizes over steps
         self.largest = 0
@@ -106,18 +111,20 @@ class Batcher:
                         joining.append(self.pending.popleft())
                 start = time.perf_counter()
                 try:
-                    for group in self._prefill_groups(joining):
+                    for group in self._prefill_groups(joining):  # new slots only: a launched step keeps its own
                         self._join(group)
-                    self._drop_finished()
-                    if self.active:
-                        self._step()
+                    if self.inflight is None:
                         self._drop_finished()
+                        if self.active:
+                            self._launch()
+                    if self.inflight is not None:
+                        self._step()
                     self.seconds["loop"] += time.perf_counter() - start
                 except Exception as e:  # a failed step fails the generations in it, not the thread
                     log.exception("decoding step failed")
                     for request in [*joining, *self.active]:
                         request.out.put(e)
-                    self.active = []
+                    self.active, self.inflight = [], None
         for request in [*self.pending, *self.active]:
             request.out.put(RuntimeError("the engine was closed during generation"))
 
@@ -149,28 +156,53 @@ class Batcher:
             self._emit(request, token)
             self.active.append(request)
 
+    def _launch(self) -> None:
+        """Queue a step of every active request on the GPU (its logits are read by _step)."""
+        start = time.perf_counter()
+        requests = list(self.active)
+        with self.lock:
+            self.inflight = requests, self.decoder.step([r.last for r in requests], [r.position for r in requests])
+        self.seconds["step"] += time.perf_counter() - start
+
     def _step(self) -> None:
-        requests = self.active
+        """Read the launched step's tokens, launch the next step (unless requests wait to join first), then hand the
+        tokens to their readers while the GPU runs."""
+        assert self.inflight is not None
+        requests, logits = self.inflight
         start = time.perf_counter()
         with self.lock:
-            logits = self.decoder.step([r.last for r in requests], [r.position for r in requests])
             tokens = self._pick(requests, logits)
-        picked = time.perf_counter()
-        self.seconds["step"] += picked - start
+        self.inflight = None
         self.steps += 1
         self.rows += len(requests)
         self.largest = max(self.largest, len(requests))
         for request, token in zip(requests, tokens, strict=True):
             request.position += 1
-            self._emit(request, token)
-        self.seconds["emit"] += time.perf_counter() - picked
+            self._record(request, token)
+        self._drop_finished()
+        self.seconds["step"] += time.perf_counter() - start
+        if self.active and not (self.pending and len(self.active) < self.decoder.slots):
+            self._launch()
+        start = time.perf_counter()
+        for request, token in zip(requests, tokens, strict=True):
+            self._deliver(request, token)
+        self.seconds["emit"] += time.perf_counter() - start
 
     def _emit(self, request: Request, token: int) -> None:
-        request.out.put(token)
+        self._record(request, token)
+        self._deliver(request, token)
+
+    def _record(self, request: Request, token: int) -> None:
+        """Count a request's new token and make it the next one fed; done at EOS or its limit."""
         request.produced += 1
         request.last = token
         if token in self.eos_ids or request.produced >= request.max_tokens:
             request.done = True
+
+    def _deliver(self, request: Request, token: int) -> None:
+        """Hand a token to the request's reader (then END when the request is done)."""
+        request.out.put(token)
+        if request.done:
             request.out.put(END)
 
     def _drop_finished(self) -> None:
