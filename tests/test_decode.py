@@ -176,6 +176,31 @@ def test_the_next_step_is_launched_before_the_last_tokens_are_handed_out(engine)
     assert recording.seen == [1, 1, 2, 3]
 
 
+def test_a_step_that_fails_to_launch_still_hands_out_the_last_tokens_then_the_error(engine):
+    from finechat.batching import Batcher, Request
+
+    class Failing:  # the engine's decoder, whose second step fails to launch
+        def __init__(self, decoder):
+            self.decoder, self.calls = decoder, 0
+
+        def __getattr__(self, name):
+            return getattr(self.decoder, name)
+
+        def step(self, tokens, positions):
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("launch failed")
+            return self.decoder.step(tokens, positions)
+
+    batcher = Batcher(Failing(engine.batcher.decoder), eos_ids=[], lock=engine.lock)
+    request = Request(prompt(engine), 5, None, threading.Event())
+    batcher.submit(request)
+    items = [request.out.get(timeout=60) for _ in range(3)]
+    batcher.close()
+    assert isinstance(items[0], int) and isinstance(items[1], int)  # the prefill's token, then the first step's
+    assert isinstance(items[2], RuntimeError) and "launch failed" in str(items[2])
+
+
 def test_a_model_the_decoder_does_not_cover_decodes_step_by_step(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(decode, "unsupported_reason", lambda model: "model type 'x'")
     engine = Engine.load(str(tiny_model_dir))

@@ -181,12 +181,14 @@ class Batcher:
             self._record(request, token)
         self._drop_finished()
         self.seconds["step"] += time.perf_counter() - start
-        if self.active and not (self.pending and len(self.active) < self.decoder.slots):
-            self._launch()
-        start = time.perf_counter()
-        for request, token in zip(requests, tokens, strict=True):
-            self._deliver(request, token)
-        self.seconds["emit"] += time.perf_counter() - start
+        try:
+            if self.active and not (self.pending and len(self.active) < self.decoder.slots):
+                self._launch()
+        finally:  # a launch that fails still hands out these tokens (finished requests are no longer active)
+            start = time.perf_counter()
+            for request, token in zip(requests, tokens, strict=True):
+                self._deliver(request, token)
+            self.seconds["emit"] += time.perf_counter() - start
 
     def _emit(self, request: Request, token: int) -> None:
         self._record(request, token)
