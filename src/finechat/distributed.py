@@ -217,8 +217,8 @@ def host_group() -> Any:
 # - bucket_cap_mb=256, one bucket for a 7B model's adapter: Mistral-7B's r=16 adapter has 42M bf16 gradients
 #   (80 MiB), which the default 25 MB made five all-reduces launched during backward. Each NCCL kernel waits on
 #   its SMs for the other process to reach the same bucket, beside the backward kernels; on 2xH200 a DDP step took
-#   0.448 s (median) against 0.384 on one GPU (round 6, docs/benchmarks.md). One all-reduce after backward leaves
-#   ~1 ms of NVLink time exposed instead.
+#   0.448 s (median) against 0.384 on one GPU (round 6, docs/benchmarks.md). With one bucket (round 7) the NCCL time
+#   fell from 109 to 25 ms a step, but the median DDP step stayed 0.44-0.46 s: the rest of the gap is elsewhere.
 DDP_OPTIONS: dict[str, Any] = {
     "find_unused_parameters": False,
     "broadcast_buffers": False,

@@ -209,10 +209,8 @@ def train_mode(mode: str, settings: Settings, model_dir: Path, data: Path, workd
     if mode == "fsdp" and settings.device != "cuda":
         return {**row, "error": "FSDP needs CUDA GPUs (skipped on CPU)"}
     name = mode if fast or mode == "fsdp" else f"{mode}-plain"
-    if settings.optimizer != DEFAULT_OPTIMIZER:
-        name += f"-{settings.optimizer}"
-    if not settings.offload:
-        name += "-nooffload"
+    if _ablation_name(row):
+        name += f"-{_ablation_name(row)}"
     run_dir = workdir / "runs" / name
     trace = workdir / "trace" / name if settings.profile else None
     for folder in (run_dir, trace):
@@ -348,6 +346,11 @@ def _row_key(row: dict[str, Any]) -> tuple[Any, ...]:
     return key + ablations if ablations else key
 
 
+def _ablation_name(row: dict[str, Any]) -> str:
+    """What sets an ablation's row apart, e.g. "optimizer_adamw_torch" ("" for the default's rows)."""
+    return "_".join(f"{k.removesuffix('_ablation')}_{row[k]}" for k in ABLATIONS if row.get(k))
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The issue's targets: DDP speed-up over one GPU on the same path (>= 1.8x on 2; fast path first), FSDP peak
     memory under one GPU's (the plain layers' single row first: FSDP runs those)."""
@@ -371,8 +374,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for key, ddp in by.items():  # each ablation's own speed-up, beside (not instead of) the target's
         single = by.get(("single", *key[1:]))
         if len(key) > 2 and key[0] == "ddp" and single and single.get("tok_s_from_mean_period"):
-            name = "_".join(f"{k.removesuffix('_ablation')}_{ddp[k]}" for k in ABLATIONS if ddp.get(k))
-            out[f"ddp_speedup_ablation_{name}"] = round(
+            out[f"ddp_speedup_ablation_{_ablation_name(ddp)}"] = round(
                 ddp["tok_s_from_mean_period"] / single["tok_s_from_mean_period"], 3
             )
     single = by.get(("single", False)) or by.get(("single", True))
