@@ -38,6 +38,7 @@ def test_tiny_dry_run_writes_every_row(tmp_path, capsys):
     engine = result["engines"]["bf16"]
     assert engine["fused_check"] == "unavailable" and not engine["cuda_graphs"]  # the CPU decodes eagerly
     assert {"bf16_first_reply_vs_later", "bf16_warmup_s", "bf16_ttft_long_prompt_ms"} <= set(result["targets"])
+    assert result["targets"]["bf16_greedy_equal_tokens"] == {"target": 8, "got": 8, "met": True}
     assert "finechat-server" in capsys.readouterr().out
 
 

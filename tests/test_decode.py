@@ -317,13 +317,6 @@ def test_fused_norm_and_rotary_kernels_round_as_the_modules_do(interpreted):
     torch.testing.assert_close(ops.silu_mul(g, u), ops.silu_mul_reference(g, u), rtol=2e-3, atol=2e-3)
 
 
-def test_torch_mean_order_follows_the_cuda_reduction_config():
-    order = decode.decode_ops.torch_mean_order
-    assert order(4096) == (512, 2) and order(2048) == (512, 1) and order(8192) == (512, 4)
-    assert order(576) == (128, 2) and order(5120) == (512, 3)  # SmolLM2's width (16 threads read a 2nd vector)
-    assert order(128) is None and order(4098) is None and order(20480) is None
-
-
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_fused_decoding_gives_generates_tokens(interpreted, tiny_mistral_dir, dtype):
     """The fused step is checked bit for bit against the modules' step when the decoder is built (float16 passes
@@ -396,29 +389,6 @@ def test_graphs_greedy_equals_generate_on_gpu(tiny_model_dir, tiny_mistral_dir, 
         ids = prompt(engine, i)
         assert token_ids(engine, ids, 64) == generate_ids(engine, ids, 64)
     engine.close()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("width", [4096, 576, 8192, 5120, 2048])
-def test_one_kernel_rms_norm_is_the_modules_norm_on_gpu(width):
-    """The emulated summation order is PyTorch's CUDA mean's for one row, and the one-kernel norm gives the module's
-    bits (bf16, Mistral's RMSNorm)."""
-    from transformers.models.mistral.modeling_mistral import MistralRMSNorm
-
-    ops = decode.decode_ops
-    gen = torch.Generator(device="cuda").manual_seed(width)
-    rows = torch.cat([torch.randn(4, width, device="cuda", generator=gen) * scale for scale in (1.0, 30.0)])
-    matching = [
-        warp
-        for warp in ops.WARP_ORDERS
-        if all(torch.equal(ops.torch_mean_emulated(r.pow(2), warp), r.pow(2).mean(-1, keepdim=True)) for r in rows)
-    ]
-    assert matching, "neither warp order sums as torch.mean does"  # "ascending" is the order read from the source
-    norm = MistralRMSNorm(width, eps=1e-5).cuda().bfloat16()
-    norm.weight.data = torch.rand(width, device="cuda", generator=gen).bfloat16() + 0.5
-    a, b = (torch.randn(1, 1, width, device="cuda", generator=gen).bfloat16() for _ in range(2))
-    s, out = ops.rms_norm_row(norm, a, b, matching[0])
-    assert torch.equal(s, a + b) and torch.equal(out, norm(a + b)), matching
 
 
 @pytest.mark.gpu

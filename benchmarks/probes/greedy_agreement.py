@@ -1,7 +1,7 @@
 """GPU probe: where the engine's greedy tokens part from plain `generate`'s on the random Mistral-7B.
 
-Since decode round 3 the bench's `greedy_equal` read 25 of 128 (bf16) and 7 (NF4), while the small-model GPU tests
-kept passing. For each weight type this feeds generate's own tokens through the decoder step by step and reports the
+Decode rounds 3-8 read `greedy_equal` 25 of 128 (bf16) and 7 (NF4), while the small-model GPU tests kept passing;
+this probe found the one-kernel RMSNorm (since removed) as the cause: with it off, 128 of 128. For each weight type this feeds generate's own tokens through the decoder step by step and reports the
 first step whose logits are not bit for bit generate's, with the decoder's options turned off one at a time, plus the
 top-2 gap of generate's logits where the tokens part. Not a test; a diagnosis.
 
@@ -20,7 +20,6 @@ from finechat.bench.common import save_word_tokenizer
 from finechat.bench.generate import _greedy
 from finechat.bench.train import ARCHS, make_random_model
 from finechat.engine import Engine
-from finechat.kernels import decode_ops
 from finechat.models import load_for_inference
 
 N = 128
@@ -34,10 +33,12 @@ def plain(model, ids):
         min_new_tokens=N,
         do_sample=False,
         pad_token_id=0,
-        output_scores=True,
+        output_logits=True,
         return_dict_in_generate=True,
     )
-    return out.sequences[0, len(ids) :].tolist(), [s[0].float() for s in out.scores]
+    return out.sequences[0, len(ids) :].tolist(), [
+        s[0].float() for s in out.logits
+    ]  # raw logits (scores carry min_new_tokens' -inf at EOS)
 
 
 def first_logit_difference(engine, ids, tokens, scores):
@@ -67,7 +68,6 @@ def variant(name, model, tokenizer, ids, tokens, scores, **kw):
     if d is not None:
         row.update(
             fused=d.fused_check,
-            norm=d.norm_row_check,
             kv=d.kv_check,
             nf4_one=d.nf4_one_check,
             graphs=d.graphs,
@@ -106,10 +106,6 @@ def main():
         variant(f"{w} one slot", model, tokenizer, ids, tokens, scores, max_batch=1)
         variant(f"{w} fused off", model, tokenizer, ids, tokens, scores, max_batch=1, fused="off")
         variant(f"{w} graphs off", model, tokenizer, ids, tokens, scores, max_batch=1, graphs=False)
-        order = decode_ops.torch_mean_order
-        decode_ops.torch_mean_order = lambda width: None
-        variant(f"{w} norm row off", model, tokenizer, ids, tokens, scores, max_batch=1)
-        decode_ops.torch_mean_order = order
         joined = decode.Decoder._joined_kv
         decode.Decoder._joined_kv = lambda self: None
         variant(f"{w} kv joined off", model, tokenizer, ids, tokens, scores, max_batch=1)

@@ -150,11 +150,6 @@ class Decoder:
         # when bit-for-bit the two products (measured on an H200: 29 instead of 60 us a layer at batch 1).
         self.kv_weights: list[Any] | None = None
         self.kv_check = "off"  # what choose_fused found for the joined k/v product
-        # With the fused kernels: each RMSNorm as one kernel (decode_ops.rms_norm_row) instead of three, when a
-        # one-row step through it is bit for bit (its mean reproduces the order of PyTorch's CUDA reduction).
-        self.norm_row = False
-        self.norm_row_check = "off"  # off, unavailable, bitwise (ascending|descending: its warp order), differs, failed
-        self.norm_row_warp = "ascending"
         # With the fused kernels: how batched steps multiply by NF4 weights, per (rows, out features, in features):
         # one of NF4_WAYS or nf4_matmul.SETTINGS, chosen by choose_nf4_batched (on CUDA: the fastest in a timing at
         # load). bitsandbytes dequantizes a whole weight to bf16 from 5 rows on for most of Mistral-7B's shapes on an
@@ -308,8 +303,6 @@ class Decoder:
     def _norm(self, module: Any, x, pending):
         """(x + pending, module(x + pending)), pending may be None."""
         if self.fused:
-            if self.norm_row:  # chosen for its bits in one-row steps; batched steps use it too
-                return decode_ops.rms_norm_row(module, x, pending, self.norm_row_warp)
             return decode_ops.rms_norm(module, x, pending)
         x = x if pending is None else x + pending
         return x, module(x)
@@ -406,7 +399,6 @@ class Decoder:
             )
         if not self.fused:
             return
-        self.choose_norm_row(fused)
         self.kv_weights = self._joined_kv()
         if self.kv_weights is None:
             self.kv_check = "unavailable"
@@ -416,27 +408,6 @@ class Decoder:
         if self.kv_check == "differs" and not even_if_different:
             self.kv_weights = None  # frees the copies
             log.info("one k/v product is not bit-for-bit two here; k and v stay two products")
-
-    def choose_norm_row(self, reference: list[Any]) -> None:
-        """One kernel per RMSNorm in one-row steps, when a step through it gives the reference logits bit for bit."""
-        import torch
-
-        if decode_ops.torch_mean_order(self.lm.config.hidden_size) is None:
-            self.norm_row_check = "unavailable"
-            return
-        try:
-            self.norm_row = True
-            for warp in decode_ops.WARP_ORDERS:  # the order as read from PyTorch's source first
-                self.norm_row_warp = warp
-                if all(torch.equal(a, b) for a, b in zip(reference, self._check_logits(), strict=True)):
-                    self.norm_row_check = f"bitwise ({warp})"
-                    return
-        except Exception as e:  # a kernel that fails to compile or launch: three kernels per norm, as before
-            self.norm_row, self.norm_row_check = False, "failed"
-            log.warning("one-kernel RMSNorm failed (%s: %s); three kernels per norm", type(e).__name__, e)
-            return
-        self.norm_row, self.norm_row_check = False, "differs"
-        log.info("one-kernel RMSNorm is not bit for bit the modules' here; three kernels per norm")
 
     def choose_nf4_one(self) -> None:
         """Use finechat's one-row NF4 product when every NF4 product of the first layer gives bitsandbytes' bits for

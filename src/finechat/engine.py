@@ -187,14 +187,13 @@ class Engine:
                         decoder.capture()
                 self.batcher = Batcher(decoder, self.eos_ids, self.lock)
                 log.info(
-                    "fast decoding: %d slot(s) of %d positions, %s, fused kernels %s (%s), one-kernel RMSNorm %s, "
+                    "fast decoding: %d slot(s) of %d positions, %s, fused kernels %s (%s), "
                     "one k/v product %s (%s), one-row NF4 product %s, batched NF4 product %s",
                     self.max_batch,
                     capacity,
                     "CUDA graphs" if decoder.graphs else "eager",
                     "on" if decoder.fused else "off",
                     decoder.fused_check,
-                    decoder.norm_row_check,
                     "on" if decoder.kv_weights is not None else "off",
                     decoder.kv_check,
                     decoder.nf4_one_check,
