@@ -133,6 +133,44 @@ def test_logged_metrics_are_trls(tiny_model_dir, tmp_path, logging_steps, grad_a
     assert ours_saved == theirs_saved > 0
 
 
+class HookedTrainer(Trainer):
+    """Counts the tensors the training forward saves through a saved-tensors hook of its own, installed outside
+    compute_loss: hooks nest, so it sees none of those that offload_saved sends to host memory."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.outer_saved = 0
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        def pack(t):
+            self.outer_saved += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+def test_offloaded_saved_tensors_train_as_kept_ones(tiny_model_dir, tmp_path):
+    """offload_saved (what FSDP runs use): every tensor the forward saves goes through torch's save_on_cpu hooks,
+    and with reentrant checkpointing the run logs what it logs with them kept in place (exact on the CPU)."""
+
+    checkpointed = dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    checkpointed["logging_steps"] = 1
+    made = []
+
+    def factory(offload):
+        def make(*args, **kwargs):
+            made.append(HookedTrainer(*args, offload_saved=offload, **kwargs))
+            return made[-1]
+
+        return make
+
+    kept, _ = logged(factory(False), tiny_model_dir, tmp_path / "kept", **checkpointed)
+    offloaded, _ = logged(factory(True), tiny_model_dir, tmp_path / "offloaded", **checkpointed)
+    assert kept == offloaded and any("entropy" in row for row in kept)  # training rows, equal
+    assert made[0].outer_saved > 0 and made[1].outer_saved == 0
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="gloo on CPU")
 def test_ddp_step_has_only_the_collectives_ddp_needs(tiny_model_dir, text_file, tmp_path):
     """2 processes, finechat's DDP Trainer: between logging steps a step makes DDP's gradient all-reduce, the

@@ -68,7 +68,9 @@ class TrainConfig:
     save_total_limit: int = _f(2, "checkpoints to keep (oldest are removed)")
     fast_path: bool = _f(True, "use finechat's fast training path on CUDA (no effect on CPU)")
     offload_activations: bool = _f(
-        True, "fast path with gradient checkpointing: keep each layer's saved input in host memory, not on the GPU"
+        True,
+        "with gradient checkpointing, on the fast path or under FSDP: keep each layer's saved input in host memory, "
+        "not on the GPU",
     )
     push_to_hub: str | None = _f(None, "Hub repo id to upload the adapter to after training")
     distributed: str = _f(

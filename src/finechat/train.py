@@ -257,6 +257,8 @@ def _build_trainer(
         # The fast path's paged AdamW: bitsandbytes' update without a device wait per tensor (finechat.optim).
         optimizer_cls_and_kwargs=optim.trainer_optimizer(args) if fast else None,
         keep_dtypes=not fsdp,  # --resume gives back a bf16 adapter in bf16 (finechat.trainer)
+        # FSDP runs the plain layers, checkpointed reentrantly: their saved inputs can wait in host memory too.
+        offload_saved=fsdp and config.offload_activations and config.gradient_checkpointing,
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)

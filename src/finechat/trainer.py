@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -36,8 +37,14 @@ class Trainer(SFTTrainer):
     compute_loss computes TRL's loss, keeps those numbers per micro-step as device tensors, and gathers them in one
     collective when the Trainer logs, saves a checkpoint or evaluates; the values logged are TRL's."""
 
-    def __init__(self, *args: Any, keep_dtypes: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, keep_dtypes: bool = True, offload_saved: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Every tensor the training forward saves for backward goes to host memory and comes back in backward
+        # (torch.autograd.graph.save_on_cpu). finechat uses it under FSDP, where the decoder layers are checkpointed
+        # reentrantly: each layer's checkpoint saves its input through these hooks, so the inputs of all layers (and
+        # the loss head's tensors) wait in host memory instead of on the GPU. The recompute in backward runs outside
+        # the hooks and keeps its tensors on the GPU.
+        self.offload_saved = offload_saved
         self.adapter_dtypes = trainable_dtypes(self.model) if keep_dtypes and self.model is not None else {}
         self.defer_metrics = Version(trl.__version__).release[:2] == MIRRORED_TRL
         if not self.defer_metrics:
@@ -55,6 +62,11 @@ class Trainer(SFTTrainer):
         return super().create_optimizer(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        saving = self.offload_saved and model.training and torch.is_grad_enabled()
+        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if saving else nullcontext():
+            return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _compute_loss(self, model, inputs, return_outputs, num_items_in_batch):
         if not self._defers(inputs, return_outputs):
             self.reduce_metrics()  # TRL's path appends after the micro-steps kept so far and reads their token total
             return super().compute_loss(
