@@ -375,9 +375,12 @@ def check_nf4_matmul(nf4_matmul) -> None:
     from types import SimpleNamespace
 
     device = kernel_device()
-    # K = 1088: 17 blocks of 64, so the last 256-wide step of the K range is part-full
+    # K = 1088: 17 blocks of 64, so the last 256-wide step of the K range is part-full; 320 x 256: enough output
+    # blocks for one K split, whose program writes the rows in their dtype itself (the others add float32 splits)
     for (n, k), dtype, tol in [((192, 1024), torch.float32, 1e-5), ((96, 1088), torch.float32, 1e-5)] + [
-        ((192, 1024), torch.float16, 2e-3)
+        ((192, 1024), torch.float16, 2e-3),
+        ((320, 256), torch.float32, 1e-5),
+        ((320, 256), torch.float16, 2e-3),
     ]:
         packed, qs = quantized(n, k, dtype, device)
         packed.quant_state = qs
@@ -456,7 +459,7 @@ def test_training_kernels_compile_for_hopper_at_mistral_shapes(sizes):
 def test_batched_nf4_kernel_compiles_for_hopper_at_mistral_shapes():
     pytest.importorskip("triton")
     from finechat.kernels import nf4_matmul, nf4_prmt
-    from finechat.kernels.nf4_triton import nf4_matmul_kernel
+    from finechat.kernels.nf4_triton import nf4_matmul_kernel, sum_splits
 
     types = dict(x_ptr="*bf16", packed_ptr="*u8", qscale_ptr="*u8", scale2_ptr="*fp32", code2_ptr="*fp32")
     types |= dict(offset_ptr="*fp32", nf4_ptr="*fp32", planes_ptr="*i32", partial_ptr="*fp32")
@@ -466,7 +469,13 @@ def test_batched_nf4_kernel_compiles_for_hopper_at_mistral_shapes():
         constants |= dict(BLOCK=64, PRECISION="tf32", GATHER=bool(settings.get("gather")))
         constants |= dict(CODES_ASM=nf4_prmt.codes_ptx(torch.bfloat16) if settings.get("prmt") else "")
         launch = dict(num_warps=settings["num_warps"], num_stages=settings["num_stages"])
-        compile_for_sm90(nf4_matmul_kernel, types, constants, (*types, "M", "N", "K"), **launch)
+        for rounded in (False, True):  # float32 partial sums of several K splits, or the rows in bf16 (one split)
+            kinds = types | dict(partial_ptr="*bf16" if rounded else "*fp32")
+            compile_for_sm90(
+                nf4_matmul_kernel, kinds, constants | dict(ROUNDED=rounded), (*types, "M", "N", "K"), **launch
+            )
+    types = dict(partial_ptr="*fp32", out_ptr="*bf16")
+    compile_for_sm90(sum_splits, types, dict(SPLITS=3, BLOCK=nf4_matmul.SUM_BLOCK), ("partial_ptr", "out_ptr", "size"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

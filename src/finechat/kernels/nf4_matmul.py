@@ -27,6 +27,7 @@ from finechat.kernels import checked, nf4_prmt
 MAX_ROWS = 16  # tl.dot's smallest side; more rows go through bitsandbytes
 _BN = 32  # output features per program
 _BK = 128  # weights of K per step: two quantization blocks, 64 contiguous bytes of each row
+SUM_BLOCK = 1024  # outputs per program of the kernel that adds the K splits
 # Tile and launch settings finechat.decode times at load, per weight shape and row count (name -> nf4_matmul's keyword
 # arguments); each compiles for sm_90 (tests/test_kernels.py). Round 7 on an H200 (docs/benchmarks.md): the byte-permute
 # lookup won 13 of the 16 (rows, shape) pairs, bitsandbytes the other 3, the select tree and the gathers none, so
@@ -103,8 +104,8 @@ def nf4_matmul(
     decoding uses off CUDA; finechat.decode times every one of SETTINGS, and so does benchmarks/probes/nf4_matmul.py).
     prmt: the code values by byte permutes, rounded to x's dtype before the scale multiplies them (bitsandbytes
     multiplies the float32 values), for bfloat16 and float16 x on CUDA."""
-    kernel = _kernel()
-    if kernel is None:
+    kernels = _kernel()
+    if kernels is None:
         raise RuntimeError("the NF4 matmul kernel is not available (no Triton)")
     if prmt and x.dtype not in nf4_prmt.DTYPES:
         raise RuntimeError(f"nf4_matmul: prmt=1 looks code values up as 16-bit values; x is {x.dtype}")
@@ -120,16 +121,23 @@ def nf4_matmul(
     splits = max(1, min(steps, -(-2 * _sm_count(x.device) // n_blocks)))
     steps_per_split = -(-steps // splits)
     splits = -(-steps // steps_per_split)
-    partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
-    kernel[(n_blocks, splits)](
+    # One split writes the rows in x's dtype itself; several write float32 partial sums, which one more kernel adds
+    # in split order and rounds (a decode step makes 224 of these products: torch's sum and cast would be two kernels
+    # each).
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    partial = out if splits == 1 else torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
+    kernels.matmul[(n_blocks, splits)](
         x2, weight, qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset, qs.code,
         nf4_prmt.planes(qs.code, x.dtype if prmt else torch.bfloat16), partial, M, N, K,
         STEPS=steps_per_split, BLOCKSIZE2=qs.state2.blocksize, BM=MAX_ROWS, BN=bn, BK=bk, BLOCK=qs.blocksize,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", GATHER=bool(gather),
-        CODES_ASM=nf4_prmt.codes_ptx(x.dtype) if prmt else "", num_warps=num_warps, num_stages=num_stages,
+        CODES_ASM=nf4_prmt.codes_ptx(x.dtype) if prmt else "", ROUNDED=splits == 1, num_warps=num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
-    out = partial[0] if splits == 1 else partial.sum(0)
-    return out.to(x.dtype).reshape(*x.shape[:-1], N)
+    if splits > 1:
+        size = M * N
+        kernels.sum_splits[(-(-size // SUM_BLOCK),)](partial, out, size, SPLITS=splits, BLOCK=SUM_BLOCK)
+    return out.reshape(*x.shape[:-1], N)
 
 
 @functools.cache
@@ -140,8 +148,10 @@ def _sm_count(device: torch.device) -> int:
 @functools.cache
 def _kernel() -> Any:
     def load() -> Any:
-        from finechat.kernels.nf4_triton import nf4_matmul_kernel
+        from types import SimpleNamespace
 
-        return nf4_matmul_kernel
+        from finechat.kernels.nf4_triton import nf4_matmul_kernel, sum_splits
+
+        return SimpleNamespace(matmul=nf4_matmul_kernel, sum_splits=sum_splits)
 
     return checked(load, lambda kernel: None, False, "NF4 matmul kernel", "batched NF4 steps use bitsandbytes")

@@ -82,8 +82,10 @@ def nf4_matmul_kernel(
     M, N, K,
     STEPS: tl.constexpr, BLOCKSIZE2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     BLOCK: tl.constexpr, PRECISION: tl.constexpr, GATHER: tl.constexpr = False, CODES_ASM: tl.constexpr = "",
+    ROUNDED: tl.constexpr = False,
 ):  # fmt: skip
-    """partial[split] = x @ W^T over this split's K range, for BN output features: each step decodes a [BN, BK] tile
+    """partial[split] = x @ W^T over this split's K range, for BN output features (ROUNDED, with one split: the
+    result itself, rounded to partial_ptr's dtype, so no kernel has to add or cast afterwards): each step decodes a [BN, BK] tile
     of W (BK // BLOCK quantization blocks of BLOCK weights; BK // 2 bytes per row, read contiguously) and multiplies
     the [BM, BK] tile of x with it. The code values: by a tree of selects in registers; GATHER: loaded from the
     16-entry table (cached; with num_stages=1 the loads are not staged through shared memory as round 3's kernel's
@@ -129,7 +131,19 @@ def nf4_matmul_kernel(
         acc = tl.dot(x_even, tl.trans(high), acc, input_precision=PRECISION)
         acc = tl.dot(x_odd, tl.trans(low), acc, input_precision=PRECISION)
     at = partial_ptr + split.to(tl.int64) * M * N + m[:, None] * N + n[None, :]
-    tl.store(at, acc, mask=m_in[:, None] & n_in[None, :])
+    tl.store(at, acc.to(partial_ptr.dtype.element_ty) if ROUNDED else acc, mask=m_in[:, None] & n_in[None, :])
+
+
+@triton.jit
+def sum_splits(partial_ptr, out_ptr, size, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    """out = partial[0] + partial[1] + ... in that order (float32), rounded to out's dtype: the K splits of
+    nf4_matmul_kernel added and cast in one kernel."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < size
+    total = tl.load(partial_ptr + offs, mask=inside, other=0.0)
+    for s in tl.static_range(1, SPLITS):
+        total = total + tl.load(partial_ptr + s * size + offs, mask=inside, other=0.0)
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
