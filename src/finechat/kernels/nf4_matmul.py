@@ -4,16 +4,17 @@ registers: the weight is read once, as 4-bit, whatever the number of rows.
 bitsandbytes 0.50 keeps its fused 4-bit kernel only up to 4 rows for most of Mistral-7B's projections on an H100 or
 H200; from 5 rows it writes the whole weight out in bf16 and multiplies that (measured on an H200: a 16-row decode
 step took 13.2 ms against 5.3 ms for one row, so 16 NF4 streams gave only 5.5x one stream). Here each step of a
-program decodes a [BN, BK] tile of W (the 4-bit values by byte permutes on CUDA, finechat.kernels.nf4_prmt, or by a
-gather or a tree of selects over the 16 code values; each block's 8-bit scale through its second-level scale, the
-offset, as bitsandbytes' dequantize does) and multiplies it with the rows' [16, BK] tile; the K range is split across
+program decodes a [BN, BK] tile of W one 64-weight block at a time (the 4-bit values by byte permutes on CUDA,
+finechat.kernels.nf4_prmt, or by a gather or a tree of selects over the 16 code values), multiplies the code values
+with the rows' [16, 64] tile, and those sums by each block's scale (its 8-bit scale through the second-level scale,
+plus the offset, as bitsandbytes' dequantize computes it); the K range is split across
 programs when N alone leaves SMs idle, and the partial sums add up in a fixed order. On an H200 the byte permutes made
 it faster than bitsandbytes at 4 to 16 rows (round 7 in docs/benchmarks.md: 52.5 against 68.3 us at 14336x4096 and
 16 rows); the first version, one gather per weight staged through shared memory, ran at 40 GB/s (round 3).
 
 The rows are not bitwise bitsandbytes' (the products run in another order), as no batched row is bitwise a batch-1
-row; the one-row step keeps bitsandbytes' kernel. `finechat.decode` checks the kernel against the reference at load
-and falls back to bitsandbytes on a failure or a difference beyond rounding."""
+row; one-row steps keep bitsandbytes' arithmetic (finechat.kernels.nf4_gemv). `finechat.decode` checks this kernel
+against the reference at load and falls back to bitsandbytes on a failure or a difference beyond rounding."""
 
 from __future__ import annotations
 
