@@ -94,7 +94,7 @@ from finechat.kernels import decode_ops as ops  # noqa: E402
 for dtype in (torch.float32, torch.bfloat16):
     g = torch.Generator(device="cuda").manual_seed(1)
 
-    def rand(*shape):
+    def rand(*shape, g=g, dtype=dtype):
         return torch.randn(*shape, device="cuda", generator=g).to(dtype)
 
     a, b = rand(4, 1, 4096), rand(4, 1, 4096)

@@ -114,7 +114,7 @@ def timings(N: int, K: int, dtype: torch.dtype) -> list[str]:
                 name = f"triton-{lookup} BN={bn}/w{warps}"
                 try:
                     gemv = functools.partial(nf4_gemv.nf4_gemv, bn=bn, num_warps=warps, lookup=lookup)
-                    us = graph_time_us([lambda m=m: gemv(x, m) for m in layers])
+                    us = graph_time_us([lambda m=m, gemv=gemv: gemv(x, m) for m in layers])
                     rows.append(line(name, us, nf4_bytes))
                 except Exception as e:
                     rows.append(f"{name} failed ({type(e).__name__}: {str(e)[:200]})")
