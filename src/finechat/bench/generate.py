@@ -406,7 +406,7 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
             }
         if row and "compared" in row:
             # The exactness rule: greedy replies equal plain generate's token for token on the same weights.
-            # Rounds 3-7 read 25 of 128 (bf16) and 7 (NF4) and nobody looked, so it is a target line of its own.
+            # Rounds 3-8 read 25 of 128 (bf16) and 7 (NF4) and nobody looked, so it is a target line of its own.
             out[f"{weights}_greedy_equal_tokens"] = {
                 "target": row["compared"],
                 "got": row["greedy_equal"],
