@@ -36,6 +36,7 @@ NF4_PIECE_ROWS = 4
 MIN_LENGTH_BUCKET = 64  # batched steps attend over the cache rounded up to a power of two from here
 GPU_CACHE_FRACTION = 0.4  # of the GPU memory still free after loading: the KV cache's share
 CPU_CACHE_BYTES = 256 << 20
+CHECK_PROMPT, CHECK_STEPS = 96, 3  # what the checks at load run: a prefill, then steps (Decoder._check_logits)
 MIN_CAPACITY = 256  # fewer positions per slot than this: not worth a cache, decode step by step instead
 
 
@@ -588,7 +589,17 @@ class Decoder:
         return [torch.cat([k.weight, v.weight]) for k, v in modules]
 
     def _check_logits(self) -> list[Any]:
-        return [self._check_step(position) for position in (3, min(100, self.capacity - 1))]
+        """The logits every check at load compares, bit for bit: slot 0 after a fixed pseudo-random prompt through the
+        model's own prefill, then CHECK_STEPS steps fed fixed tokens, as a reply runs. (Two steps over an empty cache,
+        the check before session 6, passed a one-kernel RMSNorm whose replies on Mistral-7B then parted from
+        generate's.)"""
+        import torch
+
+        steps = min(CHECK_STEPS, self.capacity // 2)
+        n = min(CHECK_PROMPT, self.capacity - steps)
+        ids = torch.randint(3, self.lm.config.vocab_size, (n + steps,), generator=torch.Generator().manual_seed(0))
+        self.prefill(0, ids[:n].tolist())
+        return [self._check_step(int(ids[n + i]), n + i) for i in range(steps)]
 
     def _fusable(self) -> bool:
         """True when the layers are the plain Llama/Mistral arithmetic the kernels reproduce."""
@@ -603,9 +614,9 @@ class Decoder:
             and all(hasattr(layer.mlp, name) for name in ("gate_proj", "up_proj", "down_proj"))
         )
 
-    def _check_step(self, position: int):
-        """Logits of slot 0 fed token 1 at `position` (what the cache holds before it is whatever it holds)."""
-        self.tokens[:1].fill_(1)
+    def _check_step(self, token: int, position: int):
+        """Logits of slot 0 fed `token` at `position` (over what its cache holds before it)."""
+        self.tokens[:1].fill_(token)
         self.positions[:1].fill_(position)
         return self._one(position + 1).clone()
 
