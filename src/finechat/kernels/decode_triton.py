@@ -1,5 +1,5 @@
 """The Triton kernels of finechat.kernels.decode_ops (what each computes, and how it rounds, is described there).
-Importing this module needs Triton; finechat.decode_ops imports it again when TRITON_INTERPRET changes (tests run
+Importing this module needs Triton; finechat.kernels.decode_ops imports it again when TRITON_INTERPRET changes (tests run
 the kernels under Triton's interpreter and compile them for sm_90 in one process)."""
 
 import os

@@ -90,10 +90,10 @@ def nf4_matmul_kernel(
     [BN, BLOCK] code values, in x's dtype, times the [BM, BLOCK] tile of x, and those BM x BN sums times the BN
     blocks' scales (dequantize multiplies each weight by its scale and rounds the product instead; without that
     float32 multiply and repacking per weight, the byte-permute setting's sm_90 loop went from 419 to 378 SASS
-    instructions per 1,024 weights a warp). The code values:
-    by a tree of selects in registers; GATHER: loaded from the 16-entry table (cached; with num_stages=1 the loads
-    are not staged through shared memory as round 3's kernel's were); CODES_ASM: by byte permutes, a 32-bit word of
-    packed weights per call (finechat.kernels.nf4_prmt.codes_ptx, its tables at planes_ptr)."""
+    instructions per 1,024 weights a warp). The code values: by a tree of selects in registers; GATHER: loaded from
+    the 16-entry table (cached; with num_stages=1 the loads are not staged through shared memory as round 3's
+    kernel's were); CODES_ASM: by byte permutes, a 32-bit word of packed weights per call
+    (finechat.kernels.nf4_prmt.codes_ptx, its tables at planes_ptr)."""
     split = tl.program_id(1)
     n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     m = tl.arange(0, BM)
