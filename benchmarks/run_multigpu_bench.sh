@@ -20,7 +20,8 @@
 # environment: BATCH (4), SEQ (1024), STEPS (16), WARMUP (4), LOGGING_STEPS (1), OPTIMIZER (paged_adamw_32bit; another
 # one is an ablation, e.g. adamw_torch to see whether the DDP stall comes from paged memory), FSDP_STEPS (10),
 # FSDP_WARMUP (3), ABLATE_OPTIMIZER (unset: a phase 1b that repeats phase 1 with this optimizer), ABLATE_OFFLOAD
-# (unset; 1: a phase 1c that repeats phase 1 without activation offloading), ARCH (mistral-7b),
+# (unset; 1: a phase 1c that repeats phase 1 without activation offloading), ACCUM (unset; N: a phase 1d that repeats
+# phase 1 with N micro-batches per optimizer step, ACCUM_STEPS (12) steps, ACCUM_WARMUP (2)), ARCH (mistral-7b),
 # SMOKE=0 to skip the tiny run, BENCH=0 to stop after it, FAST=0 / FSDP=0 / PLAIN=0 to skip a phase, PLAIN_MIN
 # (seconds that must be left for phase 3, 150). A warm machine keeps wheels, the random model and earlier rows of
 # the same day in /tmp, so a second call can run what the first skipped (e.g. `SMOKE=0 FAST=0 FSDP=0`).
@@ -106,6 +107,12 @@ fi
 if [ -n "${ABLATE_OFFLOAD:-}" ] && phase "1c. single and DDP, fast path, no activation offload" 150; then
   bench "$(($(left) - 10))" "${common[@]}" "${steps[@]}" --modes single,ddp --fast-path --no-offload 2>&1 \
     | tee -a "$OUT/bench.log"
+fi
+# 1d. the same pair with ACCUM micro-batches per optimizer step (the shipped Mistral config has 4): DDP all-reduces,
+# and its two processes wait for each other, once per ACCUM micro-batches. Rows kept beside the default's.
+if [ -n "${ACCUM:-}" ] && phase "1d. single and DDP, fast path, $ACCUM micro-batches a step" 150; then
+  bench "$(($(left) - 10))" "${common[@]}" --steps "${ACCUM_STEPS:-12}" --warmup "${ACCUM_WARMUP:-2}" \
+    --modes single,ddp --fast-path --grad-accum "$ACCUM" 2>&1 | tee -a "$OUT/bench.log"
 fi
 plain() {
   if [ "${PLAIN:-1}" = 1 ] && phase "3. single and DDP, plain layers" "${PLAIN_MIN:-150}"; then

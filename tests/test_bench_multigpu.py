@@ -112,6 +112,21 @@ def test_speedup_from_step_periods_with_stalls_in_and_ablations_aside():
     assert s["ddp_speedup"] == round(12600 / 9800, 3) and s["ddp_speedup_ablation_offload_off"] == round(
         19000 / 9800, 3
     )
+    accumulated = [{**row, "grad_accum": 4} for row in (single, ddp)]  # the shipped config's 4 micro-batches a step
+    accumulated[1]["tok_s_from_mean_period"] = 19500
+    s = multigpu.summarize([single, ddp, *accumulated])
+    assert s["ddp_speedup"] == round(12600 / 9800, 3) and s["ddp_speedup_ablation_grad_accum_4"] == round(
+        19500 / 9800, 3
+    )
+    table = multigpu.format_table({"device": "cpu", "settings": vars(multigpu.Settings()), "rows": [], "summary": s})
+    assert "DDP speed-up, 4 micro-batches a step: 1.99x" in table
+
+
+def test_every_mode_trains_with_the_bench_micro_batches(tmp_path):
+    """--grad-accum reaches `finechat train`: the step periods then span that many micro-batches each."""
+    settings = multigpu.Settings(grad_accum=4)
+    flags = multigpu.train_flags(settings, tmp_path / "model", tmp_path / "data.jsonl", tmp_path / "run")
+    assert flags[flags.index("--grad-accum") + 1] == "4" and flags[flags.index("--batch-size") + 1] == "4"
 
 
 @pytest.mark.parametrize(

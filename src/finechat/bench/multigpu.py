@@ -44,7 +44,9 @@ NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "N
 
 
 DEFAULT_OPTIMIZER = "paged_adamw_32bit"  # finechat's default, as train() picks it
-ABLATIONS = ("optimizer_ablation", "offload_ablation")  # row fields that set a run apart from the default's rows
+# Row fields that set a run apart from the default's rows. grad_accum: micro-batches per optimizer step, as the
+# shipped Mistral config has (4): DDP then all-reduces once per 4 micro-batches, and the ranks wait for each other once.
+ABLATIONS = ("optimizer_ablation", "offload_ablation", "grad_accum")
 
 
 @dataclass
@@ -54,7 +56,8 @@ class Settings:
     arch: str = "mistral-7b"
     gpus: int = 2
     modes: list[str] = field(default_factory=lambda: list(MODES))
-    batch_size: int = 4  # sequences per GPU per step, the same in every mode
+    batch_size: int = 4  # sequences per GPU per micro-batch, the same in every mode
+    grad_accum: int = 1  # micro-batches per optimizer step; more than 1 gives rows of their own, beside the default's
     seq: int = 1024
     steps: int = 16
     warmup: int = 4  # logged steps left out of tokens/s (and the last step, when profiled)
@@ -156,6 +159,8 @@ def train_flags(settings: Settings, model_dir: Path, data: Path, run_dir: Path) 
         str(settings.steps),
         "--batch-size",
         str(settings.batch_size),
+        "--grad-accum",
+        str(settings.grad_accum),
         "--max-seq-length",
         str(settings.seq),
         "--quantize",
@@ -206,6 +211,8 @@ def train_mode(mode: str, settings: Settings, model_dir: Path, data: Path, workd
         row["optimizer_ablation"] = settings.optimizer
     if not settings.offload:
         row["offload_ablation"] = "off"
+    if settings.grad_accum > 1:
+        row["grad_accum"] = settings.grad_accum
     if mode == "fsdp" and settings.device != "cuda":
         return {**row, "error": "FSDP needs CUDA GPUs (skipped on CPU)"}
     name = mode if fast or mode == "fsdp" else f"{mode}-plain"
@@ -223,7 +230,8 @@ def train_mode(mode: str, settings: Settings, model_dir: Path, data: Path, workd
     profiled = settings.steps if settings.profile else None
     row.update(read_metrics(run_dir, settings.warmup, profiled))
     if trace is not None:
-        row.update(read_trace(trace, settings.warmup, profiled, settings.batch_size * settings.seq * gpus))
+        tokens_per_step = settings.batch_size * settings.grad_accum * settings.seq * gpus
+        row.update(read_trace(trace, settings.warmup, profiled, tokens_per_step))
     if error:
         return {**row, "error": error}
     row["adapter_layout"] = adapter_layout(run_dir)  # before a resume check rewrites the adapter
@@ -421,6 +429,7 @@ def format_table(result: dict[str, Any]) -> str:
         note = f"{stalls} stalled step(s); {note}" if stalls else note
         note = f"optimizer {r['optimizer_ablation']} (ablation); {note}" if r.get("optimizer_ablation") else note
         note = f"activation offload off (ablation); {note}" if r.get("offload_ablation") else note
+        note = f"{r['grad_accum']} micro-batches a step; {note}" if r.get("grad_accum") else note
         lines.append(f"{r['mode']:<8}{path:>6}{r['gpus']:>5}{tok:>12}{peak:>14}{steps:>22}  {note}")
     summary = result.get("summary", {})
     for fast in ("fast", "plain"):
@@ -429,7 +438,13 @@ def format_table(result: dict[str, Any]) -> str:
             lines.append(f"DDP speed-up, {fast} path: {speedup:.2f}x (target >= 1.8x on 2 GPUs)")
     for key, speedup in summary.items():
         if key.startswith("ddp_speedup_ablation_"):
-            lines.append(f"DDP speed-up, ablation {key.removeprefix('ddp_speedup_ablation_')}: {speedup:.2f}x")
+            name = key.removeprefix("ddp_speedup_ablation_")
+            what = (
+                f"{name.removeprefix('grad_accum_')} micro-batches a step"
+                if "grad_accum" in name
+                else "ablation " + name
+            )
+            lines.append(f"DDP speed-up, {what}: {speedup:.2f}x")
     if "fsdp_peak_over_single" in summary:
         lines.append(f"FSDP peak memory {summary['fsdp_peak_over_single']:.2f} of one GPU's (target < 1)")
     if "adapters_alike" in summary:
@@ -461,7 +476,7 @@ def card_name(device: str) -> str:
 
 
 def _tokens_needed(settings: Settings) -> int:
-    return settings.steps * settings.batch_size * settings.seq * settings.gpus * 5 // 4
+    return settings.steps * settings.batch_size * settings.grad_accum * settings.seq * settings.gpus * 5 // 4
 
 
 def _check(settings: Settings, archs: dict[str, Any]) -> None:
@@ -503,7 +518,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", default=d.arch, help=f"random-weight model (default: {d.arch}; tiny for CPU)")
     p.add_argument("--gpus", type=int, default=d.gpus, help=f"GPUs (processes) of ddp and fsdp (default: {d.gpus})")
     p.add_argument("--modes", default=",".join(d.modes), help=f"what to measure (default: {','.join(d.modes)})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per GPU per step (default: 4)")
+    p.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="sequences per GPU per micro-batch (default: 4)"
+    )
+    p.add_argument(
+        "--grad-accum",
+        type=int,
+        default=d.grad_accum,
+        help="micro-batches per optimizer step (default: 1); more gives rows of their own, beside the default's",
+    )
     p.add_argument("--seq", type=int, default=d.seq, help=f"tokens per sequence (default: {d.seq})")
     p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps per mode (default: {d.steps})")
     p.add_argument("--warmup", type=int, default=d.warmup, help=f"steps left out of tokens/s (default: {d.warmup})")
@@ -539,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
         gpus=a.gpus,
         modes=[m.strip() for m in a.modes.split(",") if m.strip()],
         batch_size=a.batch_size,
+        grad_accum=a.grad_accum,
         seq=a.seq,
         steps=a.steps,
         warmup=a.warmup,

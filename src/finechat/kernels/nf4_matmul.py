@@ -132,8 +132,8 @@ def nf4_matmul(
         nf4_prmt.planes(qs.code, x.dtype if prmt else torch.bfloat16), partial, M, N, K,
         STEPS=steps_per_split, BLOCKSIZE2=qs.state2.blocksize, BM=MAX_ROWS, BN=bn, BK=bk, BLOCK=qs.blocksize,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", GATHER=bool(gather),
-        CODES_ASM=nf4_prmt.codes_ptx(x.dtype) if prmt else "", ROUNDED=splits == 1, num_warps=num_warps,
-        num_stages=num_stages,
+        CODES_ASM=nf4_prmt.codes_ptx(x.dtype) if prmt else "", ROUNDED=splits == 1,
+        EVEN=N % bn == 0 and splits * steps_per_split * bk == K, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if splits > 1:
         size = M * N
