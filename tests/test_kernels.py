@@ -459,23 +459,23 @@ def test_training_kernels_compile_for_hopper_at_mistral_shapes(sizes):
 def test_batched_nf4_kernel_compiles_for_hopper_at_mistral_shapes():
     pytest.importorskip("triton")
     from finechat.kernels import nf4_matmul, nf4_prmt
-    from finechat.kernels.nf4_triton import nf4_matmul_kernel, sum_splits
+    from finechat.kernels.nf4_triton import nf4_matmul_kernel
 
     types = dict(x_ptr="*bf16", packed_ptr="*u8", qscale_ptr="*u8", scale2_ptr="*fp32", code2_ptr="*fp32")
-    types |= dict(offset_ptr="*fp32", nf4_ptr="*fp32", planes_ptr="*i32", partial_ptr="*fp32")
+    types |= dict(offset_ptr="*fp32", nf4_ptr="*fp32", planes_ptr="*i32", out_ptr="*bf16", partial_ptr="*fp32")
+    types |= dict(counters_ptr="*i32")
     default = dict(bn=nf4_matmul._BN, bk=nf4_matmul._BK, num_warps=4, num_stages=1)  # the select tree
     for settings in [default, *nf4_matmul.SETTINGS.values()]:  # and every setting the decoder may time
         constants = dict(STEPS=13, BLOCKSIZE2=256, BM=nf4_matmul.MAX_ROWS, BN=settings["bn"], BK=settings["bk"])
         constants |= dict(BLOCK=64, PRECISION="tf32", GATHER=bool(settings.get("gather")))
         constants |= dict(CODES_ASM=nf4_prmt.codes_ptx(torch.bfloat16) if settings.get("prmt") else "")
         launch = dict(num_warps=settings["num_warps"], num_stages=settings["num_stages"])
-        for rounded in (False, True):  # float32 partial sums of several K splits, or the rows in bf16 (one split)
-            kinds = types | dict(partial_ptr="*bf16" if rounded else "*fp32")
-            compile_for_sm90(
-                nf4_matmul_kernel, kinds, constants | dict(ROUNDED=rounded), (*types, "M", "N", "K"), **launch
-            )
-    types = dict(partial_ptr="*fp32", out_ptr="*bf16")
-    compile_for_sm90(sum_splits, types, dict(SPLITS=3, BLOCK=nf4_matmul.SUM_BLOCK), ("partial_ptr", "out_ptr", "size"))
+        for splits in (1, 4):  # the rows written at once, or float32 partial sums that the last program adds
+            for even in (False, True):
+                compile_for_sm90(
+                    nf4_matmul_kernel, types, constants | dict(SPLITS=splits, EVEN=even), (*types, "M", "N", "K"),
+                    **launch,
+                )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -859,3 +859,15 @@ def test_decode_and_dequantize_kernels_compile_for_hopper():
     types |= dict(nf4_ptr="*fp32", out_ptr=bf16, n="i64", n_bytes="i64")
     constants = dict(BLOCKSIZE=64, BLOCKSIZE2=256, BYTES=nf4._BYTES)
     compile_for_sm90(dequantize_nf4, types, constants, (*types, "n", "n_bytes"))
+
+
+def test_batched_nf4_products_split_k_evenly_at_mistral_shapes():
+    """About two programs an SM, every K split as long as the others (no bounds checks along K): 132 SMs (H100 SXM,
+    H200), Mistral-7B's products in both tile settings."""
+    from finechat.kernels.nf4_matmul import k_splits
+
+    assert k_splits(steps=14336 // 128, n_blocks=4096 // 32, sms=132) == 4  # down projection: was 3 uneven splits
+    assert k_splits(steps=14336 // 256, n_blocks=4096 // 64, sms=132) == 7
+    assert k_splits(steps=4096 // 128, n_blocks=14336 // 32, sms=132) == 1  # gate and up: enough blocks already
+    assert k_splits(steps=4096 // 128, n_blocks=1024 // 32, sms=132) == 16
+    assert k_splits(steps=9, n_blocks=3, sms=4) == 3 and k_splits(steps=2, n_blocks=1, sms=132) == 2

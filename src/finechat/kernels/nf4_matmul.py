@@ -28,7 +28,6 @@ from finechat.kernels import checked, nf4_prmt
 MAX_ROWS = 16  # tl.dot's smallest side; more rows go through bitsandbytes
 _BN = 32  # output features per program
 _BK = 128  # weights of K per step: two quantization blocks, 64 contiguous bytes of each row
-SUM_BLOCK = 1024  # outputs per program of the kernel that adds the K splits
 # Tile and launch settings finechat.decode times at load, per weight shape and row count (name -> nf4_matmul's keyword
 # arguments); each compiles for sm_90 (tests/test_kernels.py). Round 7 on an H200 (docs/benchmarks.md): the byte-permute
 # lookup won 13 of the 16 (rows, shape) pairs, bitsandbytes the other 3, the select tree and the gathers none, so
@@ -119,26 +118,41 @@ def nf4_matmul(
         raise ValueError(f"nf4_matmul: {M} rows (at most {MAX_ROWS})")
     steps = -(-K // bk)
     n_blocks = -(-N // bn)
-    splits = max(1, min(steps, -(-2 * _sm_count(x.device) // n_blocks)))
+    splits = k_splits(steps, n_blocks, _sm_count(x.device))
     steps_per_split = -(-steps // splits)
-    splits = -(-steps // steps_per_split)
-    # One split writes the rows in x's dtype itself; several write float32 partial sums, which one more kernel adds
-    # in split order and rounds (a decode step makes 224 of these products: torch's sum and cast would be two kernels
-    # each).
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     partial = out if splits == 1 else torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
     kernels.matmul[(n_blocks, splits)](
         x2, weight, qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset, qs.code,
-        nf4_prmt.planes(qs.code, x.dtype if prmt else torch.bfloat16), partial, M, N, K,
-        STEPS=steps_per_split, BLOCKSIZE2=qs.state2.blocksize, BM=MAX_ROWS, BN=bn, BK=bk, BLOCK=qs.blocksize,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", GATHER=bool(gather),
-        CODES_ASM=nf4_prmt.codes_ptx(x.dtype) if prmt else "", ROUNDED=splits == 1,
+        nf4_prmt.planes(qs.code, x.dtype if prmt else torch.bfloat16), out, partial, _counters(x.device, n_blocks),
+        M, N, K, STEPS=steps_per_split, BLOCKSIZE2=qs.state2.blocksize, BM=MAX_ROWS, BN=bn, BK=bk,
+        BLOCK=qs.blocksize, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", GATHER=bool(gather),
+        CODES_ASM=nf4_prmt.codes_ptx(x.dtype) if prmt else "", SPLITS=splits,
         EVEN=N % bn == 0 and splits * steps_per_split * bk == K, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    if splits > 1:
-        size = M * N
-        kernels.sum_splits[(-(-size // SUM_BLOCK),)](partial, out, size, SPLITS=splits, BLOCK=SUM_BLOCK)
     return out.reshape(*x.shape[:-1], N)
+
+
+def k_splits(steps: int, n_blocks: int, sms: int) -> int:
+    """Programs along K per output block: enough for about two programs an SM, and a divisor of the steps, so that
+    every split has the same number of them and the kernel needs no bounds checks along K (Mistral-7B's 4096 x 14336
+    down projection took 3 splits of 38, 38 and 36 steps, the last one checked, before)."""
+    want = max(1, -(-2 * sms // n_blocks))
+    return min((d for d in range(1, steps + 1) if steps % d == 0 and d >= want), default=steps)
+
+
+_COUNTS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _counters(device: torch.device, size: int) -> torch.Tensor:
+    """The device's int32 counts of finished K splits, one per output block, all 0 between products (the last
+    program of each block sets its count back). Products on one device run one after another on one stream, so they
+    share one buffer; a larger one, when needed, is kept beside the earlier ones, which captured CUDA graphs still
+    use."""
+    kept = _COUNTS.setdefault(device, [])
+    if not kept or kept[-1].numel() < size:
+        kept.append(torch.zeros(max(4096, size), dtype=torch.int32, device=device))
+    return kept[-1]
 
 
 @functools.cache
@@ -151,8 +165,8 @@ def _kernel() -> Any:
     def load() -> Any:
         from types import SimpleNamespace
 
-        from finechat.kernels.nf4_triton import nf4_matmul_kernel, sum_splits
+        from finechat.kernels.nf4_triton import nf4_matmul_kernel
 
-        return SimpleNamespace(matmul=nf4_matmul_kernel, sum_splits=sum_splits)
+        return SimpleNamespace(matmul=nf4_matmul_kernel)
 
     return checked(load, lambda kernel: None, False, "NF4 matmul kernel", "batched NF4 steps use bitsandbytes")

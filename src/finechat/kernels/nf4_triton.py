@@ -85,14 +85,17 @@ def _unpack_pairs(first, second, dtype: tl.constexpr, BN: tl.constexpr, BK: tl.c
 
 @triton.jit
 def nf4_matmul_kernel(
-    x_ptr, packed_ptr, qscale_ptr, scale2_ptr, code2_ptr, offset_ptr, nf4_ptr, planes_ptr, partial_ptr,
-    M, N, K,
+    x_ptr, packed_ptr, qscale_ptr, scale2_ptr, code2_ptr, offset_ptr, nf4_ptr, planes_ptr, out_ptr, partial_ptr,
+    counters_ptr, M, N, K,
     STEPS: tl.constexpr, BLOCKSIZE2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     BLOCK: tl.constexpr, PRECISION: tl.constexpr, GATHER: tl.constexpr = False, CODES_ASM: tl.constexpr = "",
-    ROUNDED: tl.constexpr = False, EVEN: tl.constexpr = False,
+    SPLITS: tl.constexpr = 1, EVEN: tl.constexpr = False,
 ):  # fmt: skip
-    """partial[split] = x @ W^T over this split's K range, for BN output features (ROUNDED, with one split: the
-    result itself, rounded to partial_ptr's dtype, so no kernel has to add or cast afterwards). Each step covers BK
+    """out = x @ W^T for BN output features, in out's dtype. With SPLITS programs along K per output block, each
+    writes its float32 partial sums over its K range to partial[split] and counts itself in at counters[block]; the
+    last of them adds the SPLITS partial sums in split order (the same order whichever program is last), rounds, writes
+    out and sets the count back to 0 for the next call. (A kernel of its own for that sum was 160 more launches a
+    batched decode step of Mistral-7B.) Each step covers BK
     weights of K, one quantization block (BLOCK weights, BLOCK // 2 contiguous bytes a row) at a time: the block's
     [BN, BLOCK] code values, in x's dtype, times the [BM, BLOCK] tile of x, and those BM x BN sums times the BN
     blocks' scales (dequantize multiplies each weight by its scale and rounds the product instead; without that
@@ -162,20 +165,22 @@ def nf4_matmul_kernel(
             part = tl.dot(x_even, tl.trans(high.to(x.dtype)), input_precision=PRECISION)
             part = tl.dot(x_odd, tl.trans(low.to(x.dtype)), part, input_precision=PRECISION)
             acc = acc + part * scale[None, :]
-    at = partial_ptr + split.to(tl.int64) * M * N + m[:, None] * N + n[None, :]
-    tl.store(at, acc.to(partial_ptr.dtype.element_ty) if ROUNDED else acc, mask=m_in[:, None] & n_in[None, :])
-
-
-@triton.jit
-def sum_splits(partial_ptr, out_ptr, size, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
-    """out = partial[0] + partial[1] + ... in that order (float32), rounded to out's dtype: the K splits of
-    nf4_matmul_kernel added and cast in one kernel."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < size
-    total = tl.load(partial_ptr + offs, mask=inside, other=0.0)
-    for s in tl.static_range(1, SPLITS):
-        total = total + tl.load(partial_ptr + s * size + offs, mask=inside, other=0.0)
-    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=inside)
+    tile = m[:, None] * N + n[None, :]
+    inside = m_in[:, None] & n_in[None, :]
+    if SPLITS == 1:
+        tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=inside)
+    else:
+        tl.store(partial_ptr + split * M * N + tile, acc, mask=inside)
+        # Every thread's partial sums are written before the count goes up (the barrier, then the count's release at
+        # GPU scope, as a grid-wide barrier does it), and the last program reads them from L2 after its acquire.
+        tl.debug_barrier()
+        count = counters_ptr + tl.program_id(0)
+        if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+            total = tl.load(partial_ptr + tile, mask=inside, other=0.0, cache_modifier=".cg")
+            for s in tl.static_range(1, SPLITS):
+                total = total + tl.load(partial_ptr + s * M * N + tile, mask=inside, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + tile, total.to(out_ptr.dtype.element_ty), mask=inside)
+            tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
