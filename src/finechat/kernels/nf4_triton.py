@@ -238,7 +238,7 @@ def _program_rows(N, BN: tl.constexpr):
 def _block_scale(code2_ptr, scale2_ptr, offset, qscale, block, g, BLOCKSIZE2: tl.constexpr, FUSED_FMA: tl.constexpr):
     """Each lane's block scale in group g, float32, as bitsandbytes' kernel has it: one fused multiply-add."""
     code2 = tl.load(code2_ptr + qscale.to(tl.int32))
-    scale2 = tl.load(scale2_ptr + (block + g * (LANES // 2)) // BLOCKSIZE2)
+    scale2 = tl.load(scale2_ptr + (block + g * (LANES // 2)).to(tl.uint32) // BLOCKSIZE2)  # unsigned: one shift
     if FUSED_FMA:
         return tl.fma(code2, scale2, offset)
     # Triton's interpreter rounds tl.fma's product: float64 holds it exactly
@@ -335,7 +335,8 @@ def nf4_gemv_prmt_kernel(
     packed = words + row_start[:, None, None] + (lane[:, None] * 4 + tl.arange(0, 4)[None, :])[None]
     x_words = x_ptr.to(tl.pointer_type(tl.int32))
     x_of_lane = (tl.full((BN,), 0, tl.int32)[:, None, None] + lane[None, :, None] * 16) + tl.arange(0, 4)[None, None, :]
-    block = row[:, None] * (K // 64) + lane[None, :] // 2  # [BN, LANES]: a lane's 32 weights sit in one 64-block
+    # [BN, LANES]: a lane's 32 weights sit in one 64-block (int32: a weight has fewer than 2**31 blocks)
+    block = row.to(tl.int32)[:, None] * (K // 64) + lane[None, :] // 2
     offset = tl.load(offset_ptr)
     # one copy of the tables per lane, so that they load into each thread's registers once: as uniform scalars
     # ptxas copied them into registers again before every prmt (prmt takes at most one uniform operand)
@@ -345,10 +346,13 @@ def nf4_gemv_prmt_kernel(
     word = tl.load(packed)  # [BN, LANES, 4]
     qscale = tl.load(qscale_ptr + block)
     acc = tl.full((BN, LANES), 0.0, tl.float32)
-    for g in range(groups):
-        ahead = tl.minimum(g + 1, groups - 1)  # the next group's words load while this one is summed
-        word_ahead = tl.load(packed + ahead * (LANES * 4))
-        qscale_ahead = tl.load(qscale_ptr + block + ahead * (LANES // 2))
+    # Unrolled twice (Mistral-7B's K has 4 or 14 groups): the prefetched words need no register moves between
+    # groups, 228 -> 217 SASS instructions per 1,024 weights a warp on sm_90
+    for g in tl.range(0, groups, loop_unroll_factor=2):
+        # the next group's words load while this one is summed (none after the last: a predicate, not a clamp)
+        more = g + 1 < groups
+        word_ahead = tl.load(packed + (g + 1) * (LANES * 4), mask=more, other=0)
+        qscale_ahead = tl.load(qscale_ptr + block + (g + 1) * (LANES // 2), mask=more, other=0)
         scale = _block_scale(code2_ptr, scale2_ptr, offset, qscale, block, g, BLOCKSIZE2, FUSED_FMA)
         scale = scale.to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         scale = scale | (scale << 16)  # the scale twice, a pair of dtype
