@@ -66,7 +66,7 @@ left() { echo $((DEADLINE - SECONDS)); }
 bench() {
   local limit=$1
   shift
-  timeout "$limit" $PY -m finechat.bench.multigpu --gpus 2 --device "$DEVICE" --timeout "$((limit - 5))" "$@"
+  timeout "$limit" $PY -m finechat bench multigpu --gpus 2 --device "$DEVICE" --timeout "$((limit - 5))" "$@"
 }
 # phase NAME MIN: true when at least MIN seconds are left for phase NAME (else it says why it is skipped).
 phase() {

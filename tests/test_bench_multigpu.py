@@ -148,3 +148,15 @@ def test_card_names():
     assert multigpu.card_name("NVIDIA H100 80GB HBM3") == "h100"
     assert multigpu.card_name("NVIDIA H200") == "h200"
     assert multigpu.card_name("cpu") == "cpu"
+
+
+def test_the_finechat_command_runs_the_bench_with_its_flags(capsys, tmp_path):
+    """`finechat bench multigpu ...` is `python -m finechat.bench.multigpu ...`, its errors named after it."""
+    from finechat import cli
+
+    assert cli.main(["bench", "multigpu", "--modes", "zero3", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("finechat bench multigpu: error: --modes: expected some of") and err.count("\n") == 1
+    with pytest.raises(SystemExit) as done:
+        cli.main(["bench", "multigpu", "--help"])
+    assert done.value.code == 0 and "usage: finechat bench multigpu" in capsys.readouterr().out

@@ -135,7 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_generate_flags(
         bench.add_parser("generate", help="decoding tokens/s and time to first token: seed vs engine")
     )
-    return parser
+    p = bench.add_parser(
+        "multigpu",
+        help="training tokens/s and memory: one GPU, DDP and FSDP-QLoRA (--help for its flags)",
+        add_help=False,
+    )
+    return parser  # `finechat bench multigpu ...`: main() hands its flags to finechat.bench.multigpu
 
 
 def _bench_train_flags(p: argparse.ArgumentParser) -> None:
@@ -175,6 +180,11 @@ def _bench_generate_flags(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the finechat console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["bench", "multigpu"]:  # its own flags (python -m finechat.bench.multigpu takes the same)
+        from finechat.bench import multigpu
+
+        return multigpu.main(argv[2:], prog="finechat bench multigpu")
     args = build_parser().parse_args(argv)
     _quiet_libraries(args.verbose)
     try:
@@ -325,6 +335,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench_command == "generate":
         return cmd_bench_generate(args)
+    if args.bench_command == "multigpu":
+        from finechat.bench import multigpu
+
+        return multigpu.main([], prog="finechat bench multigpu")  # (main() passes flags on directly)
     from finechat.bench.train import BenchSettings, parse_lengths, parse_shapes, run
 
     if args.steps <= 0 or args.warmup < 0:

@@ -511,10 +511,10 @@ def _previous_rows(output: Path) -> list[dict[str, Any]]:
     return previous.get("rows", []) if previous.get("kind") == "multigpu" else []
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m finechat.bench.multigpu") -> int:
     """Command line: python -m finechat.bench.multigpu [--arch tiny --device cpu] ..."""
     d = Settings()
-    p = argparse.ArgumentParser(prog="python -m finechat.bench.multigpu", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--arch", default=d.arch, help=f"random-weight model (default: {d.arch}; tiny for CPU)")
     p.add_argument("--gpus", type=int, default=d.gpus, help=f"GPUs (processes) of ddp and fsdp (default: {d.gpus})")
     p.add_argument("--modes", default=",".join(d.modes), help=f"what to measure (default: {','.join(d.modes)})")
@@ -582,10 +582,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(
             settings,
-            command="python -m finechat.bench.multigpu " + " ".join(argv if argv is not None else sys.argv[1:]),
+            command=f"{prog} " + " ".join(argv if argv is not None else sys.argv[1:]),
         )
     except UserError as e:
-        print(f"finechat bench multigpu: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code
     return 0
 
