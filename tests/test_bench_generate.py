@@ -64,3 +64,16 @@ def test_bad_flags_are_one_line_errors(flags, message, capsys, tmp_path):
 def test_parsers():
     assert parse_counts("1, 4,16", "--streams") == [1, 4, 16]
     assert card("NVIDIA H100 80GB HBM3") == "h100" and card("NVIDIA H200") == "h200"
+
+
+def test_a_graphs_profile_reads_per_replay():
+    """The kernel table of a profiled graph replay (5 replays profiled) in one replay's microseconds; a profile that
+    saw no kernel inside the graph says so instead of reading zeros."""
+    from finechat.bench.generate import per_replay
+
+    summary = {"gpu": True, "gpu_ms": 40.0, "gpu_ms_by_kind": {"other": 30.0, "matmul": 10.0}, "kernels": 1600}
+    summary["top_kernels"] = [{"name": "nf4_matmul_kernel", "count": 1120, "ms": 25.0}]
+    got = per_replay(summary, 5)
+    assert got["gpu_us"] == 8000.0 and got["gpu_us_by_kind"] == {"other": 6000.0, "matmul": 2000.0}
+    assert got["kernels"] == 320 and got["top_kernels"] == [{"name": "nf4_matmul_kernel", "count": 224, "us": 5000.0}]
+    assert per_replay({"gpu": False}, 5) == {"gpu": False}

@@ -310,7 +310,49 @@ def _step_times(engine: Any, position: int, repeats: int = 20) -> dict[str, Any]
             graph = decoder.batch_graphs.get((b, length))
             if graph is not None:
                 out[f"batch{b}_gpu"] = gpu_ms(graph[0].replay)
+        if torch.cuda.is_available():  # where the GPU time of a step goes, kernel by kernel
+            try:
+                if decoder.one_graphs:
+                    out["one_graphs_kernels"] = _kernels_per_replay(lambda: [g.replay() for g in decoder.one_graphs])
+                largest = max((b for b in decoder.batch_sizes if (b, length) in decoder.batch_graphs), default=None)
+                if largest is not None:
+                    replay = decoder.batch_graphs[largest, length][0].replay
+                    out[f"batch{largest}_kernels"] = _kernels_per_replay(replay)
+            except Exception as e:  # the profiler is a diagnosis: keep the times above
+                out["kernels_error"] = f"{type(e).__name__}: {e}"
     return out
+
+
+def _kernels_per_replay(replay: Any, repeats: int = 5) -> dict[str, Any]:
+    """The kernels of a replayed CUDA graph under torch.profiler: GPU time by kind and the top kernels, per replay."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from finechat.steptrace import summarize_profile
+
+    replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            replay()
+        torch.cuda.synchronize()
+    return per_replay(summarize_profile(prof.key_averages(), time.perf_counter() - start), repeats)
+
+
+def per_replay(summary: dict[str, Any], repeats: int) -> dict[str, Any]:
+    """A steptrace profile summary of `repeats` replays, as one replay's numbers (µs)."""
+    if not summary.get("gpu"):
+        return {"gpu": False}  # the profiler saw no kernels inside the graph
+    return {
+        "gpu_us": round(summary["gpu_ms"] * 1000 / repeats, 1),
+        "gpu_us_by_kind": {k: round(v * 1000 / repeats, 1) for k, v in summary["gpu_ms_by_kind"].items()},
+        "kernels": round(summary["kernels"] / repeats, 1),
+        "top_kernels": [
+            {"name": k["name"][:100], "count": round(k["count"] / repeats, 1), "us": round(k["ms"] * 1000 / repeats, 1)}
+            for k in summary["top_kernels"]
+        ],
+    }
 
 
 def _fused_projection_probe(decoder: Any, gpu_ms: Any) -> dict[str, Any]:
