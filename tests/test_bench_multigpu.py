@@ -25,6 +25,7 @@ def test_cpu_dry_run_writes_the_results_json(tmp_path):
     for mode in ("single", "ddp"):
         row = rows[mode]
         assert row["tok_s"] > 0 and row["steps"] == 4 and "error" not in row, row
+        assert row["tok_s"] == row["tok_s_from_mean_period"] and row["tok_s_logged"] > 0  # the periods' rate
         assert row["peak_gib"] is None  # no GPU memory on CPU
         assert row["timed_steps"] == 2  # steps 2 and 3: after the warm-up, before the profiled step 4
         ranks = ["0"] if mode == "single" else ["0", "1"]
