@@ -397,6 +397,24 @@ def check_nf4_matmul(nf4_matmul) -> None:
                 assert rel_err(got, want) < tol, (name, dtype, rows, k)
     with pytest.raises(ValueError, match="at most 16"):
         nf4_matmul.nf4_matmul(torch.randn(17, 1024, device=device).to(dtype), module)
+    # q, k and v of a layer in one launch: each weight with its own scales and offset, K split or not
+    for k, dtype, tol in ((1024, torch.float32, 1e-5), (256, torch.float32, 1e-5), (1024, torch.float16, 2e-3)):
+        parts = []
+        for n in (256, 64, 128):
+            packed, qs = quantized(n, k, dtype, device)
+            packed.quant_state = qs
+            parts.append(SimpleNamespace(weight=packed, bias=None))
+        assert nf4_matmul.groupable(parts) and not nf4_matmul.groupable(parts + parts[:1])
+        x = torch.randn(5, 1, k, device=device).to(dtype)
+        want = torch.cat([nf4_matmul.nf4_matmul_reference(x, m) for m in parts], dim=-1)
+        for name, settings in {"default": {}, **nf4_matmul.SETTINGS}.items():
+            if settings.get("prmt") and (device != "cuda" or dtype == torch.float32):
+                continue
+            got = nf4_matmul.nf4_matmul_parts(x, parts, **settings)
+            assert got.shape == (5, 1, 448) and rel_err(got, want) < tol, (name, k, dtype)
+            for part, (lo, hi) in zip(parts, ((0, 256), (256, 320), (320, 448)), strict=True):  # each in its place
+                alone = nf4_matmul.nf4_matmul_reference(x, part)
+                assert rel_err(got[..., lo:hi], alone) < tol, (name, k, lo)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -463,19 +481,21 @@ def test_batched_nf4_kernel_compiles_for_hopper_at_mistral_shapes():
 
     types = dict(x_ptr="*bf16", packed_ptr="*u8", qscale_ptr="*u8", scale2_ptr="*fp32", code2_ptr="*fp32")
     types |= dict(offset_ptr="*fp32", nf4_ptr="*fp32", planes_ptr="*i32", out_ptr="*bf16", partial_ptr="*fp32")
-    types |= dict(counters_ptr="*i32")
+    types |= dict(counters_ptr="*i32", packed1_ptr="*u8", qscale1_ptr="*u8", scale2_1_ptr="*fp32")
+    types |= dict(offset1_ptr="*fp32", packed2_ptr="*u8", qscale2_ptr="*u8", scale2_2_ptr="*fp32", offset2_ptr="*fp32")
     default = dict(bn=nf4_matmul._BN, bk=nf4_matmul._BK, num_warps=4, num_stages=1)  # the select tree
     for settings in [default, *nf4_matmul.SETTINGS.values()]:  # and every setting the decoder may time
         constants = dict(STEPS=13, BLOCKSIZE2=256, BM=nf4_matmul.MAX_ROWS, BN=settings["bn"], BK=settings["bk"])
         constants |= dict(BLOCK=64, PRECISION="tf32", GATHER=bool(settings.get("gather")))
         constants |= dict(CODES_ASM=nf4_prmt.codes_ptx(torch.bfloat16) if settings.get("prmt") else "")
         launch = dict(num_warps=settings["num_warps"], num_stages=settings["num_stages"])
-        for splits in (1, 4):  # the rows written at once, or float32 partial sums that the last program adds
-            for even in (False, True):
-                compile_for_sm90(
-                    nf4_matmul_kernel, types, constants | dict(SPLITS=splits, EVEN=even), (*types, "M", "N", "K"),
-                    **launch,
-                )  # fmt: skip
+        for splits, even, parts in ((1, False, 1), (4, False, 1), (1, True, 1), (4, True, 1), (2, True, 3)):
+            # the rows written at once or float32 partial sums that the last program adds; bounds checked or not;
+            # one weight, or q, k and v in one launch
+            compile_for_sm90(
+                nf4_matmul_kernel, types, constants | dict(SPLITS=splits, EVEN=even, PARTS=parts),
+                (*types, "M", "N", "K", "N1", "N2"), **launch,
+            )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------

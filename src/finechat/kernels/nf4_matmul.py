@@ -26,6 +26,7 @@ import torch
 from finechat.kernels import checked, nf4_prmt
 
 MAX_ROWS = 16  # tl.dot's smallest side; more rows go through bitsandbytes
+MAX_PARTS = 3  # weights one launch of nf4_matmul_parts multiplies by (a layer's q, k and v)
 _BN = 32  # output features per program
 _BK = 128  # weights of K per step: two quantization blocks, 64 contiguous bytes of each row
 # Tile and launch settings finechat.decode times at load, per weight shape and row count (name -> nf4_matmul's keyword
@@ -104,33 +105,76 @@ def nf4_matmul(
     decoding uses off CUDA; finechat.decode times every one of SETTINGS, and so does benchmarks/probes/nf4_matmul.py).
     prmt: the code values by byte permutes, rounded to x's dtype before the scale multiplies them (bitsandbytes
     multiplies the float32 values), for bfloat16 and float16 x on CUDA."""
+    return nf4_matmul_parts(x, [module], bn, num_warps, num_stages, bk, gather, prmt)
+
+
+def groupable(modules: list[Any], bn: int = _BN) -> bool:
+    """True when nf4_matmul_parts can multiply by these weights in one launch: one weight nf4_matmul applies to, or
+    two or three with the same K, code tables and second-level block size, and each N a multiple of bn and of 64
+    (the widest tile of SETTINGS)."""
+    if not 1 <= len(modules) <= MAX_PARTS or not all(applies(m) for m in modules):
+        return False
+    if len(modules) == 1:
+        return True
+    states = [m.weight.quant_state for m in modules]
+    first = states[0]
+    return all(
+        qs.shape[1] == first.shape[1]
+        and qs.shape[0] % max(bn, 64) == 0
+        and qs.state2.blocksize == first.state2.blocksize
+        and torch.equal(qs.code, first.code)
+        and torch.equal(qs.state2.code, first.state2.code)
+        for qs in states
+    )
+
+
+def nf4_matmul_parts(
+    x: torch.Tensor,
+    modules: list[Any],
+    bn: int = _BN,
+    num_warps: int = 4,
+    num_stages: int = 1,
+    bk: int = _BK,
+    gather: int = 0,
+    prmt: int = 0,
+) -> torch.Tensor:
+    """x @ [W1; W2; W3]^T -> [..., N1 + N2 + N3] for the weights of up to three modules (groupable ones) in one
+    launch: a layer's q, k and v products side by side, as nf4_matmul computes each (settings as there)."""
     kernels = _kernel()
     if kernels is None:
         raise RuntimeError("the NF4 matmul kernel is not available (no Triton)")
     if prmt and x.dtype not in nf4_prmt.DTYPES:
         raise RuntimeError(f"nf4_matmul: prmt=1 looks code values up as 16-bit values; x is {x.dtype}")
-    weight = module.weight
-    qs = weight.quant_state
-    N, K = qs.shape
+    if len(modules) > 1 and not groupable(modules, bn):
+        raise ValueError("nf4_matmul_parts: these weights cannot share a launch (see groupable)")
+    weights = [m.weight for m in modules]
+    states = [w.quant_state for w in weights]
+    qs = states[0]
+    K = qs.shape[1]
+    sizes = [s.shape[0] for s in states]
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
     if M > MAX_ROWS:
         raise ValueError(f"nf4_matmul: {M} rows (at most {MAX_ROWS})")
     steps = -(-K // bk)
-    n_blocks = -(-N // bn)
+    n_blocks = sum(-(-n // bn) for n in sizes)
     splits = k_splits(steps, n_blocks, _sm_count(x.device))
     steps_per_split = -(-steps // splits)
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    partial = out if splits == 1 else torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
+    width = sum(sizes)
+    out = torch.empty(M, width, dtype=x.dtype, device=x.device)
+    partial = out if splits == 1 else torch.empty(splits, M, width, dtype=torch.float32, device=x.device)
+    parts = [(w, s.absmax, s.state2.absmax, s.offset, s.shape[0]) for w, s in zip(weights, states, strict=True)]
+    parts += [(weights[0], qs.absmax, qs.state2.absmax, qs.offset, 0)] * (MAX_PARTS - len(parts))  # unused
     kernels.matmul[(n_blocks, splits)](
-        x2, weight, qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset, qs.code,
+        x2, weights[0], qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset, qs.code,
         nf4_prmt.planes(qs.code, x.dtype if prmt else torch.bfloat16), out, partial, _counters(x.device, n_blocks),
-        M, N, K, STEPS=steps_per_split, BLOCKSIZE2=qs.state2.blocksize, BM=MAX_ROWS, BN=bn, BK=bk,
-        BLOCK=qs.blocksize, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", GATHER=bool(gather),
-        CODES_ASM=nf4_prmt.codes_ptx(x.dtype) if prmt else "", SPLITS=splits,
-        EVEN=N % bn == 0 and splits * steps_per_split * bk == K, num_warps=num_warps, num_stages=num_stages,
+        M, sizes[0], K, *parts[1], *parts[2], STEPS=steps_per_split, BLOCKSIZE2=qs.state2.blocksize, BM=MAX_ROWS,
+        BN=bn, BK=bk, BLOCK=qs.blocksize, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        GATHER=bool(gather), CODES_ASM=nf4_prmt.codes_ptx(x.dtype) if prmt else "", SPLITS=splits,
+        EVEN=all(n % bn == 0 for n in sizes) and splits * steps_per_split * bk == K, PARTS=len(modules),
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    return out.reshape(*x.shape[:-1], N)
+    return out.reshape(*x.shape[:-1], width)
 
 
 def k_splits(steps: int, n_blocks: int, sms: int) -> int:

@@ -87,9 +87,10 @@ def _unpack_pairs(first, second, dtype: tl.constexpr, BN: tl.constexpr, BK: tl.c
 def nf4_matmul_kernel(
     x_ptr, packed_ptr, qscale_ptr, scale2_ptr, code2_ptr, offset_ptr, nf4_ptr, planes_ptr, out_ptr, partial_ptr,
     counters_ptr, M, N, K,
+    packed1_ptr, qscale1_ptr, scale2_1_ptr, offset1_ptr, N1, packed2_ptr, qscale2_ptr, scale2_2_ptr, offset2_ptr, N2,
     STEPS: tl.constexpr, BLOCKSIZE2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     BLOCK: tl.constexpr, PRECISION: tl.constexpr, GATHER: tl.constexpr = False, CODES_ASM: tl.constexpr = "",
-    SPLITS: tl.constexpr = 1, EVEN: tl.constexpr = False,
+    SPLITS: tl.constexpr = 1, EVEN: tl.constexpr = False, PARTS: tl.constexpr = 1,
 ):  # fmt: skip
     """out = x @ W^T for BN output features, in out's dtype. With SPLITS programs along K per output block, each
     writes its float32 partial sums over its K range to partial[split] and counts itself in at counters[block]; the
@@ -105,11 +106,27 @@ def nf4_matmul_kernel(
     kernel's were); CODES_ASM: by byte permutes, a 32-bit word of packed weights per call
     (finechat.kernels.nf4_prmt.codes_ptx, its tables at planes_ptr).
 
+    PARTS > 1: up to three weights with the same K, code tables and block sizes side by side in one launch (q, k and
+    v of a layer), the second and third given by the *1 and *2 arguments (N1, N2 rows; every N a multiple of BN):
+    out [M, N + N1 + N2] holds their products one after the other, and the programs along N take the first weight's
+    output blocks, then the second's, then the third's.
+
     Every pointer starts at the split's first block and moves by a constant per block, and EVEN (N a multiple of BN,
     the splits covering K exactly: Mistral-7B's shapes) drops the bounds checks on the weights: with both, the
     byte-permute loop went from 378 to about 270 SASS instructions per 1,024 weights a warp on sm_90."""
     split = tl.program_id(1)
-    n = tl.program_id(0) * BN + tl.arange(0, BN)  # int32: an NF4 weight has fewer than 2**31 blocks
+    program = tl.program_id(0)
+    width = N + N1 + N2  # out's row length (N1 = N2 = 0 for one weight)
+    first, column = program * 0, program * 0  # this weight's first program along N, its first column of out
+    if PARTS > 1:
+        if program >= N // BN:
+            if PARTS > 2 and program >= (N + N1) // BN:
+                packed_ptr, qscale_ptr, scale2_ptr, offset_ptr = packed2_ptr, qscale2_ptr, scale2_2_ptr, offset2_ptr
+                first, column, N = (N + N1) // BN, N + N1, N2
+            else:
+                packed_ptr, qscale_ptr, scale2_ptr, offset_ptr = packed1_ptr, qscale1_ptr, scale2_1_ptr, offset1_ptr
+                first, column, N = N // BN, N, N1
+    n = (program - first) * BN + tl.arange(0, BN)  # int32: an NF4 weight has fewer than 2**31 blocks
     m = tl.arange(0, BM)
     n_in, m_in = n < N, m < M
     c0, c1, c2, c3 = tl.load(nf4_ptr), tl.load(nf4_ptr + 1), tl.load(nf4_ptr + 2), tl.load(nf4_ptr + 3)
@@ -165,20 +182,22 @@ def nf4_matmul_kernel(
             part = tl.dot(x_even, tl.trans(high.to(x.dtype)), input_precision=PRECISION)
             part = tl.dot(x_odd, tl.trans(low.to(x.dtype)), part, input_precision=PRECISION)
             acc = acc + part * scale[None, :]
-    tile = m[:, None] * N + n[None, :]
+    tile = m[:, None] * width + column + n[None, :]
     inside = m_in[:, None] & n_in[None, :]
     if SPLITS == 1:
         tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=inside)
     else:
-        tl.store(partial_ptr + split * M * N + tile, acc, mask=inside)
+        tl.store(partial_ptr + split * M * width + tile, acc, mask=inside)
         # Every thread's partial sums are written before the count goes up (the barrier, then the count's release at
         # GPU scope, as a grid-wide barrier does it), and the last program reads them from L2 after its acquire.
         tl.debug_barrier()
-        count = counters_ptr + tl.program_id(0)
+        count = counters_ptr + program
         if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
             total = tl.load(partial_ptr + tile, mask=inside, other=0.0, cache_modifier=".cg")
             for s in tl.static_range(1, SPLITS):
-                total = total + tl.load(partial_ptr + s * M * N + tile, mask=inside, other=0.0, cache_modifier=".cg")
+                total = total + tl.load(
+                    partial_ptr + s * M * width + tile, mask=inside, other=0.0, cache_modifier=".cg"
+                )
             tl.store(out_ptr + tile, total.to(out_ptr.dtype.element_ty), mask=inside)
             tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")
 
