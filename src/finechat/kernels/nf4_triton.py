@@ -118,7 +118,7 @@ def nf4_matmul_kernel(
     program = tl.program_id(0)
     width = N + N1 + N2  # out's row length (N1 = N2 = 0 for one weight)
     first, column = program * 0, program * 0  # this weight's first program along N, its first column of out
-    if PARTS > 1:
+    if PARTS > 1:  # noqa: SIM102 (a compile-time branch around a run-time one: not one condition)
         if program >= N // BN:
             if PARTS > 2 and program >= (N + N1) // BN:
                 packed_ptr, qscale_ptr, scale2_ptr, offset_ptr = packed2_ptr, qscale2_ptr, scale2_2_ptr, offset2_ptr
