@@ -351,6 +351,9 @@ def test_batched_nf4_steps_use_the_4bit_product_and_equal_one_at_a_time(interpre
     engine.warm_up()
     decoder = engine.batcher.decoder
     assert decoder.fused and decoder.nf4_check == "close" and decoder.nf4_way == "finechat"  # no timing off CUDA
+    # q, k and v of each layer in one launch at every batch size (64, 32 and 32 rows: whole 32-row tiles)
+    assert decoder.nf4_qkv == {b: "finechat" for b in decoder.batch_sizes if b > 1} and decoder.nf4_qkv
+    assert "q/k/v in one product" in decoder.nf4_summary
     jobs = [(prompt(engine, i), greedy(n)) for i, n in enumerate([20, 35, 12])]
     alone = [engine.generate(*job).complete() for job in jobs]
     engine.batcher.largest = 0
@@ -455,6 +458,12 @@ def test_batched_nf4_steps_use_the_4bit_product_on_gpu(tiny_mistral_dir):
     assert all(
         t[decoder.nf4_ways[tuple(map(int, k.split("x")))]] == min(t.values()) for k, t in decoder.nf4_times.items()
     )
+    # q, k and v in one launch only at batch sizes where its fastest setting beat the three products' chosen ways
+    attention = decoder.layers[0].self_attn
+    qkv = [tuple(m.weight.quant_state.shape) for m in (attention.q_proj, attention.k_proj, attention.v_proj)]
+    for b, way in decoder.nf4_qkv.items():
+        apart = sum(decoder.nf4_times[f"{b}x{n}x{k}"][decoder.nf4_ways[b, n, k]] for n, k in qkv)
+        assert decoder.nf4_qkv_times[str(b)][way] == min(decoder.nf4_qkv_times[str(b)].values()) <= apart
     jobs = [(prompt(engine, i), greedy(n)) for i, n in enumerate([12, 30, 50, 21, 44, 9])]
     alone = [engine.generate(*job).complete() for job in jobs]
     assert concurrently(engine, jobs) == alone

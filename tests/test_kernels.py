@@ -404,7 +404,8 @@ def check_nf4_matmul(nf4_matmul) -> None:
             packed, qs = quantized(n, k, dtype, device)
             packed.quant_state = qs
             parts.append(SimpleNamespace(weight=packed, bias=None))
-        assert nf4_matmul.groupable(parts) and not nf4_matmul.groupable(parts + parts[:1])
+        assert nf4_matmul.groupable(parts) and not nf4_matmul.groupable(parts + parts[:1])  # at most three
+        assert not nf4_matmul.groupable(parts, bn=128)  # k's 64 rows are half a tile
         x = torch.randn(5, 1, k, device=device).to(dtype)
         want = torch.cat([nf4_matmul.nf4_matmul_reference(x, m) for m in parts], dim=-1)
         for name, settings in {"default": {}, **nf4_matmul.SETTINGS}.items():

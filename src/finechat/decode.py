@@ -159,6 +159,11 @@ class Decoder:
         self.nf4_way = "bitsandbytes"  # for a shape or row count not in nf4_ways
         self.nf4_times: dict[str, dict[str, float]] = {}  # "rows x N x K" -> way -> microseconds per product
         self.nf4_check = "off"  # what choose_nf4_batched found: off, unavailable, timed, close, differs, failed
+        # Per batch size: the nf4_matmul.SETTINGS entry that multiplies a layer's q, k and v in one launch
+        # (nf4_matmul_parts), where that agrees with bitsandbytes and (on CUDA) beats their three products' time;
+        # absent: three products. nf4_qkv_times: "rows" -> setting -> microseconds for the three in one launch.
+        self.nf4_qkv: dict[int, str] = {}
+        self.nf4_qkv_times: dict[str, dict[str, float]] = {}
         # With the fused kernels: one-row steps multiply by NF4 weights with finechat.kernels.nf4_gemv, which does
         # bitsandbytes' one-row arithmetic in its order, when its products and the step's logits are bit for bit.
         self.nf4_one = False
@@ -318,6 +323,12 @@ class Decoder:
         x, h = self._norm(layer.input_layernorm, x, pending)
         positions = self.positions[:b]
         if self.fused:
+            qkv_way = self.nf4_qkv.get(b) if b > 1 else None
+            if qkv_way is not None:  # q, k and v of an NF4 layer in one launch
+                modules = [attention.q_proj, attention.k_proj, attention.v_proj]
+                qkv = nf4_matmul.nf4_matmul_parts(h, modules, **nf4_matmul.SETTINGS.get(qkv_way, {}))
+                q, k, v = qkv.split([m.weight.quant_state.shape[0] for m in modules], dim=-1)
+                return x, decode_ops.rope_into_cache(q, k, v, cos, sin, positions, self.keys[i], self.values[i])
             if self.kv_weights is not None:
                 kv = torch.nn.functional.linear(h, self.kv_weights[i])
                 k, v = kv.split(kv.shape[-1] // 2, dim=-1)
@@ -485,6 +496,7 @@ class Decoder:
         try:
             if self.device.type == "cuda":
                 self.nf4_ways, self.nf4_check = self._fastest_nf4_ways(tolerance), "timed"
+                self._choose_nf4_qkv(tolerance, timed=True)
                 return
             if nf4_matmul._kernel() is None:
                 self.nf4_check = "unavailable"
@@ -504,6 +516,49 @@ class Decoder:
             log.warning("NF4 batched product differs from bitsandbytes (relative error %.3g); not used", worst)
             return
         self.nf4_check, self.nf4_way = "close", "finechat"
+        self._choose_nf4_qkv(tolerance, timed=False)
+
+    def _choose_nf4_qkv(self, tolerance: float, timed: bool) -> None:
+        """Fill nf4_qkv: per batch size, the setting of nf4_matmul_parts that multiplies a layer's q, k and v in one
+        launch, where every layer's three weights can share one and it agrees with bitsandbytes' three calls to the
+        tolerance (relative); timed (CUDA), only where the fastest such setting beats the three products' own
+        chosen ways, as timed by _fastest_nf4_ways. A failure leaves the three products as they are."""
+        import torch
+
+        attention = [layer.self_attn for layer in self.layers]
+        per_layer = [[a.q_proj, a.k_proj, a.v_proj] for a in attention]
+        # off CUDA, the kernel's defaults (no byte permutes, no timing), as the other batched products there
+        settings: dict[str, dict[str, int]] = dict(nf4_matmul.SETTINGS) if timed else {"finechat": {}}
+        modules = per_layer[0]
+        K = modules[0].weight.quant_state.shape[1]
+        for rows in self.batch_sizes:
+            if not 1 < rows <= nf4_matmul.MAX_ROWS:
+                continue
+            x = torch.randn(rows, 1, K, device=self.device).to(self.dtype)
+            try:
+                want = torch.cat([m(x) for m in modules], dim=-1).float()
+                times: dict[str, float] = {}
+                for name, setting in settings.items():
+                    bn = setting.get("bn", nf4_matmul._BN)
+                    if not all(nf4_matmul.groupable(layer, bn) for layer in per_layer):
+                        continue
+                    run = functools.partial(nf4_matmul.nf4_matmul_parts, x, modules, **setting)
+                    got = run().float()
+                    if ((got - want).norm() / want.norm()).item() < tolerance:
+                        times[name] = _graph_ms(run) * 1000 / REPEATS if timed else 0.0
+            except Exception as e:  # a setting that fails to build or launch: three products, as before
+                log.info("NF4 q/k/v in one product unavailable (%s: %s)", type(e).__name__, e)
+                return
+            if not times:
+                continue
+            best = min(times, key=times.__getitem__)
+            if timed:
+                self.nf4_qkv_times[str(rows)] = {name: round(t, 1) for name, t in times.items()}
+                shapes = [tuple(m.weight.quant_state.shape) for m in modules]
+                apart = sum(self.nf4_times[f"{rows}x{n}x{k}"][self.nf4_ways[rows, n, k]] for n, k in shapes)
+                if times[best] >= apart:
+                    continue
+            self.nf4_qkv[rows] = best
 
     def _projections(self, i: int) -> list[Any]:
         """Layer i's seven projections: q, k, v, o, gate, up, down."""
@@ -522,12 +577,15 @@ class Decoder:
     def nf4_summary(self) -> str:
         """What choose_nf4_batched found; when timed, how many (batch size, weight shape) pairs go each way."""
         if self.nf4_check == "close":
-            return f"close ({self.nf4_way} throughout)"
+            return f"close ({self.nf4_way} throughout{'; q/k/v in one product' if self.nf4_qkv else ''})"
         if self.nf4_check != "timed":
             return self.nf4_check
         chosen = list(self.nf4_ways.values())
         counts = {w: chosen.count(w) for w in dict.fromkeys(chosen)}
-        return "timed: " + ", ".join(f"{w} {n}" for w, n in counts.items() if n) + f" of {len(self.nf4_ways)}"
+        summary = "timed: " + ", ".join(f"{w} {n}" for w, n in counts.items() if n) + f" of {len(self.nf4_ways)}"
+        if self.nf4_qkv:
+            summary += "; q/k/v in one product at " + ", ".join(f"{b} rows" for b in sorted(self.nf4_qkv))
+        return summary
 
     def _nf4_way(self, module: Any, rows: int) -> str:
         n, k = module.weight.quant_state.shape

@@ -159,6 +159,7 @@ def run(settings: DecodeBenchSettings, command: str = "finechat bench generate")
             "nf4_one_row_us": decoder.nf4_one_times if decoder else None,  # first layer's products, each way
             "nf4_batched_check": decoder.nf4_summary if decoder else None,
             "nf4_batched_us": decoder.nf4_times if decoder else None,  # per product, each way, at load
+            "nf4_batched_qkv_us": decoder.nf4_qkv_times if decoder else None,  # q, k and v in one launch, per setting
             "gpu_memory_gib": round(torch.cuda.memory_allocated() / 2**30, 2) if cuda else None,
         }
         print(json.dumps({weights: result["engines"][weights]}), flush=True)

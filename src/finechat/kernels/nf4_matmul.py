@@ -109,9 +109,9 @@ def nf4_matmul(
 
 
 def groupable(modules: list[Any], bn: int = _BN) -> bool:
-    """True when nf4_matmul_parts can multiply by these weights in one launch: one weight nf4_matmul applies to, or
-    two or three with the same K, code tables and second-level block size, and each N a multiple of bn and of 64
-    (the widest tile of SETTINGS)."""
+    """True when nf4_matmul_parts can multiply by these weights in one launch at tile width bn: one weight
+    nf4_matmul applies to, or two or three with the same K, code tables and second-level block size, and each N a
+    multiple of bn."""
     if not 1 <= len(modules) <= MAX_PARTS or not all(applies(m) for m in modules):
         return False
     if len(modules) == 1:
@@ -120,7 +120,7 @@ def groupable(modules: list[Any], bn: int = _BN) -> bool:
     first = states[0]
     return all(
         qs.shape[1] == first.shape[1]
-        and qs.shape[0] % max(bn, 64) == 0
+        and qs.shape[0] % bn == 0
         and qs.state2.blocksize == first.state2.blocksize
         and torch.equal(qs.code, first.code)
         and torch.equal(qs.state2.code, first.state2.code)
