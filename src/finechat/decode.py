@@ -542,10 +542,10 @@ class Decoder:
                     bn = setting.get("bn", nf4_matmul._BN)
                     if not all(nf4_matmul.groupable(layer, bn) for layer in per_layer):
                         continue
-                    run = functools.partial(nf4_matmul.nf4_matmul_parts, x, modules, **setting)
-                    got = run().float()
-                    if ((got - want).norm() / want.norm()).item() < tolerance:
-                        times[name] = _graph_ms(run) * 1000 / REPEATS if timed else 0.0
+                    got = nf4_matmul.nf4_matmul_parts(x, modules, **setting).float()
+                    if ((got - want).norm() / want.norm()).item() < tolerance:  # timed as _fastest_nf4_ways times
+                        every = functools.partial(_each_layer_qkv, per_layer, x, setting)
+                        times[name] = _graph_ms(every, repeats=1) * 1000 / len(per_layer) if timed else 0.0
             except Exception as e:  # a setting that fails to build or launch: three products, as before
                 log.info("NF4 q/k/v in one product unavailable (%s: %s)", type(e).__name__, e)
                 return
@@ -607,16 +607,20 @@ class Decoder:
     def _fastest_nf4_ways(self, tolerance: float) -> dict[tuple[int, int, int], str]:
         """(rows, out features, in features) -> the fastest way, for every captured batch size and every NF4 weight
         shape of the first layer, each way that agrees with bitsandbytes' call to the tolerance (relative) timed in
-        a CUDA graph of REPEATS products."""
+        a CUDA graph of one product by each weight of that shape in every layer, as a step meets them: read from
+        memory, not from the L2 cache (a 4096 x 4096 NF4 weight is 8 MiB, an H200's L2 50 MiB; the timings before
+        session 7 repeated the first layer's products, which stayed in L2)."""
         import torch
 
-        shapes: dict[tuple[int, int], Any] = {}
-        for module in self._projections(0):
-            if nf4_matmul.applies(module):
-                shapes.setdefault(tuple(module.weight.quant_state.shape), module)
+        shapes: dict[tuple[int, int], list[Any]] = {}
+        for i in range(len(self.layers)):
+            for module in self._projections(i):
+                if nf4_matmul.applies(module):
+                    shapes.setdefault(tuple(module.weight.quant_state.shape), []).append(module)
         ways: dict[tuple[int, int, int], str] = {}
         for rows in self.batch_sizes:
-            for (n, k), module in shapes.items():
+            for (n, k), same in shapes.items():
+                module = same[0]
                 x = torch.randn(rows, 1, k, device=self.device).to(self.dtype)
                 want = module(x).float()
                 candidates = [w for w in NF4_WAYS if w != "pieces" or rows > NF4_PIECE_ROWS]
@@ -631,11 +635,17 @@ class Decoder:
                         log.info("NF4 batched way %s unavailable (%s: %s)", way, type(e).__name__, e)
                         continue
                     if ((got - want).norm() / want.norm()).item() < tolerance:  # a way that agrees to rounding
-                        times[way] = _graph_ms(run)
+                        every = functools.partial(self._nf4_each, way, same, x)
+                        times[way] = _graph_ms(every, repeats=1) * 1000 / len(same)
                 ways[rows, n, k] = min(times, key=times.__getitem__)
-                self.nf4_times[f"{rows}x{n}x{k}"] = {w: round(t * 1000 / REPEATS, 1) for w, t in times.items()}
+                self.nf4_times[f"{rows}x{n}x{k}"] = {w: round(t, 1) for w, t in times.items()}
         log.info("NF4 batched products (us per product by way): %s", self.nf4_times)
         return ways
+
+    @classmethod
+    def _nf4_each(cls, way: str, modules: list[Any], h) -> list[Any]:
+        """h times each module's NF4 weight, the given way (what the timings at load replay)."""
+        return [cls._nf4_rows(way, module, h) for module in modules]
 
     def _joined_kv(self) -> list[Any] | None:
         """Per layer, k_proj's and v_proj's weights stacked (copies), when both are plain bias-free Linear layers."""
@@ -737,6 +747,11 @@ class Decoder:
         self.one_graphs, self.one_outputs, self.one_inputs = graphs, outputs, inputs
 
 
+def _each_layer_qkv(per_layer: list[list[Any]], h, setting: dict[str, int]) -> list[Any]:
+    """h times every layer's q, k and v weights, one launch a layer (what the q/k/v timing at load replays)."""
+    return [nf4_matmul.nf4_matmul_parts(h, modules, **setting) for modules in per_layer]
+
+
 def _graph(fn: Any, pool: Any) -> tuple[Any, Any]:
     """A CUDA graph of fn() and its outputs (static tensors that each replay overwrites)."""
     import torch
@@ -747,15 +762,15 @@ def _graph(fn: Any, pool: Any) -> tuple[Any, Any]:
     return graph, out
 
 
-def _graph_ms(fn: Any) -> float:
-    """GPU milliseconds of one replay of a CUDA graph of REPEATS calls of fn (called once before, to compile and
+def _graph_ms(fn: Any, repeats: int = REPEATS) -> float:
+    """GPU milliseconds of one replay of a CUDA graph of `repeats` calls of fn (called once before, to compile and
     warm up), with no launch cost in the way, as the decode steps replay their products."""
     import torch
 
     fn()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(REPEATS):
+        for _ in range(repeats):
             fn()
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
