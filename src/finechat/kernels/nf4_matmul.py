@@ -90,22 +90,9 @@ def _bitsandbytes_kernel() -> Any:
     return getattr(ops, "_gemm_4bit_kernel_impl", None)
 
 
-def nf4_matmul(
-    x: torch.Tensor,
-    module: Any,
-    bn: int = _BN,
-    num_warps: int = 4,
-    num_stages: int = 1,
-    bk: int = _BK,
-    gather: int = 0,
-    prmt: int = 0,
-) -> torch.Tensor:
-    """x [..., K] @ W^T -> [..., N] for at most MAX_ROWS rows of x, in x's dtype (float32 accumulation). bn, bk,
-    gather, prmt, num_warps and num_stages are the kernel's tile, decoding and launch settings (the defaults are what
-    decoding uses off CUDA; finechat.decode times every one of SETTINGS, and so does benchmarks/probes/nf4_matmul.py).
-    prmt: the code values by byte permutes, rounded to x's dtype before the scale multiplies them (bitsandbytes
-    multiplies the float32 values), for bfloat16 and float16 x on CUDA."""
-    return nf4_matmul_parts(x, [module], bn, num_warps, num_stages, bk, gather, prmt)
+def nf4_matmul(x: torch.Tensor, module: Any, **settings: int) -> torch.Tensor:
+    """x [..., K] @ W^T -> [..., N] for at most MAX_ROWS rows of x: nf4_matmul_parts with one weight."""
+    return nf4_matmul_parts(x, [module], **settings)
 
 
 def groupable(modules: list[Any], bn: int = _BN) -> bool:
@@ -138,8 +125,12 @@ def nf4_matmul_parts(
     gather: int = 0,
     prmt: int = 0,
 ) -> torch.Tensor:
-    """x @ [W1; W2; W3]^T -> [..., N1 + N2 + N3] for the weights of up to three modules (groupable ones) in one
-    launch: a layer's q, k and v products side by side, as nf4_matmul computes each (settings as there)."""
+    """x [..., K] @ [W1; W2; W3]^T -> [..., N1 + N2 + N3] for at most MAX_ROWS rows of x and the weights of up to
+    three modules (groupable ones) in one launch, e.g. a layer's q, k and v products side by side; in x's dtype,
+    float32 accumulation. bn, bk, gather, prmt, num_warps and num_stages are the kernel's tile, decoding and launch
+    settings (the defaults are what decoding uses off CUDA; finechat.decode times every one of SETTINGS, and so does
+    benchmarks/probes/nf4_matmul.py). prmt: the code values by byte permutes, rounded to x's dtype before the scale
+    multiplies them (bitsandbytes multiplies the float32 values), for bfloat16 and float16 x on CUDA."""
     kernels = _kernel()
     if kernels is None:
         raise RuntimeError("the NF4 matmul kernel is not available (no Triton)")
