@@ -48,7 +48,9 @@ else
     || $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       .whl/*.whl || exit 1
   nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
-  nvidia-smi topo -m >> "$OUT/gpu.txt" 2>&1
+  # the GPUs' links and CPU/NUMA affinity, and the host's NUMA layout, in the log too: the DDP gap of some machines
+  # (docs/benchmarks.md, multi-GPU rounds 11-13) may come from processes or pinned buffers on the other NUMA node
+  { nvidia-smi topo -m; lscpu | grep -iE "^(cpu\(s\)|thread|core|socket|numa)"; } 2>&1 | tee -a "$OUT/gpu.txt"
 fi
 $PY - <<'EOF' 2>&1 | tee -a "$OUT/gpu.txt" || exit 1
 import importlib.metadata as m
