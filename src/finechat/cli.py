@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_generate_flags(
         bench.add_parser("generate", help="decoding tokens/s and time to first token: seed vs engine")
     )
-    p = bench.add_parser(
+    bench.add_parser(
         "multigpu",
         help="training tokens/s and memory: one GPU, DDP and FSDP-QLoRA (--help for its flags)",
         add_help=False,

@@ -529,6 +529,11 @@ class Decoder:
         per_layer = [[a.q_proj, a.k_proj, a.v_proj] for a in attention]
         # off CUDA, the kernel's defaults (no byte permutes, no timing), as the other batched products there
         settings: dict[str, dict[str, int]] = dict(nf4_matmul.SETTINGS) if timed else {"finechat": {}}
+        settings = {  # the tile widths at which every layer's three weights can share a launch
+            name: setting
+            for name, setting in settings.items()
+            if all(nf4_matmul.groupable(layer, setting.get("bn", nf4_matmul._BN)) for layer in per_layer)
+        }
         modules = per_layer[0]
         K = modules[0].weight.quant_state.shape[1]
         for rows in self.batch_sizes:
@@ -539,9 +544,6 @@ class Decoder:
                 want = torch.cat([m(x) for m in modules], dim=-1).float()
                 times: dict[str, float] = {}
                 for name, setting in settings.items():
-                    bn = setting.get("bn", nf4_matmul._BN)
-                    if not all(nf4_matmul.groupable(layer, bn) for layer in per_layer):
-                        continue
                     got = nf4_matmul.nf4_matmul_parts(x, modules, **setting).float()
                     if ((got - want).norm() / want.norm()).item() < tolerance:  # timed as _fastest_nf4_ways times
                         every = functools.partial(_each_layer_qkv, per_layer, x, setting)
