@@ -871,6 +871,10 @@ def test_decode_and_dequantize_kernels_compile_for_hopper():
         k.rms_apply, dict(s_ptr=bf16, var_ptr="*fp32", w_ptr=bf16, out_ptr=bf16, eps="fp32"),
         dict(PRECISE=True, BLOCK=4096), ("s_ptr", "w_ptr", "out_ptr", "width"),
     )  # fmt: skip
+    compile_for_sm90(
+        k.add_rms_norm, dict(a_ptr=bf16, b_ptr=bf16, s_ptr=bf16, w_ptr=bf16, out_ptr=bf16, eps="fp32"),
+        dict(HAS_B=True, PRECISE=True, BLOCK=4096), ("a_ptr", "b_ptr", "s_ptr", "w_ptr", "out_ptr", "width"),
+    )  # fmt: skip
     pointers = ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "q_out_ptr", "keys_ptr", "values_ptr")
     compile_for_sm90(
         k.rope_into_cache, {**dict.fromkeys(pointers, bf16), "pos_ptr": "*i64"}, dict(DIM=128, PRECISE=True),

@@ -19,6 +19,7 @@ to it. The engine's batch-1 tokens are compared with generate's (greedy_equal)."
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import re
@@ -319,9 +320,30 @@ def _step_times(engine: Any, position: int, repeats: int = 20) -> dict[str, Any]
                 if largest is not None:
                     replay = decoder.batch_graphs[largest, length][0].replay
                     out[f"batch{largest}_kernels"] = _kernels_per_replay(replay)
+                out.update(_prefill_times(decoder, position))
             except Exception as e:  # the profiler is a diagnosis: keep the times above
                 out["kernels_error"] = f"{type(e).__name__}: {e}"
     return out
+
+
+def _prefill_times(decoder: Any, tokens: int) -> dict[str, Any]:
+    """Prompts of `tokens` tokens arriving together in every slot, as 16 concurrent streams start: the wall time of
+    their one forward (prefill_many) and its kernels (the prefill runs eagerly, outside the graphs)."""
+    import torch
+
+    slots = list(range(decoder.slots))
+    prompts = [[5 + slot] * tokens for slot in slots]
+    run = functools.partial(decoder.prefill_many, slots, prompts)
+    run()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    key = f"prefill{len(slots)}x{tokens}"
+    return {
+        f"{key}_wall": round((time.perf_counter() - start) * 1000, 3),
+        f"{key}_kernels": _kernels_per_replay(run, 2),
+    }
 
 
 def _kernels_per_replay(replay: Any, repeats: int = 5) -> dict[str, Any]:

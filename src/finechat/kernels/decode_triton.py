@@ -48,6 +48,33 @@ def rms_apply(s_ptr, var_ptr, w_ptr, out_ptr, width, eps, PRECISE: tl.constexpr,
 
 
 @triton.jit
+def _add(a, b):
+    """The sum's combine function, defined here: tl.sum's own, imported with Triton before the tests switch to the
+    interpreter, is then a compiled-mode function the interpreter refuses to call."""
+    return a + b
+
+
+@triton.jit
+def add_rms_norm(
+    a_ptr, b_ptr, s_ptr, w_ptr, out_ptr, width, eps, HAS_B: tl.constexpr, PRECISE: tl.constexpr, BLOCK: tl.constexpr
+):  # fmt: skip
+    """add_square, the mean of the squares (Triton's own summation order) and rms_apply in one program a row."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    inside = offs < width
+    a = _residual(a_ptr, b_ptr, row * width + offs, inside, HAS_B)
+    if HAS_B:
+        tl.store(s_ptr + row * width + offs, a, mask=inside)
+    f = a.to(tl.float32)
+    v = tl.reduce(f * f, 0, _add) / width + eps  # not tl.sum: see _add
+    r = libdevice.rsqrt(v) if PRECISE else tl.math.rsqrt(v)
+    h = (f * r).to(a.dtype)
+    w = tl.load(w_ptr + offs, mask=inside, other=0.0)
+    out = w.to(tl.float32) * h.to(tl.float32)
+    tl.store(out_ptr + row * width + offs, out.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
 def rope_into_cache(
     q_ptr, k_ptr, v_ptr, q_row, k_row, v_row, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, keys_ptr, values_ptr,
     heads, kv_heads, capacity, DIM: tl.constexpr, PRECISE: tl.constexpr,

@@ -103,14 +103,20 @@ def groupable(modules: list[Any], bn: int = _BN) -> bool:
         return False
     if len(modules) == 1:
         return True
+    first = modules[0].weight.quant_state
+    return _shapes_fit(modules, bn) and all(
+        torch.equal(qs.code, first.code) and torch.equal(qs.state2.code, first.state2.code)
+        for qs in (m.weight.quant_state for m in modules)
+    )
+
+
+def _shapes_fit(modules: list[Any], bn: int) -> bool:
+    """groupable's checks that read no tensor (the code tables' comparison waits for the GPU, which a CUDA graph
+    capture forbids: nf4_matmul_parts checks only these on each call)."""
     states = [m.weight.quant_state for m in modules]
     first = states[0]
     return all(
-        qs.shape[1] == first.shape[1]
-        and qs.shape[0] % bn == 0
-        and qs.state2.blocksize == first.state2.blocksize
-        and torch.equal(qs.code, first.code)
-        and torch.equal(qs.state2.code, first.state2.code)
+        qs.shape[1] == first.shape[1] and qs.shape[0] % bn == 0 and qs.state2.blocksize == first.state2.blocksize
         for qs in states
     )
 
@@ -136,7 +142,7 @@ def nf4_matmul_parts(
         raise RuntimeError("the NF4 matmul kernel is not available (no Triton)")
     if prmt and x.dtype not in nf4_prmt.DTYPES:
         raise RuntimeError(f"nf4_matmul: prmt=1 looks code values up as 16-bit values; x is {x.dtype}")
-    if len(modules) > 1 and not groupable(modules, bn):
+    if not 1 <= len(modules) <= MAX_PARTS or (len(modules) > 1 and not _shapes_fit(modules, bn)):
         raise ValueError("nf4_matmul_parts: these weights cannot share a launch (see groupable)")
     weights = [m.weight for m in modules]
     states = [w.quant_state for w in weights]
