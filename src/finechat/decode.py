@@ -549,17 +549,16 @@ class Decoder:
             if not 1 < rows <= nf4_matmul.MAX_ROWS:
                 continue
             x = torch.randn(rows, 1, K, device=self.device).to(self.dtype)
-            try:
-                want = torch.cat([m(x) for m in modules], dim=-1).float()
-                times: dict[str, float] = {}
-                for name, setting in settings.items():
+            want = torch.cat([m(x) for m in modules], dim=-1).float()
+            times: dict[str, float] = {}
+            for name, setting in settings.items():
+                try:
                     got = nf4_matmul.nf4_matmul_parts(x, modules, **setting).float()
                     if ((got - want).norm() / want.norm()).item() < tolerance:  # timed as _fastest_nf4_ways times
                         every = functools.partial(_each_layer_qkv, per_layer, x, setting)
                         times[name] = _graph_ms(every, repeats=1) * 1000 / len(per_layer) if timed else 0.0
-            except Exception as e:  # a setting that fails to build or launch: three products, as before
-                log.info("NF4 q/k/v in one product unavailable (%s: %s)", type(e).__name__, e)
-                return
+                except Exception as e:  # e.g. byte permutes for float32, a setting that fails to build or launch
+                    log.info("NF4 q/k/v in one product: %s unavailable (%s: %s)", name, type(e).__name__, e)
             if not times:
                 continue
             best = min(times, key=times.__getitem__)
