@@ -20,7 +20,8 @@
 # environment: BATCH (4), SEQ (1024), STEPS (16), WARMUP (4), LOGGING_STEPS (1), OPTIMIZER (paged_adamw_32bit; another
 # one is an ablation, e.g. adamw_torch to see whether the DDP stall comes from paged memory), FSDP_STEPS (10),
 # FSDP_WARMUP (3), ABLATE_OPTIMIZER (unset: a phase 1b that repeats phase 1 with this optimizer), ABLATE_OFFLOAD
-# (unset; 1: a phase 1c that repeats phase 1 without activation offloading), ACCUM (unset; N: a phase 1d that repeats
+# (unset; 1: a phase 1c that repeats phase 1 without activation offloading), ABLATE_NUMA (unset; 1: a phase 1e
+# that repeats phase 1 with every process pinned to its GPU's NUMA node), ACCUM (unset; N: a phase 1d that repeats
 # phase 1 with N micro-batches per optimizer step, ACCUM_STEPS (12) steps, ACCUM_WARMUP (2)), ARCH (mistral-7b),
 # SMOKE=0 to skip the tiny run, BENCH=0 to stop after it, FAST=0 / FSDP=0 / PLAIN=0 to skip a phase, PLAIN_MIN
 # (seconds that must be left for phase 3, 150). A warm machine keeps wheels, the random model and earlier rows of
@@ -51,6 +52,9 @@ else
   # the GPUs' links and CPU/NUMA affinity, and the host's NUMA layout, in the log too: the DDP gap of some machines
   # (docs/benchmarks.md, multi-GPU rounds 11-13) may come from processes or pinned buffers on the other NUMA node
   { nvidia-smi topo -m; lscpu | grep -iE "^(cpu\(s\)|thread|core|socket|numa)"; } 2>&1 | tee -a "$OUT/gpu.txt"
+  $PY -c "from finechat import distributed as d; import torch
+for g in range(torch.cuda.device_count()): print('GPU', g, 'NUMA-node CPUs (train --numa-binding):', d.gpu_cpus(g))" \
+    2>&1 | tee -a "$OUT/gpu.txt"
 fi
 $PY - <<'EOF' 2>&1 | tee -a "$OUT/gpu.txt" || exit 1
 import importlib.metadata as m
@@ -108,6 +112,13 @@ fi
 # step of rounds 6 and 7 comes from both GPUs copying activations to host memory at once.
 if [ -n "${ABLATE_OFFLOAD:-}" ] && phase "1c. single and DDP, fast path, no activation offload" 150; then
   bench "$(($(left) - 10))" "${common[@]}" "${steps[@]}" --modes single,ddp --fast-path --no-offload 2>&1 \
+    | tee -a "$OUT/bench.log"
+fi
+# 1e. the same pair with each process pinned to the CPUs of its GPU's NUMA node (train's --numa-binding), as an
+# ablation: ABLATE_NUMA=1 tells whether the DDP gap of some machines comes from processes or pinned buffers on the
+# far node (the topology printed above says whether there is one).
+if [ -n "${ABLATE_NUMA:-}" ] && phase "1e. single and DDP, fast path, NUMA-bound processes" 150; then
+  bench "$(($(left) - 10))" "${common[@]}" "${steps[@]}" --modes single,ddp --fast-path --numa-binding 2>&1 \
     | tee -a "$OUT/bench.log"
 fi
 # 1d. the same pair with ACCUM micro-batches per optimizer step (the shipped Mistral config has 4): DDP all-reduces,

@@ -161,3 +161,13 @@ def test_the_finechat_command_runs_the_bench_with_its_flags(capsys, tmp_path):
     with pytest.raises(SystemExit) as done:
         cli.main(["bench", "multigpu", "--help"])
     assert done.value.code == 0 and "usage: finechat bench multigpu" in capsys.readouterr().out
+
+
+def test_numa_binding_reaches_finechat_train_as_an_ablation(tmp_path):
+    """--numa-binding pins every process of every mode (train's --numa-binding); its rows are kept aside."""
+    for bound in (False, True):
+        flags = multigpu.train_flags(multigpu.Settings(numa_binding=bound), tmp_path / "m", tmp_path / "d", tmp_path)
+        assert ("--numa-binding" in flags) is bound and ("--no-numa-binding" in flags) is not bound
+    row = {"mode": "ddp", "gpus": 2, "fast_path": True, "numa_ablation": "bound"}
+    assert multigpu._ablation_name(row) == "numa_bound"
+    assert multigpu._row_key(row) != multigpu._row_key({k: v for k, v in row.items() if k != "numa_ablation"})

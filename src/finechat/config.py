@@ -72,6 +72,11 @@ class TrainConfig:
         "with gradient checkpointing, on the fast path or under FSDP: keep each layer's saved input in host memory, "
         "not on the GPU",
     )
+    numa_binding: bool = _f(
+        False,
+        "with several GPUs: pin each process to the CPUs of its GPU's NUMA node, as torchrun --numa-binding=node does "
+        "(no effect with one process, or where the GPU's CPUs are all of them)",
+    )
     push_to_hub: str | None = _f(None, "Hub repo id to upload the adapter to after training")
     distributed: str = _f(
         "auto",

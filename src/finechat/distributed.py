@@ -127,6 +127,50 @@ def join() -> Plan:
     return plan
 
 
+def gpu_cpus(gpu: int) -> set[int] | None:
+    """The CPUs next to CUDA device `gpu` (its NUMA node's, from the PCI device's local_cpulist), or None where
+    the system does not say."""
+    import torch
+
+    props = torch.cuda.get_device_properties(gpu)
+    ids: list[int] = [getattr(props, f"pci_{part}_id", -1) for part in ("domain", "bus", "device")]
+    if min(ids) < 0:  # a torch whose device properties lack the PCI address
+        return None
+    address = "{:04x}:{:02x}:{:02x}.0".format(*ids)
+    try:
+        text = Path(f"/sys/bus/pci/devices/{address}/local_cpulist").read_text().strip()
+    except OSError:
+        return None
+    return parse_cpu_list(text) or None
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """Linux's CPU list format, e.g. "0-15,32-47" -> {0, ..., 15, 32, ..., 47}."""
+    cpus: set[int] = set()
+    for part in filter(None, text.split(",")):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def bind_to_gpu(plan: Plan) -> str:
+    """With several processes on CUDA: pin every thread of this process to the CPUs of its GPU's NUMA node (memory
+    it touches first is then allocated there, pinned host buffers included). Returns what it did, for the log."""
+    import torch
+
+    if plan.world_size <= 1 or not torch.cuda.is_available():
+        return "one process: no binding"
+    gpu = int(os.environ.get("LOCAL_RANK", "0"))
+    allowed = os.sched_getaffinity(0)
+    near = (gpu_cpus(gpu) or set()) & allowed
+    if not near or near == allowed:
+        return f"GPU {gpu}: its NUMA node's CPUs are unknown or all of this process's ({len(allowed)}): no binding"
+    for task in Path("/proc/self/task").iterdir():  # every thread started so far; later ones inherit the mask
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(task.name), near)
+    return f"GPU {gpu}: bound to the {len(near)} CPUs of its NUMA node (of {len(allowed)})"
+
+
 def choose(plan: Plan, requested: str, model_path: str, quantize: str, compute_dtype: str) -> Plan:
     """The plan with its mode (DDP or FSDP) decided for this model; unchanged for one process."""
     if plan.world_size <= 1:

@@ -38,6 +38,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     run_dir = Path(config.run_dir)
     runs.check_output(run_dir, resume=resume, overwrite=overwrite)
     plan = distributed.join()  # one process, or one of several started by torchrun / accelerate launch / --gpus
+    if config.numa_binding:
+        log.info("NUMA binding: %s", distributed.bind_to_gpu(plan))
     set_seed(config.seed)
 
     # Build: model reference, tokenizer and data (all errors about inputs surface before the slow model load).

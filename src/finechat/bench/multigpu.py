@@ -46,7 +46,7 @@ NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "N
 DEFAULT_OPTIMIZER = "paged_adamw_32bit"  # finechat's default, as train() picks it
 # Row fields that set a run apart from the default's rows. grad_accum: micro-batches per optimizer step, as the
 # shipped Mistral config has (4): DDP then all-reduces once per 4 micro-batches, and the ranks wait for each other once.
-ABLATIONS = ("optimizer_ablation", "offload_ablation", "grad_accum")
+ABLATIONS = ("optimizer_ablation", "offload_ablation", "numa_ablation", "grad_accum")
 
 
 @dataclass
@@ -73,6 +73,7 @@ class Settings:
     logging_steps: int = 1  # the Trainer gathers the loss and token counts from every process at each logged step
     optimizer: str = DEFAULT_OPTIMIZER  # another one gives rows of their own, beside the default's (an ablation)
     offload: bool = True  # the fast path's activation offloading; off gives rows of their own (an ablation)
+    numa_binding: bool = False  # each process pinned to its GPU's NUMA node (train's --numa-binding): an ablation
 
 
 def run(settings: Settings, command: str) -> dict[str, Any]:
@@ -169,6 +170,7 @@ def train_flags(settings: Settings, model_dir: Path, data: Path, run_dir: Path) 
         dtype,
         "--fast-path" if settings.fast_path else "--no-fast-path",
         "--offload-activations" if settings.offload else "--no-offload-activations",
+        "--numa-binding" if settings.numa_binding else "--no-numa-binding",
         "--logging-steps",
         str(settings.logging_steps),
         "--optimizer",
@@ -211,6 +213,8 @@ def train_mode(mode: str, settings: Settings, model_dir: Path, data: Path, workd
         row["optimizer_ablation"] = settings.optimizer
     if not settings.offload:
         row["offload_ablation"] = "off"
+    if settings.numa_binding:
+        row["numa_ablation"] = "bound"
     if settings.grad_accum > 1:
         row["grad_accum"] = settings.grad_accum
     if mode == "fsdp" and settings.device != "cuda":
@@ -434,6 +438,7 @@ def format_table(result: dict[str, Any]) -> str:
         note = f"{stalls} stalled step(s); {note}" if stalls else note
         note = f"optimizer {r['optimizer_ablation']} (ablation); {note}" if r.get("optimizer_ablation") else note
         note = f"activation offload off (ablation); {note}" if r.get("offload_ablation") else note
+        note = f"NUMA-bound processes (ablation); {note}" if r.get("numa_ablation") else note
         note = f"{r['grad_accum']} micro-batches a step; {note}" if r.get("grad_accum") else note
         lines.append(f"{r['mode']:<8}{path:>6}{r['gpus']:>5}{tok:>12}{peak:>14}{steps:>22}  {note}")
     summary = result.get("summary", {})
@@ -561,6 +566,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m finechat.bench.mu
         action="store_true",
         help="the fast path without activation offloading in every mode, measured as an ablation (rows kept beside)",
     )
+    p.add_argument(
+        "--numa-binding",
+        action="store_true",
+        help="every process pinned to the CPUs of its GPU's NUMA node, measured as an ablation (rows kept beside)",
+    )
     a = p.parse_args(argv)
     settings = Settings(
         arch=a.arch,
@@ -583,6 +593,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m finechat.bench.mu
         logging_steps=a.logging_steps,
         optimizer=a.optimizer,
         offload=not a.no_offload,
+        numa_binding=a.numa_binding,
     )
     try:
         run(
