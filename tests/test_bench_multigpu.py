@@ -168,6 +168,6 @@ def test_numa_binding_reaches_finechat_train_as_an_ablation(tmp_path):
     for bound in (False, True):
         flags = multigpu.train_flags(multigpu.Settings(numa_binding=bound), tmp_path / "m", tmp_path / "d", tmp_path)
         assert ("--numa-binding" in flags) is bound and ("--no-numa-binding" in flags) is not bound
-    row = {"mode": "ddp", "gpus": 2, "fast_path": True, "numa_ablation": "bound"}
+    row = {"mode": "ddp", "gpus": 2, "fast_path": True, "numa_ablation": "bound"}  # "no-op" on one NUMA node
     assert multigpu._ablation_name(row) == "numa_bound"
     assert multigpu._row_key(row) != multigpu._row_key({k: v for k, v in row.items() if k != "numa_ablation"})

@@ -198,6 +198,18 @@ def train_command(mode: str, settings: Settings, flags: list[str]) -> list[str]:
     return distributed.launch_command(flags + ["--distributed", mode], settings.gpus)
 
 
+def _numa_binds(settings: Settings) -> bool:
+    """True when train's --numa-binding would pin the processes to fewer CPUs than they may use."""
+    import os
+
+    from finechat import distributed
+
+    if settings.device != "cuda":
+        return False
+    allowed = os.sched_getaffinity(0)
+    return any((distributed.gpu_cpus(g) or allowed) & allowed != allowed for g in range(settings.gpus))
+
+
 def train_mode(mode: str, settings: Settings, model_dir: Path, data: Path, workdir: Path) -> dict[str, Any]:
     """Run one mode to the end and read its numbers; a failed run gives a row with the error and its log's tail.
     With settings.resume_check, a finished ddp or fsdp run then resumes from its checkpoint for two more steps."""
@@ -213,8 +225,8 @@ def train_mode(mode: str, settings: Settings, model_dir: Path, data: Path, workd
         row["optimizer_ablation"] = settings.optimizer
     if not settings.offload:
         row["offload_ablation"] = "off"
-    if settings.numa_binding:
-        row["numa_ablation"] = "bound"
+    if settings.numa_binding:  # "no-op" where each GPU's NUMA node has every CPU (round 14's machine: one node)
+        row["numa_ablation"] = "bound" if _numa_binds(settings) else "no-op"
     if settings.grad_accum > 1:
         row["grad_accum"] = settings.grad_accum
     if mode == "fsdp" and settings.device != "cuda":
