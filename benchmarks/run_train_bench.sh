@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU-machine run for issue 4: install the carried wheels, run the GPU-marked equivalence tests (kernels, fast
 # path against the plain path, optimizer against bitsandbytes'), then `finechat bench train`: finechat, finechat
-# without LoRA dropout and the seed stack at every shape, the ablations of this round's changes (bitsandbytes'
-# optimizer, unfused dropout, bitsandbytes' dequantization) at 8x1024 and 1x2048, and one profiled finechat step at
+# without LoRA dropout and the seed stack at every shape, the ablations of this round's changes (q, k and v
+# apart, unfused dropout, bitsandbytes' dequantization) at 8x1024 and 1x2048, and one profiled finechat step at
 # each of those two shapes. Results and logs go to $OUT. About 6-7 minutes on a warm H200 (estimate).
 #
 # Here, once:   ../shared/gpu/wheels.sh liger-kernel==0.8.5 xxhash==4.1.0 pytest==9.2.0 iniconfig==2.3.1 \
@@ -35,7 +35,7 @@ fi
 # The bench runs in the background so that a hang at interpreter exit (seen once, after the results were written)
 # does not eat the device time: 20 s after "results written to" it is stopped.
 timeout "${BENCH_TIMEOUT:-330}" python3 -m finechat bench train \
-  --systems "${SYSTEMS:-finechat,finechat-nodropout,seed,finechat-bnbadamw,finechat-unfuseddropout,finechat-bnbdequant}" \
+  --systems "${SYSTEMS:-finechat,finechat-nodropout,seed,finechat-qkvapart,finechat-unfuseddropout,finechat-bnbdequant}" \
   --shapes "${SHAPES:-4x512,1x2048,8x1024,1x8192,2x4096}" --steps "${STEPS:-5}" --warmup "${WARMUP:-2}" \
   --ablation-shapes "${ABLATION_SHAPES:-8x1024,1x2048}" --profile "${PROFILE-8x1024,1x2048}" \
   --longest "${LONGEST-}" --memory-cap-gib 79 --output "$OUT/train.json" > "$OUT/bench.log" 2>&1 &

@@ -62,6 +62,21 @@ def test_fast_path_matches_plain_loss_and_lora_grads(tiny_mistral_dir, quantize,
     assert abs(got_loss - want_loss) < 1e-5 and err < 1e-4 and cos > 0.9999
 
 
+def test_q_k_and_v_share_one_lora_function(tiny_mistral_dir, monkeypatch):
+    """Each layer's q, k and v go through one _LoRAGroup in forward, recompute and backward (the others alone)."""
+    from finechat.kernels import lora_linear as ll
+
+    calls = {"group": 0, "single": 0}
+    for name, cls in (("group", ll._LoRAGroup), ("single", ll._LoRALinear)):
+        monkeypatch.setattr(
+            cls, "apply", lambda *a, _f=cls.apply, _n=name: calls.__setitem__(_n, calls[_n] + 1) or _f(*a)
+        )
+    model = build(tiny_mistral_dir, fast=True, dropout=0.1)
+    loss_and_grads(model, batch(model.config.vocab_size), fast=True)
+    layers = model.config.num_hidden_layers
+    assert calls == {"group": 2 * layers, "single": 2 * 4 * layers}  # forward and recompute: q/k/v; o, gate, up, down
+
+
 @pytest.fixture(scope="module")
 def tiny_qwen2_dir(tmp_path_factory):
     """A 2-layer random Qwen2 (biased q/k/v projections), no tokenizer: load_base needs none."""

@@ -77,6 +77,72 @@ def test_lora_linear_matches_reference_over_nf4_on_cpu():
     check_lora_linear("cpu", torch.float32, nf4=True, dropout=0.0, tol=1e-5)
 
 
+def check_lora_linears(
+    dropout: float, nf4: bool = False, bias: bool = False, device="cpu", dtype=torch.float32, tol=1e-5
+):
+    """q/k/v-like layers (same input, different widths) through one _LoRAGroup: outputs and gradients of x, every A
+    and every B as each layer's own reference computes them, with the one dropout mask they share."""
+    gen = torch.Generator().manual_seed(3)
+    layers = [lora_layer(256, out, dropout, device, dtype, nf4=nf4, bias=bias) for out in (192, 64, 64)]
+    for layer in layers:  # distinct adapters (lora_layer seeds each alike)
+        layer.train()
+        for name in ("lora_A", "lora_B"):
+            weight = getattr(layer, name)["default"].weight
+            weight.data = (torch.randn(weight.shape, generator=gen) * 0.1).to(device, dtype)
+    found = [ll.lora_adapter(layer) for layer in layers]
+    assert ll._groupable(layers, found)
+    x = torch.randn(3, 17, 256, generator=gen).to(device, dtype).requires_grad_(True)
+    seed = 99
+    ys = ll.lora_linears(x, layers, seed, found)
+    assert [y.shape[-1] for y in ys] == [192, 64, 64]
+    gs = [torch.randn(y.shape, generator=gen).to(device, dtype) for y in ys]
+    params = [t for _, a in found for t in (a.A, a.B)]
+    got = torch.autograd.grad(ys, [x, *params], gs)
+
+    x2 = x.detach().clone().requires_grad_(True)
+    ones = torch.ones(51, 256, device=device, dtype=dtype)
+    keep = dropout_ops.masked(ones, dropout, seed).view_as(x2) if dropout else None  # Triton's mask on CUDA
+    mask = keep / (1 - dropout) if dropout else None  # one mask for the three adapters
+    refs = [
+        ll.lora_linear_reference(x2, ll.dense_weight(base).to(dtype), a.A, a.B, a.scale, mask, base.bias)
+        for base, a in found
+    ]
+    want = torch.autograd.grad(refs, [x2, *params], gs)
+    for y, ref in zip(ys, refs, strict=True):
+        assert rel_err(y, ref) < tol
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype and rel_err(a, b) < tol
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_linears_share_one_pass_and_one_mask(dropout):
+    check_lora_linears(dropout)
+
+
+def test_lora_linears_over_nf4_with_bias():
+    check_lora_linears(0.0, nf4=True, bias=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_linears_over_nf4_share_one_pass_on_gpu(dropout):
+    check_lora_linears(dropout, nf4=True, device="cuda", dtype=torch.bfloat16, tol=2e-2)
+
+
+def test_lora_linears_that_cannot_share_run_one_by_one():
+    """Different dropout: each layer its own lora_linear, with the seeds lora_linear would get one by one."""
+    layers = [lora_layer(64, 32, 0.1), lora_layer(64, 16, 0.2)]
+    for layer in layers:
+        layer.train()
+    found = [ll.lora_adapter(layer) for layer in layers]
+    assert not ll._groupable(layers, found)
+    x = torch.randn(5, 64)
+    got = ll.lora_linears(x, layers, 7, found)
+    assert all(
+        torch.equal(g, ll.lora_linear(x, layer, 7 + i)) for i, (g, layer) in enumerate(zip(got, layers, strict=True))
+    )
+
+
 def test_lora_linear_without_dropout_is_peft_layer_output():
     layer = lora_layer(64, 48, dropout=0.0)
     x = torch.randn(5, 64)
@@ -468,11 +534,12 @@ def test_training_kernels_compile_for_hopper_at_mistral_shapes(sizes):
     aligned = (*types.keys() - {"scale"},)
     if sizes == "multiples of 16":
         aligned += ("M", "N", "R", "G", "rows_per_split")
-    dot = dict(Q=dropout_ops._Q, RP=16, PRECISION="tf32")
     compile_for_sm90(k.masked, types, dict(BM=32, Q=dropout_ops._Q), aligned)
-    compile_for_sm90(k.lora_a, types, dict(BM=32, **dot), aligned)
-    compile_for_sm90(k.lora_a_grad, types, dict(BM=64, **dot), aligned)
-    compile_for_sm90(k.lora_dx, types, dict(BM=64, **dot), aligned)
+    for rp in (16, 64):  # one adapter of rank 16; q, k and v's three as one group (rank 48, padded to 64)
+        dot = dict(Q=dropout_ops._Q, RP=rp, PRECISION="tf32")
+        compile_for_sm90(k.lora_a, types, dict(BM=32, **dot), aligned)
+        compile_for_sm90(k.lora_a_grad, types, dict(BM=64, **dot), aligned)
+        compile_for_sm90(k.lora_dx, types, dict(BM=64, **dot), aligned)
 
 
 def test_batched_nf4_kernel_compiles_for_hopper_at_mistral_shapes():

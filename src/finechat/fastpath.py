@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finechat.kernels.lora_linear import lora_adapter, lora_linear
+from finechat.kernels.lora_linear import lora_adapter, lora_linear, lora_linears
 from finechat.kernels.rms_norm import rms_norm
 from finechat.kernels.rope import apply_rope
 from finechat.kernels.swiglu import swiglu
@@ -184,17 +184,22 @@ class FastDecoderLayer(nn.Module):
         def linear(x: torch.Tensor, parent: Any, name: str, offset: int) -> torch.Tensor:
             return lora_linear(x, getattr(parent, name), seed + offset, found[name])
 
+        def linears(x: torch.Tensor, parent: Any, names: tuple[str, ...], offset: int) -> list[torch.Tensor]:
+            """Projections of the same x in one fused function where they allow it (lora_linears)."""
+            layers = [getattr(parent, name) for name in names]
+            return lora_linears(x, layers, seed + offset, [found[name] for name in names])
+
         # Autocast off: every tensor here is already in the model dtype, so this is the arithmetic autocast would pick,
         # and the recompute in backward cannot differ from the first pass.
         with torch.autocast(h.device.type, enabled=False):
             x = rms_norm(h, self.input_layernorm.weight, self.input_layernorm.variance_epsilon)
-            q = linear(x, attn, "q_proj", 0).view(batch, seq, -1, self._head_dim).transpose(1, 2)
-            k = linear(x, attn, "k_proj", 1).view(batch, seq, -1, self._head_dim).transpose(1, 2)
-            v = linear(x, attn, "v_proj", 2).view(batch, seq, -1, self._head_dim).transpose(1, 2)
+            q, k, v = (t.view(batch, seq, -1, self._head_dim).transpose(1, 2) for t in linears(x, attn, _ATTN[:3], 0))
             q, k = apply_rope(q, k, cos.to(q.dtype), sin.to(q.dtype))
             o = _attention(q, k, v, mask, self._scaling, self._kv_groups)
             h = h + linear(o.transpose(1, 2).reshape(batch, seq, -1), attn, "o_proj", 3)
             x = rms_norm(h, self.post_attention_layernorm.weight, self.post_attention_layernorm.variance_epsilon)
+            # gate and up stay two products: Liger's SwiGLU takes one row stride for both and its output, so column
+            # slices of one joined product would need copies first
             a = swiglu(linear(x, mlp, "gate_proj", 4), linear(x, mlp, "up_proj", 5))
             return h + linear(a, mlp, "down_proj", 6)
 

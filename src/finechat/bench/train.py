@@ -13,7 +13,8 @@ batches: `warmup` steps, then `steps` timed steps, as ../shared/baselines/seed_s
   (checkpoints kept on the GPU instead of offloaded), finechat-norecompute (no activation checkpointing at all),
   finechat-bnbadamw (bitsandbytes' PagedAdamW32bit instead of finechat.optim's), finechat-unfuseddropout (the
   dropout mask written out and cuBLAS for the adapter products instead of the fused kernels), finechat-bnbdequant
-  (bitsandbytes' dequantize_4bit instead of finechat's NF4 kernel).
+  (bitsandbytes' dequantize_4bit instead of finechat's NF4 kernel), finechat-qkvapart (q, k and v as three LoRA
+  functions, each with its own mask, decoding and GEMM, instead of one group).
 Every row has the mean step time (what tokens/s is computed from), the median and fastest step, and the main
 thread's CPU time per step: when that is close to the step time, the step is bound by the host, not the GPU.
 The longest-sequence probe trains single sequences on the finechat model under a memory cap (an 80 GB H100's
@@ -70,6 +71,7 @@ ABLATIONS = (
     "finechat-bnbadamw",
     "finechat-unfuseddropout",
     "finechat-bnbdequant",
+    "finechat-qkvapart",
 )
 DEFAULT_SHAPES = "4x512,1x2048,8x1024,1x8192,2x4096"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -293,7 +295,7 @@ def _finechat(path: Path, settings: BenchSettings):
 def _ablate(model, step: _Step, system: str, on: bool) -> None:
     """Switch off (on=True) or back on the part of the fast path that an ablation system leaves out."""
     from finechat import fastpath, kernels
-    from finechat.kernels import dropout, nf4
+    from finechat.kernels import dropout, lora_linear, nf4
 
     if system == "finechat-plainops":
         kernels.ENABLED["liger"] = not on
@@ -307,6 +309,8 @@ def _ablate(model, step: _Step, system: str, on: bool) -> None:
         dropout.ENABLED["fused"] = not on
     elif system == "finechat-bnbdequant":
         nf4.ENABLED["fused"] = not on
+    elif system == "finechat-qkvapart":
+        lora_linear.ENABLED["groups"] = not on
 
 
 def _profile(step, bs: int, seq: int, vocab: int, output: Path) -> dict[str, Any]:

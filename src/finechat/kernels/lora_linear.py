@@ -22,6 +22,8 @@ from torch import nn
 from finechat.kernels import nf4
 from finechat.kernels.dropout import lora_a, lora_a_grad, lora_dx
 
+ENABLED = {"groups": True}  # switched off by `finechat bench train` to measure what lora_linears' groups buy
+
 
 @dataclass(frozen=True)
 class Adapter:
@@ -126,6 +128,117 @@ def lora_linear(x: torch.Tensor, layer: nn.Module, seed: int = 0, found: Any = _
     base, adapter = found
     p = adapter.dropout if layer.training else 0.0
     return _LoRALinear.apply(x, adapter.A, adapter.B, base, adapter.scale, p, seed)
+
+
+def lora_linears(x: torch.Tensor, layers: list[nn.Module], seed: int = 0, found: list[Any] | None = None) -> list[Any]:
+    """[layer(x) for layer in layers] for linear layers that read the same x, e.g. a decoder layer's q, k and v, or
+    its gate and up projections. When they are all peft LoRA linears whose adapters share dropout and scale over
+    frozen weights of one kind (all NF4 or all plain), through one fused function (_LoRAGroup): one adapter product
+    over x for all of them, one buffer of the frozen weights decoded side by side and one GEMM, and in backward one
+    product for x's gradient instead of one per layer and the adds between them. Their adapters then see one dropout
+    mask (peft draws one per adapter; each adapter's dropout is still p, so only the masks' correlation between the
+    layers differs). Otherwise each layer through lora_linear, with seeds seed, seed + 1, ...; found is
+    [lora_adapter(layer) ...] when the caller has it already."""
+    found = [lora_adapter(layer) for layer in layers] if found is None else found
+    if not (ENABLED["groups"] and _groupable(layers, found)):
+        return [lora_linear(x, layer, seed + i, f) for i, (layer, f) in enumerate(zip(layers, found, strict=True))]
+    bases = tuple(f[0] for f in found)
+    adapters = [f[1] for f in found]
+    p = adapters[0].dropout if layers[0].training else 0.0
+    params = [t for a in adapters for t in (a.A, a.B)]
+    y = _LoRAGroup.apply(x, bases, adapters[0].scale, p, seed, *params)
+    return list(y.split([a.B.shape[0] for a in adapters], dim=-1))
+
+
+def _groupable(layers: list[nn.Module], found: list[Any]) -> bool:
+    """True when these layers can run as one _LoRAGroup (see lora_linears)."""
+    if len(layers) < 2 or any(f is None for f in found):
+        return False
+    bases, adapters = [f[0] for f in found], [f[1] for f in found]
+    states = [getattr(b.weight, "quant_state", None) for b in bases]
+    nf4 = states[0] is not None
+    return (
+        len({(a.dropout, a.scale, a.A.dtype, a.B.dtype) for a in adapters}) == 1
+        and len({layer.training for layer in layers}) == 1
+        and len({b.weight.shape[-1] if s is None else s.shape[1] for b, s in zip(bases, states, strict=True)}) == 1
+        and all((s is not None) == nf4 for s in states)
+        and len({b.weight.dtype if s is None else s.dtype for b, s in zip(bases, states, strict=True)}) == 1
+        and len({b.bias is None for b in bases}) == 1
+    )
+
+
+def dense_weights(bases: tuple[nn.Module, ...]) -> torch.Tensor:
+    """The frozen weights of these linear layers (same in-features) stacked along the outputs, [sum out, in]; NF4
+    weights are decoded straight into their rows."""
+    weights: list[Any] = [b.weight for b in bases]
+    if getattr(weights[0], "quant_state", None) is None:
+        return torch.cat(weights)
+    states = [w.quant_state for w in weights]
+    rows = [int(qs.shape[0]) for qs in states]
+    out = torch.empty(sum(rows), states[0].shape[1], dtype=states[0].dtype, device=weights[0].device)
+    for weight, qs, part in zip(weights, states, out.split(rows), strict=True):
+        nf4.dequantize(weight.data, qs, out=part)
+    return out
+
+
+class _LoRAGroup(torch.autograd.Function):
+    """y = x W^T + s * (drop(x) A^T) B^T with W the layers' frozen weights stacked, A their adapters' A stacked and B
+    their B's block-diagonal, so that y's columns are each layer's output side by side."""
+
+    @staticmethod
+    def forward(ctx, x, bases, scale, p, seed, *params):  # type: ignore[override]
+        dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        a = torch.cat([A.to(dtype) for A in params[0::2]])  # [sum rank, in]
+        b = torch.block_diag(*[B.to(dtype) for B in params[1::2]])  # [sum out, sum rank]
+        xa = lora_a(x2, a, p, seed) if p > 0 else x2 @ a.t()
+        scale = scale / (1.0 - p)
+        y = torch.empty(x2.shape[0], b.shape[0], device=x.device, dtype=dtype)
+        y.addmm_(xa, b.t(), beta=0, alpha=scale)
+        w = dense_weights(bases).to(dtype)
+        y.addmm_(x2, w.t())
+        del w
+        if bases[0].bias is not None:
+            y += torch.cat([base.bias.to(dtype) for base in bases])
+        ctx.save_for_backward(x, xa, *params)
+        ctx.bases, ctx.scale, ctx.p, ctx.seed = bases, scale, p, seed
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, xa, *params = ctx.saved_tensors
+        scale, p, dtype = ctx.scale, ctx.p, x.dtype
+        As, Bs = params[0::2], params[1::2]
+        x2 = x.reshape(-1, x.shape[-1])
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
+        a = torch.cat([A.to(dtype) for A in As])
+        b = torch.block_diag(*[B.to(dtype) for B in Bs])
+        dyb = dy2 @ b  # [tokens, sum rank]
+        grads: list[torch.Tensor | None] = [None] * len(params)
+        if any(ctx.needs_input_grad[5 + 1 :: 2]):  # B's: the diagonal blocks of dy^T (x A^T)
+            full = (dy2.t() @ xa).mul_(scale)
+            row = col = 0
+            for i, B in enumerate(Bs):
+                grads[2 * i + 1] = full[row : row + B.shape[0], col : col + B.shape[1]].to(B.dtype)
+                row, col = row + B.shape[0], col + B.shape[1]
+        if any(ctx.needs_input_grad[5::2]):  # A's: the mask regenerated from its seed, as in lora_linear
+            dA = lora_a_grad(dyb, x2, p, ctx.seed, scale) if p > 0 else (dyb.t() @ x2).mul_(scale)
+            row = 0
+            for i, A in enumerate(As):
+                grads[2 * i] = dA[row : row + A.shape[0]].to(A.dtype)
+                row += A.shape[0]
+        dx = None
+        if ctx.needs_input_grad[0]:
+            if p > 0:
+                dx = lora_dx(dyb, a, p, ctx.seed, scale)
+            else:
+                dx = torch.empty_like(x2)
+                dx.addmm_(dyb, a, beta=0, alpha=scale)
+            w = dense_weights(ctx.bases).to(dtype)
+            dx.addmm_(dy2, w)
+            del w
+            dx = dx.view(x.shape)
+        return dx, None, None, None, None, *grads
 
 
 def lora_linear_reference(

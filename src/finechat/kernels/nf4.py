@@ -32,11 +32,13 @@ def dequantize_reference(packed: torch.Tensor, quant_state: Any) -> torch.Tensor
     return bnbf.dequantize_4bit(packed, quant_state)
 
 
-def dequantize(packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
-    """The dense weight of an NF4 tensor: one Triton kernel on CUDA for double-quantized NF4, else bitsandbytes."""
+def dequantize(packed: torch.Tensor, quant_state: Any, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense weight of an NF4 tensor: one Triton kernel on CUDA for double-quantized NF4, else bitsandbytes.
+    out: a contiguous tensor of the weight's shape and dtype to write it into (e.g. rows of a joined weight)."""
     if not (ENABLED["fused"] and packed.is_cuda and _fused_applies(packed, quant_state) and _kernel() is not None):
-        return dequantize_reference(packed, quant_state)
-    return _dequantize(_kernel(), packed, quant_state)
+        weight = dequantize_reference(packed, quant_state)
+        return weight if out is None else out.copy_(weight)
+    return _dequantize(_kernel(), packed, quant_state, out)
 
 
 def _fused_applies(packed: torch.Tensor, qs: Any) -> bool:
@@ -51,8 +53,11 @@ def _fused_applies(packed: torch.Tensor, qs: Any) -> bool:
     )
 
 
-def _dequantize(kernel, packed: torch.Tensor, qs: Any) -> torch.Tensor:
-    out = torch.empty(qs.shape, dtype=qs.dtype, device=packed.device)
+def _dequantize(kernel, packed: torch.Tensor, qs: Any, out: torch.Tensor | None = None) -> torch.Tensor:
+    if out is None:
+        out = torch.empty(qs.shape, dtype=qs.dtype, device=packed.device)
+    elif not (out.is_contiguous() and out.shape == qs.shape and out.dtype == qs.dtype):
+        raise ValueError("dequantize: out must be a contiguous tensor of the weight's shape and dtype")
     n = out.numel()
     n_bytes = (n + 1) // 2
     kernel[(triton_cdiv(n_bytes),)](

@@ -16,5 +16,7 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up: one Triton kernel each way on CUDA (Liger; backward recomputes silu), else the reference."""
     if use_liger(gate, up):
+        # Liger's kernel addresses gate, up and its output with one row stride: give it dense rows
+        gate, up = gate.contiguous(), up.contiguous()
         return liger_ops().LigerSiLUMulFunction.apply(gate, up)  # type: ignore[union-attr]
     return swiglu_reference(gate, up)
