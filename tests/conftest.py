@@ -119,6 +119,36 @@ def press_ctrl_c(proc, run_dir, at_step: int, timeout: float = 120.0) -> None:
     os.killpg(group, signal.SIGCONT)
 
 
+def output_or_stacks(proc, timeout: float) -> tuple[str, str]:
+    """proc.communicate(timeout=timeout); if proc or a process it started is still running then, fail the test with
+    their list and the tail of stderr, which ends with each one's Python stacks (faulthandler prints them on SIGABRT
+    when the processes were started with PYTHONFAULTHANDLER=1)."""
+    import contextlib
+    import signal
+    import subprocess
+
+    import psutil
+
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tree = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]  # the launcher last
+        listing = []
+        for p in tree:
+            with contextlib.suppress(psutil.Error):
+                listing.append(f"  {p.pid} {p.status()}: {' '.join(p.cmdline())[:200]}")
+                p.send_signal(signal.SIGABRT)
+                psutil.wait_procs([p], timeout=10)
+        for p in tree:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        _, err = proc.communicate()
+        report = "\n".join(listing)
+        pytest.fail(
+            f"still running after {timeout:.0f} s (each sent SIGABRT in this order):\n{report}\nstderr:\n{err[-20000:]}"
+        )
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama folder (loadable by AutoModelForCausalLM and finechat --model)."""

@@ -8,6 +8,7 @@ environment (WORLD_SIZE, RANK, LOCAL_RANK) is all that is read."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import logging
@@ -419,6 +420,10 @@ def load_adapter_weights(model, folder: Path, layout: AdapterLayout) -> None:
         raise RuntimeError(f"FSDP did not take adapter weights {result.unexpected_keys[:3]}")
 
 
+# Process groups that finish() left, held until the process exits (see finish()).
+_left_groups: list[Any] = []
+
+
 def finish(plan: Plan) -> None:
     """Leave the process group once every process is done with the run folder."""
     if plan.world_size > 1:
@@ -426,6 +431,14 @@ def finish(plan: Plan) -> None:
         from accelerate.state import AcceleratorState
 
         dist.barrier()
+        # DDP's Reducer holds the group too: once destroyed here, the group would die with the trainer when train()
+        # returns, in the Reducer's destructor. That one keeps the GIL while ProcessGroupGloo's destructor joins gloo's
+        # worker thread, which may still need the GIL to free the barrier's tensor: both wait for ever (seen in 1 of
+        # ~120 Ctrl-C'd 2-process CPU runs: one process stuck after the run ended, until torchrun killed it 120 s
+        # later). Dropped at exit through its Python object instead, whose destructor lets go of the GIL first.
+        if not _left_groups:
+            atexit.register(_left_groups.clear)
+        _left_groups.append(dist.group.WORLD)
         dist.destroy_process_group()
         AcceleratorState._reset_state(reset_partial_state=True)
 
