@@ -274,20 +274,25 @@ def test_the_graph_path_feeds_each_piece_the_right_tensors(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def interpreted():
+    import importlib
     import os
 
     pytest.importorskip("triton")
-    from finechat.kernels import decode_ops, nf4_matmul
+    from finechat.kernels import decode_ops, nf4_matmul, nf4_triton
 
     before = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
-    decode_ops._kernels.cache_clear()  # the kernels are built for the interpreter from here
+    # The kernels are built for the interpreter from here, whichever test imported their modules first (a suite that
+    # compiled nf4_triton for sm_90 before left it unable to launch on the CPU: "0 active drivers").
+    importlib.reload(nf4_triton)
+    decode_ops._kernels.cache_clear()
     nf4_matmul._kernel.cache_clear()
     yield decode_ops
     if before is None:
         del os.environ["TRITON_INTERPRET"]
     else:
         os.environ["TRITON_INTERPRET"] = before
+    importlib.reload(nf4_triton)
     decode_ops._kernels.cache_clear()
     nf4_matmul._kernel.cache_clear()
 

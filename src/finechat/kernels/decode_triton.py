@@ -22,14 +22,30 @@ def _residual(a_ptr, b_ptr, at, inside, HAS_B: tl.constexpr):
 
 
 @triton.jit
+def _input(a_ptr, b_ptr, s_ptr, at, inside, HAS_B: tl.constexpr):
+    """_residual, stored to s when it is a sum (a itself is the input otherwise)."""
+    a = _residual(a_ptr, b_ptr, at, inside, HAS_B)
+    if HAS_B:
+        tl.store(s_ptr + at, a, mask=inside)
+    return a
+
+
+@triton.jit
+def _normed(s, v, w_ptr, out_ptr, at, offs, inside, PRECISE: tl.constexpr):
+    """Store weight * (s * rsqrt(v)) at `at`: the scaled row rounded to s's dtype, then the weight's product."""
+    r = libdevice.rsqrt(v) if PRECISE else tl.math.rsqrt(v)
+    h = (s.to(tl.float32) * r).to(s.dtype)
+    w = tl.load(w_ptr + offs, mask=inside, other=0.0)
+    out = w.to(tl.float32) * h.to(tl.float32)
+    tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
 def add_square(a_ptr, b_ptr, s_ptr, sq_ptr, width, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     inside = offs < width
-    a = _residual(a_ptr, b_ptr, row * width + offs, inside, HAS_B)
-    if HAS_B:
-        tl.store(s_ptr + row * width + offs, a, mask=inside)
-    f = a.to(tl.float32)
+    f = _input(a_ptr, b_ptr, s_ptr, row * width + offs, inside, HAS_B).to(tl.float32)
     tl.store(sq_ptr + row * width + offs, f * f, mask=inside)
 
 
@@ -40,11 +56,7 @@ def rms_apply(s_ptr, var_ptr, w_ptr, out_ptr, width, eps, PRECISE: tl.constexpr,
     inside = offs < width
     s = tl.load(s_ptr + row * width + offs, mask=inside, other=0.0)
     v = tl.load(var_ptr + row).to(tl.float32) + eps
-    r = libdevice.rsqrt(v) if PRECISE else tl.math.rsqrt(v)
-    h = (s.to(tl.float32) * r).to(s.dtype)
-    w = tl.load(w_ptr + offs, mask=inside, other=0.0)
-    out = w.to(tl.float32) * h.to(tl.float32)
-    tl.store(out_ptr + row * width + offs, out.to(out_ptr.dtype.element_ty), mask=inside)
+    _normed(s, v, w_ptr, out_ptr, row * width + offs, offs, inside, PRECISE)
 
 
 @triton.jit
@@ -62,16 +74,10 @@ def add_rms_norm(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     inside = offs < width
-    a = _residual(a_ptr, b_ptr, row * width + offs, inside, HAS_B)
-    if HAS_B:
-        tl.store(s_ptr + row * width + offs, a, mask=inside)
+    a = _input(a_ptr, b_ptr, s_ptr, row * width + offs, inside, HAS_B)
     f = a.to(tl.float32)
     v = tl.reduce(f * f, 0, _add) / width + eps  # not tl.sum: see _add
-    r = libdevice.rsqrt(v) if PRECISE else tl.math.rsqrt(v)
-    h = (f * r).to(a.dtype)
-    w = tl.load(w_ptr + offs, mask=inside, other=0.0)
-    out = w.to(tl.float32) * h.to(tl.float32)
-    tl.store(out_ptr + row * width + offs, out.to(out_ptr.dtype.element_ty), mask=inside)
+    _normed(a, v, w_ptr, out_ptr, row * width + offs, offs, inside, PRECISE)
 
 
 @triton.jit

@@ -101,17 +101,20 @@ class _LoRALinear(torch.autograd.Function):
             else:
                 dA = (dyb.t() @ x2).mul_(scale).to(A.dtype)
         if ctx.needs_input_grad[0]:
-            # as in forward: the adapter's term first (masked as it is written), the base GEMM adds onto it
-            if p > 0:
-                dx = lora_dx(dyb, a, p, ctx.seed, scale)
-            else:
-                dx = torch.empty_like(x2)
-                dx.addmm_(dyb, a, beta=0, alpha=scale)
-            w = dense_weight(ctx.base).to(dtype)
-            dx.addmm_(dy2, w)
-            del w
-            dx = dx.view(x.shape)
+            dx = _input_grad(x, dy2, dyb, a, dense_weight(ctx.base).to(dtype), p, ctx.seed, scale)
         return dx, dA, dB, None, None, None, None
+
+
+def _input_grad(x, dy2, dyb, a, weight, p: float, seed: int, scale: float) -> torch.Tensor:
+    """x's gradient, as the forward computed y: the adapter's term first (masked as it is written), then the base
+    GEMM adds onto it; dyb = dy B, weight the frozen weight [out, in] in x's dtype."""
+    if p > 0:
+        dx = lora_dx(dyb, a, p, seed, scale)
+    else:
+        dx = torch.empty(x.numel() // x.shape[-1], x.shape[-1], device=x.device, dtype=x.dtype)
+        dx.addmm_(dyb, a, beta=0, alpha=scale)
+    dx.addmm_(dy2, weight)
+    return dx.view(x.shape)
 
 
 _LOOK_UP = object()
@@ -229,15 +232,7 @@ class _LoRAGroup(torch.autograd.Function):
                 row += A.shape[0]
         dx = None
         if ctx.needs_input_grad[0]:
-            if p > 0:
-                dx = lora_dx(dyb, a, p, ctx.seed, scale)
-            else:
-                dx = torch.empty_like(x2)
-                dx.addmm_(dyb, a, beta=0, alpha=scale)
-            w = dense_weights(ctx.bases).to(dtype)
-            dx.addmm_(dy2, w)
-            del w
-            dx = dx.view(x.shape)
+            dx = _input_grad(x, dy2, dyb, a, dense_weights(ctx.bases).to(dtype), p, ctx.seed, scale)
         return dx, None, None, None, None, *grads
 
 
