@@ -119,8 +119,9 @@ def _peak_memory() -> dict:
     return {"peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
 
 
-# Under torchrun a terminal's Ctrl-C reaches each process twice: from the terminal (the whole foreground process
-# group) and again from torchrun, which passes the signal on to its workers. A repeat this soon is the same Ctrl-C.
+# Under torchrun a terminal's Ctrl-C may reach each process twice: from the terminal, where the workers share the
+# foreground process group, and again from torchrun, which passes the signal on. (torch 2.13's torchrun starts each
+# worker in a session of its own, so there it arrives once.) A repeat this soon is the same Ctrl-C.
 LAUNCHER_REPEAT_S = 2.0
 # Ctrl-C, and the SIGTERM a job scheduler (or `kill`) sends before it kills a job: both stop the run with a checkpoint.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
