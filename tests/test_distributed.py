@@ -417,3 +417,11 @@ def test_fsdp_settings_are_the_fsdp_qlora_recipe():
     assert distributed.optimizer(fsdp, "paged_adamw_32bit") == "adamw_torch"
     assert distributed.optimizer(fsdp, "adamw_torch_fused") == "adamw_torch_fused"
     assert distributed.optimizer(ddp, "paged_adamw_32bit") == "paged_adamw_32bit"
+
+
+def test_numa_binding_reads_linux_cpu_lists_and_leaves_one_process_alone():
+    assert distributed.parse_cpu_list("0-3,8,10-11\n".strip()) == {0, 1, 2, 3, 8, 10, 11}
+    assert distributed.parse_cpu_list("") == set()
+    before = os.sched_getaffinity(0)
+    assert distributed.bind_to_gpu(distributed.Plan()) == "one process: no binding"
+    assert os.sched_getaffinity(0) == before

@@ -162,14 +162,21 @@ def bind_to_gpu(plan: Plan) -> str:
     if plan.world_size <= 1 or not torch.cuda.is_available():
         return "one process: no binding"
     gpu = int(os.environ.get("LOCAL_RANK", "0"))
-    allowed = os.sched_getaffinity(0)
-    near = (gpu_cpus(gpu) or set()) & allowed
-    if not near or near == allowed:
+    near, allowed = binding_cpus(gpu), os.sched_getaffinity(0)
+    if near is None:
         return f"GPU {gpu}: its NUMA node's CPUs are unknown or all of this process's ({len(allowed)}): no binding"
     for task in Path("/proc/self/task").iterdir():  # every thread started so far; later ones inherit the mask
         with contextlib.suppress(OSError):  # a thread that ended meanwhile
             os.sched_setaffinity(int(task.name), near)
     return f"GPU {gpu}: bound to the {len(near)} CPUs of its NUMA node (of {len(allowed)})"
+
+
+def binding_cpus(gpu: int) -> set[int] | None:
+    """The CPUs bind_to_gpu pins a process of CUDA device `gpu` to: those of its NUMA node that this process may
+    use, or None where that would change nothing (the node holds every one of them) or the node is unknown."""
+    allowed = os.sched_getaffinity(0)
+    near = (gpu_cpus(gpu) or set()) & allowed
+    return near if near and near != allowed else None
 
 
 def choose(plan: Plan, requested: str, model_path: str, quantize: str, compute_dtype: str) -> Plan:

@@ -200,14 +200,9 @@ def train_command(mode: str, settings: Settings, flags: list[str]) -> list[str]:
 
 def _numa_binds(settings: Settings) -> bool:
     """True when train's --numa-binding would pin the processes to fewer CPUs than they may use."""
-    import os
-
     from finechat import distributed
 
-    if settings.device != "cuda":
-        return False
-    allowed = os.sched_getaffinity(0)
-    return any((distributed.gpu_cpus(g) or allowed) & allowed != allowed for g in range(settings.gpus))
+    return settings.device == "cuda" and any(distributed.binding_cpus(g) for g in range(settings.gpus))
 
 
 def train_mode(mode: str, settings: Settings, model_dir: Path, data: Path, workdir: Path) -> dict[str, Any]:
