@@ -80,7 +80,7 @@ def test_lora_linear_matches_reference_over_nf4_on_cpu():
 def check_lora_linears(
     dropout: float, nf4: bool = False, bias: bool = False, device="cpu", dtype=torch.float32, tol=1e-5
 ):
-    """q/k/v-like layers (same input, different widths) through one _LoRAGroup: outputs and gradients of x, every A
+    """q/k/v-like layers (same input, different widths) through one _LoRALinear: outputs and gradients of x, every A
     and every B as each layer's own reference computes them, with the one dropout mask they share."""
     gen = torch.Generator().manual_seed(3)
     layers = [lora_layer(256, out, dropout, device, dtype, nf4=nf4, bias=bias) for out in (192, 64, 64)]

@@ -62,61 +62,6 @@ def lora_adapter(layer: Any) -> tuple[nn.Module, Adapter] | None:
     return layer.get_base_layer(), Adapter(lora_a.weight, lora_b.weight, float(layer.scaling[name]), p)
 
 
-class _LoRALinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, A, B, base, scale, p, seed):  # type: ignore[override]
-        x2 = x.reshape(-1, x.shape[-1])
-        # [tokens, rank], without the scale; dropout's keep-mask (without its 1/(1-p)) applied as x is read
-        xa = lora_a(x2, A.to(x.dtype), p, seed) if p > 0 else x2 @ A.to(x.dtype).t()
-        scale = scale / (1.0 - p)  # inverted dropout's 1/(1-p), applied to the small product instead of to x
-        # The adapter's term is written first and the base GEMM adds onto it (beta=1): the add then happens in the
-        # epilogue of a compute-bound GEMM instead of in a memory-bound pass over y of its own (the adapter addmm_
-        # after the base GEMM took 35 ms of the profiled 8x1024 step).
-        y = torch.empty(x2.shape[0], B.shape[0], device=x.device, dtype=x.dtype)
-        y.addmm_(xa, B.to(x.dtype).t(), beta=0, alpha=scale)
-        w = dense_weight(base).to(x.dtype)
-        y.addmm_(x2, w.t())
-        del w
-        if base.bias is not None:
-            y += base.bias.to(x.dtype)
-        ctx.save_for_backward(x, A, B, xa)
-        ctx.base, ctx.scale, ctx.p, ctx.seed = base, scale, p, seed
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, dy):  # type: ignore[override]
-        x, A, B, xa = ctx.saved_tensors
-        scale, p = ctx.scale, ctx.p
-        dtype = x.dtype
-        x2 = x.reshape(-1, x.shape[-1])
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
-        a, b = A.to(dtype), B.to(dtype)
-        dyb = dy2 @ b  # [tokens, rank]
-        dx = dA = dB = None
-        if ctx.needs_input_grad[2]:
-            dB = (dy2.t() @ xa).mul_(scale).to(B.dtype)
-        if ctx.needs_input_grad[1]:
-            if p > 0:  # the forward's mask, regenerated from its seed
-                dA = lora_a_grad(dyb, x2, p, ctx.seed, scale).to(A.dtype)
-            else:
-                dA = (dyb.t() @ x2).mul_(scale).to(A.dtype)
-        if ctx.needs_input_grad[0]:
-            dx = _input_grad(x, dy2, dyb, a, dense_weight(ctx.base).to(dtype), p, ctx.seed, scale)
-        return dx, dA, dB, None, None, None, None
-
-
-def _input_grad(x, dy2, dyb, a, weight, p: float, seed: int, scale: float) -> torch.Tensor:
-    """x's gradient, as the forward computed y: the adapter's term first (masked as it is written), then the base
-    GEMM adds onto it; dyb = dy B, weight the frozen weight [out, in] in x's dtype."""
-    if p > 0:
-        dx = lora_dx(dyb, a, p, seed, scale)
-    else:
-        dx = torch.empty(x.numel() // x.shape[-1], x.shape[-1], device=x.device, dtype=x.dtype)
-        dx.addmm_(dyb, a, beta=0, alpha=scale)
-    dx.addmm_(dy2, weight)
-    return dx.view(x.shape)
-
-
 _LOOK_UP = object()
 
 
@@ -130,13 +75,13 @@ def lora_linear(x: torch.Tensor, layer: nn.Module, seed: int = 0, found: Any = _
         return layer(x)
     base, adapter = found
     p = adapter.dropout if layer.training else 0.0
-    return _LoRALinear.apply(x, adapter.A, adapter.B, base, adapter.scale, p, seed)
+    return _LoRALinear.apply(x, (base,), adapter.scale, p, seed, adapter.A, adapter.B)
 
 
 def lora_linears(x: torch.Tensor, layers: list[nn.Module], seed: int = 0, found: list[Any] | None = None) -> list[Any]:
     """[layer(x) for layer in layers] for linear layers that read the same x, e.g. a decoder layer's q, k and v, or
     its gate and up projections. When they are all peft LoRA linears whose adapters share dropout and scale over
-    frozen weights of one kind (all NF4 or all plain), through one fused function (_LoRAGroup): one adapter product
+    frozen weights of one kind (all NF4 or all plain), through one fused function (_LoRALinear): one adapter product
     over x for all of them, one buffer of the frozen weights decoded side by side and one GEMM, and in backward one
     product for x's gradient instead of one per layer and the adds between them. Their adapters then see one dropout
     mask (peft draws one per adapter; each adapter's dropout is still p, so only the masks' correlation between the
@@ -149,12 +94,12 @@ def lora_linears(x: torch.Tensor, layers: list[nn.Module], seed: int = 0, found:
     adapters = [f[1] for f in found]
     p = adapters[0].dropout if layers[0].training else 0.0
     params = [t for a in adapters for t in (a.A, a.B)]
-    y = _LoRAGroup.apply(x, bases, adapters[0].scale, p, seed, *params)
+    y = _LoRALinear.apply(x, bases, adapters[0].scale, p, seed, *params)
     return list(y.split([a.B.shape[0] for a in adapters], dim=-1))
 
 
 def _groupable(layers: list[nn.Module], found: list[Any]) -> bool:
-    """True when these layers can run as one _LoRAGroup (see lora_linears)."""
+    """True when these layers can run as one _LoRALinear (see lora_linears)."""
     if len(layers) < 2 or any(f is None for f in found):
         return False
     bases, adapters = [f[0] for f in found], [f[1] for f in found]
@@ -174,6 +119,8 @@ def dense_weights(bases: tuple[nn.Module, ...]) -> torch.Tensor:
     """The frozen weights of these linear layers (same in-features) stacked along the outputs, [sum out, in]; NF4
     weights are decoded straight into their rows."""
     weights: list[Any] = [b.weight for b in bases]
+    if len(bases) == 1:
+        return dense_weight(bases[0])
     if getattr(weights[0], "quant_state", None) is None:
         return torch.cat(weights)
     states = [w.quant_state for w in weights]
@@ -184,25 +131,35 @@ def dense_weights(bases: tuple[nn.Module, ...]) -> torch.Tensor:
     return out
 
 
-class _LoRAGroup(torch.autograd.Function):
-    """y = x W^T + s * (drop(x) A^T) B^T with W the layers' frozen weights stacked, A their adapters' A stacked and B
-    their B's block-diagonal, so that y's columns are each layer's output side by side."""
+def _joined(tensors: list[torch.Tensor], join: Any, dtype: torch.dtype) -> torch.Tensor:
+    """join(tensors) in dtype; one tensor as it is (no copy for the common case of a single layer)."""
+    return tensors[0].to(dtype) if len(tensors) == 1 else join(*[t.to(dtype) for t in tensors])
+
+
+class _LoRALinear(torch.autograd.Function):
+    """y = x W^T + s * (drop(x) A^T) B^T for one linear layer, or for several that read the same x: then W is their
+    frozen weights stacked, A their adapters' A stacked and B their B's block-diagonal, so that y's columns are each
+    layer's output side by side. Arguments: x, the base layers, scale, dropout p, seed, then A1, B1, A2, B2, ..."""
 
     @staticmethod
     def forward(ctx, x, bases, scale, p, seed, *params):  # type: ignore[override]
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
-        a = torch.cat([A.to(dtype) for A in params[0::2]])  # [sum rank, in]
-        b = torch.block_diag(*[B.to(dtype) for B in params[1::2]])  # [sum out, sum rank]
+        a = _joined(list(params[0::2]), lambda *t: torch.cat(t), dtype)  # [sum rank, in]
+        b = _joined(list(params[1::2]), torch.block_diag, dtype)  # [sum out, sum rank]
+        # [tokens, rank], without the scale; dropout's keep-mask (without its 1/(1-p)) applied as x is read
         xa = lora_a(x2, a, p, seed) if p > 0 else x2 @ a.t()
-        scale = scale / (1.0 - p)
+        scale = scale / (1.0 - p)  # inverted dropout's 1/(1-p), applied to the small product instead of to x
+        # The adapter's term is written first and the base GEMM adds onto it (beta=1): the add then happens in the
+        # epilogue of a compute-bound GEMM instead of in a memory-bound pass over y of its own (the adapter addmm_
+        # after the base GEMM took 35 ms of the profiled 8x1024 step).
         y = torch.empty(x2.shape[0], b.shape[0], device=x.device, dtype=dtype)
         y.addmm_(xa, b.t(), beta=0, alpha=scale)
         w = dense_weights(bases).to(dtype)
         y.addmm_(x2, w.t())
         del w
         if bases[0].bias is not None:
-            y += torch.cat([base.bias.to(dtype) for base in bases])
+            y += _joined([base.bias for base in bases], lambda *t: torch.cat(t), dtype)
         ctx.save_for_backward(x, xa, *params)
         ctx.bases, ctx.scale, ctx.p, ctx.seed = bases, scale, p, seed
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -214,17 +171,16 @@ class _LoRAGroup(torch.autograd.Function):
         As, Bs = params[0::2], params[1::2]
         x2 = x.reshape(-1, x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
-        a = torch.cat([A.to(dtype) for A in As])
-        b = torch.block_diag(*[B.to(dtype) for B in Bs])
+        b = _joined(Bs, torch.block_diag, dtype)
         dyb = dy2 @ b  # [tokens, sum rank]
         grads: list[torch.Tensor | None] = [None] * len(params)
-        if any(ctx.needs_input_grad[5 + 1 :: 2]):  # B's: the diagonal blocks of dy^T (x A^T)
+        if any(ctx.needs_input_grad[6::2]):  # B's: the diagonal blocks of dy^T (x A^T)
             full = (dy2.t() @ xa).mul_(scale)
             row = col = 0
             for i, B in enumerate(Bs):
                 grads[2 * i + 1] = full[row : row + B.shape[0], col : col + B.shape[1]].to(B.dtype)
                 row, col = row + B.shape[0], col + B.shape[1]
-        if any(ctx.needs_input_grad[5::2]):  # A's: the mask regenerated from its seed, as in lora_linear
+        if any(ctx.needs_input_grad[5::2]):  # A's: the forward's mask, regenerated from its seed
             dA = lora_a_grad(dyb, x2, p, ctx.seed, scale) if p > 0 else (dyb.t() @ x2).mul_(scale)
             row = 0
             for i, A in enumerate(As):
@@ -232,7 +188,17 @@ class _LoRAGroup(torch.autograd.Function):
                 row += A.shape[0]
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = _input_grad(x, dy2, dyb, a, dense_weights(ctx.bases).to(dtype), p, ctx.seed, scale)
+            # as in forward: the adapter's term first (masked as it is written), the base GEMM adds onto it
+            a = _joined(As, lambda *t: torch.cat(t), dtype)
+            if p > 0:
+                dx = lora_dx(dyb, a, p, ctx.seed, scale)
+            else:
+                dx = torch.empty_like(x2)
+                dx.addmm_(dyb, a, beta=0, alpha=scale)
+            w = dense_weights(ctx.bases).to(dtype)
+            dx.addmm_(dy2, w)
+            del w
+            dx = dx.view(x.shape)
         return dx, None, None, None, None, *grads
 
 
