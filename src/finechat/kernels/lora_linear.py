@@ -9,7 +9,8 @@ compute in the activation dtype (no float32 detour when the adapter weights are 
 regenerated from a seed in backward instead of being kept as a copy of x per adapter, and applied inside the kernels
 that read x for the adapter's products (finechat.kernels.dropout), so no dropped-out copy of x is ever written; only x
 and the [tokens, rank] product x A^T are saved. The weight is dequantized again in backward, as bitsandbytes does,
-so no dense copy lives between forward and backward."""
+so no dense copy lives between forward and backward. Several layers that read the same x (a decoder layer's q, k
+and v) can go through one call together (lora_linears)."""
 
 from __future__ import annotations
 
@@ -79,14 +80,14 @@ def lora_linear(x: torch.Tensor, layer: nn.Module, seed: int = 0, found: Any = _
 
 
 def lora_linears(x: torch.Tensor, layers: list[nn.Module], seed: int = 0, found: list[Any] | None = None) -> list[Any]:
-    """[layer(x) for layer in layers] for linear layers that read the same x, e.g. a decoder layer's q, k and v, or
-    its gate and up projections. When they are all peft LoRA linears whose adapters share dropout and scale over
-    frozen weights of one kind (all NF4 or all plain), through one fused function (_LoRALinear): one adapter product
-    over x for all of them, one buffer of the frozen weights decoded side by side and one GEMM, and in backward one
-    product for x's gradient instead of one per layer and the adds between them. Their adapters then see one dropout
-    mask (peft draws one per adapter; each adapter's dropout is still p, so only the masks' correlation between the
-    layers differs). Otherwise each layer through lora_linear, with seeds seed, seed + 1, ...; found is
-    [lora_adapter(layer) ...] when the caller has it already."""
+    """[layer(x) for layer in layers] for linear layers that read the same x, e.g. a decoder layer's q, k and v. When
+    they are all peft LoRA linears whose adapters share dropout and scale over frozen weights of one kind (all NF4 or
+    all plain), through one call of the fused function (_LoRALinear): one adapter product over x for all of them, one
+    buffer of the frozen weights decoded side by side and one GEMM, and in backward one product for x's gradient
+    instead of one per layer and the adds between them. Their adapters then see one dropout mask (peft draws one per
+    adapter; each adapter's dropout is still p, so only the masks' correlation between the layers differs).
+    Otherwise each layer through lora_linear, with seeds seed, seed + 1, ...; found is [lora_adapter(layer) ...]
+    when the caller has it already."""
     found = [lora_adapter(layer) for layer in layers] if found is None else found
     if not (ENABLED["groups"] and _groupable(layers, found)):
         return [lora_linear(x, layer, seed + i, f) for i, (layer, f) in enumerate(zip(layers, found, strict=True))]
