@@ -193,7 +193,10 @@ class FastDecoderLayer(nn.Module):
         # and the recompute in backward cannot differ from the first pass.
         with torch.autocast(h.device.type, enabled=False):
             x = rms_norm(h, self.input_layernorm.weight, self.input_layernorm.variance_epsilon)
-            q, k, v = (t.view(batch, seq, -1, self._head_dim).transpose(1, 2) for t in linears(x, attn, _ATTN[:3], 0))
+            # Grouped, q, k and v are column slices of one product. Rope makes q and k dense; v is made dense here
+            # (a small copy), so that attention sees the layout it always saw.
+            q, k, v = linears(x, attn, _ATTN[:3], 0)
+            q, k, v = (t.view(batch, seq, -1, self._head_dim).transpose(1, 2) for t in (q, k, v.contiguous()))
             q, k = apply_rope(q, k, cos.to(q.dtype), sin.to(q.dtype))
             o = _attention(q, k, v, mask, self._scaling, self._kv_groups)
             h = h + linear(o.transpose(1, 2).reshape(batch, seq, -1), attn, "o_proj", 3)
