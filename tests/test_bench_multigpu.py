@@ -158,6 +158,8 @@ def test_the_finechat_command_runs_the_bench_with_its_flags(capsys, tmp_path):
     assert cli.main(["bench", "multigpu", "--modes", "zero3", "--workdir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("finechat bench multigpu: error: --modes: expected some of") and err.count("\n") == 1
+    assert cli.main(["-v", "bench", "multigpu", "--modes", "zero3", "--workdir", str(tmp_path)]) == 2  # after -v too
+    assert capsys.readouterr().err.startswith("finechat bench multigpu: error: --modes")
     with pytest.raises(SystemExit) as done:
         cli.main(["bench", "multigpu", "--help"])
     assert done.value.code == 0 and "usage: finechat bench multigpu" in capsys.readouterr().out

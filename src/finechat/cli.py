@@ -181,10 +181,13 @@ def _bench_generate_flags(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the finechat console script."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:2] == ["bench", "multigpu"]:  # its own flags (python -m finechat.bench.multigpu takes the same)
+    command = list(argv)
+    while command[:1] in (["-v"], ["--verbose"]):  # finechat's own flag, before the command
+        command = command[1:]
+    if command[:2] == ["bench", "multigpu"]:  # its own flags (python -m finechat.bench.multigpu takes the same)
         from finechat.bench import multigpu
 
-        return multigpu.main(argv[2:], prog="finechat bench multigpu")
+        return multigpu.main(command[2:], prog="finechat bench multigpu")
     args = build_parser().parse_args(argv)
     _quiet_libraries(args.verbose)
     try:
@@ -335,10 +338,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench_command == "generate":
         return cmd_bench_generate(args)
-    if args.bench_command == "multigpu":
-        from finechat.bench import multigpu
-
-        return multigpu.main([], prog="finechat bench multigpu")  # (main() passes flags on directly)
     from finechat.bench.train import BenchSettings, parse_lengths, parse_shapes, run
 
     if args.steps <= 0 or args.warmup < 0:
