@@ -10,13 +10,13 @@ from finechat import fastpath, models
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build(folder, fast, quantize="none", dtype="float32", dropout=0.0, checkpointing=True):
+def build(folder, fast, quantize="none", dtype="float32", dropout=0.0, checkpointing=True, graphs=True):
     """Base from folder through the model loader, then LoRA with random A and B (seeded: both builds agree)."""
     from peft import LoraConfig, get_peft_model
 
     model = models.load_base(str(folder), quantize=quantize, compute_dtype=dtype)
     if fast:
-        fastpath.prepare(model, gradient_checkpointing=checkpointing, require_cuda=False)
+        fastpath.prepare(model, gradient_checkpointing=checkpointing, require_cuda=False, cuda_graphs=graphs)
     else:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -234,6 +234,30 @@ def test_offloaded_checkpointing_gives_the_same_grads_on_gpu(mid_mistral_dir, dr
     (kept_loss, kept), (off_loss, off) = results
     err, cos = grad_error(off, kept)
     assert abs(off_loss - kept_loss) < 1e-4 and err < 1e-2 and cos > 0.999  # flash backward is not bitwise
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_cuda_graphs_of_the_layer_forwards_give_the_eager_steps_on_gpu(mid_mistral_dir, dropout):
+    """Three steps (eager, captured, replayed) with the layer forwards as CUDA graphs give the eager path's losses and
+    LoRA gradients, drawing new dropout masks at every step as the eager path does."""
+    ids = batch(2048, bs=2, seq=512, device="cuda")
+    runs = []
+    for graphs in (False, True):
+        model = build(mid_mistral_dir, True, "nf4", "bfloat16", dropout=dropout, graphs=graphs)
+        torch.manual_seed(5)  # the layers draw their dropout seeds from torch's CUDA generator
+        steps = []
+        for _ in range(3):
+            steps.append(loss_and_grads(model, ids, True))
+            model.zero_grad(set_to_none=True)
+        runs.append((steps, fastpath.layer_graphs(model).captured()))
+    (eager, eager_graphs), (graphed, graph_count) = runs
+    assert eager_graphs == 0 and graph_count == model.config.num_hidden_layers
+    for (want_loss, want), (got_loss, got) in zip(eager, graphed, strict=True):
+        err, cos = grad_error(got, want)
+        assert abs(got_loss - want_loss) < 1e-4 and err < 1e-2 and cos > 0.999, (got_loss, want_loss, err, cos)
+    if dropout:
+        assert len({loss for loss, _ in eager}) == 3  # a new mask at every step
 
 
 @pytest.mark.gpu

@@ -93,7 +93,7 @@ def check_lora_linears(
     assert ll._groupable(layers, found)
     x = torch.randn(3, 17, 256, generator=gen).to(device, dtype).requires_grad_(True)
     seed = 99
-    ys = ll.lora_linears(x, layers, seed, found)
+    ys = ll.lora_linears(x, layers, [seed, seed + 1, seed + 2], found)
     assert [y.shape[-1] for y in ys] == [192, 64, 64]
     gs = [torch.randn(y.shape, generator=gen).to(device, dtype) for y in ys]
     params = [t for _, a in found for t in (a.A, a.B)]
@@ -137,7 +137,7 @@ def test_lora_linears_that_cannot_share_run_one_by_one():
     found = [ll.lora_adapter(layer) for layer in layers]
     assert not ll._groupable(layers, found)
     x = torch.randn(5, 64)
-    got = ll.lora_linears(x, layers, 7, found)
+    got = ll.lora_linears(x, layers, [7, 8], found)
     assert all(
         torch.equal(g, ll.lora_linear(x, layer, 7 + i)) for i, (g, layer) in enumerate(zip(got, layers, strict=True))
     )
@@ -153,6 +153,7 @@ def test_dropout_mask_is_a_function_of_the_seed():
     x = torch.ones(64, 64)
     a, b, c = (dropout_ops.masked(x, 0.25, s) for s in (7, 7, 8))
     assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(dropout_ops.masked(x, 0.25, torch.tensor(7)), a)  # a seed tensor means its value
     assert torch.equal(a.unique(), torch.tensor([0.0, 1.0]))
     assert abs((a == 0).float().mean().item() - 0.25) < 0.05
 
@@ -290,6 +291,9 @@ def test_dropout_mask_is_the_documented_philox_layout():
     keep = dropout_ops.masked(torch.ones(rows, cols, device=device), p, seed)
     assert np.array_equal(keep.cpu().numpy() == 1.0, philox_keep(seed, p, rows, cols))
     assert not torch.equal(keep, dropout_ops.masked(torch.ones(rows, cols, device=device), p, seed + 1))
+    # a seed in device memory (as the fast path draws them: one of a layer's consecutive int64s) is the same mask
+    seeds = torch.tensor([5, seed, 6], dtype=torch.int64, device=device)
+    assert torch.equal(keep, dropout_ops.masked(torch.ones(rows, cols, device=device), p, seeds[1]))
 
 
 @gpu
@@ -513,14 +517,15 @@ def compile_for_sm90(fn, types: dict[str, str], constants: dict, aligned: tuple[
 
 
 def test_dropout_kernels_do_not_compile_again_for_new_seeds():
-    """Every call has its own seed; Triton would compile a variant per class of value (divisible by 16, equal to 1)
-    of a specialized integer argument, a 1-4 s stall inside a training step. The sizes stay specialized."""
+    """The kernels read their seed from device memory, one of a layer's consecutive int64 seeds; Triton would compile
+    a variant per alignment of a specialized pointer, a 1-4 s stall inside a training step. The sizes stay
+    specialized."""
     pytest.importorskip("triton")
     from finechat.kernels import dropout_triton as k
 
     for kernel in (k.masked, k.lora_a, k.lora_a_grad, k.lora_dx):
         params = {p.name: p for p in kernel.params}
-        assert params["seed"].do_not_specialize and not params["N"].do_not_specialize, kernel.fn.__name__
+        assert params["seed_ptr"].do_not_specialize and not params["N"].do_not_specialize, kernel.fn.__name__
 
 
 @pytest.mark.parametrize("sizes", ["multiples of 16", "odd"])
@@ -532,6 +537,7 @@ def test_training_kernels_compile_for_hopper_at_mistral_shapes(sizes):
     bf16 = "*bf16"
     types = dict(x_ptr=bf16, out_ptr=bf16, a_ptr=bf16, g_ptr=bf16, partial_ptr="*fp32", scale="fp32")
     aligned = (*types.keys() - {"scale"},)
+    types["seed_ptr"] = "*i64"  # not aligned: a layer's seeds are consecutive int64s
     if sizes == "multiples of 16":
         aligned += ("M", "N", "R", "G", "rows_per_split")
     compile_for_sm90(k.masked, types, dict(BM=32, Q=dropout_ops._Q), aligned)

@@ -72,6 +72,12 @@ class TrainConfig:
         "with gradient checkpointing, on the fast path or under FSDP: keep each layer's saved input in host memory, "
         "not on the GPU",
     )
+    cuda_graphs: bool = _f(
+        True,
+        "on the fast path with gradient checkpointing: replay each layer's forward as a CUDA graph when a batch has "
+        "at most 4096 tokens, where launching its kernels one by one takes the host longer than the GPU takes to run "
+        "them",
+    )
     numa_binding: bool = _f(
         False,
         "with several GPUs: pin each process to the CPUs of its GPU's NUMA node, as torchrun --numa-binding=node does "

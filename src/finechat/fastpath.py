@@ -20,10 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finechat import kernels
+from finechat.kernels import dropout as dropout_ops
+from finechat.kernels import lora_linear as lora_ops
+from finechat.kernels import nf4
 from finechat.kernels.lora_linear import lora_adapter, lora_linear, lora_linears
 from finechat.kernels.rms_norm import rms_norm
 from finechat.kernels.rope import apply_rope
 from finechat.kernels.swiglu import swiglu
+from finechat.layer_graphs import LayerGraphs
 from finechat.offload import Offloader, checkpoint
 
 log = logging.getLogger(__name__)
@@ -64,14 +69,19 @@ def supported(model: nn.Module) -> bool:
 
 
 def prepare(
-    model: nn.Module, gradient_checkpointing: bool = True, require_cuda: bool = True, offload: bool = True
+    model: nn.Module,
+    gradient_checkpointing: bool = True,
+    require_cuda: bool = True,
+    offload: bool = True,
+    cuda_graphs: bool = True,
 ) -> nn.Module:
     """Make a freshly loaded base model ready for LoRA training on the fast path (in place; returns it).
 
     Freezes the base weights, keeps them in their loaded dtype, and swaps in FastDecoderLayers that checkpoint with
     offloading when gradient_checkpointing is on. Apply LoRA (peft) afterwards, as after
     prepare_model_for_kbit_training. require_cuda=False runs it on CPU, for tests of the arithmetic; offload=False
-    keeps the checkpoints on the GPU."""
+    keeps the checkpoints on the GPU; cuda_graphs=False runs the checkpointed forwards eagerly instead of replaying
+    them as CUDA graphs at small batches (finechat.layer_graphs)."""
     reason = unsupported_reason(model, require_cuda=require_cuda)
     if reason is not None:
         raise ValueError(f"finechat fast path: unsupported {reason}; train with --no-fast-path")
@@ -81,25 +91,42 @@ def prepare(
         model.config.use_cache = False
     layers = _decoder_layers(model)
     assert layers is not None
-    offloader = Offloader(enabled=offload)
+    offloader, graphs = Offloader(enabled=offload), LayerGraphs(enabled=cuda_graphs)
     for i, layer in enumerate(layers):
-        fast = layer if isinstance(layer, FastDecoderLayer) else FastDecoderLayer(layer, i, offloader)
+        fast = layer if isinstance(layer, FastDecoderLayer) else FastDecoderLayer(layer, i, offloader, graphs)
         fast.gradient_checkpointing = gradient_checkpointing
         layers[i] = fast
     log.info(
-        "fast training path: %d fused decoder layers, offloaded checkpointing %s", len(layers), gradient_checkpointing
+        "fast training path: %d fused decoder layers, offloaded checkpointing %s, CUDA graphs %s",
+        len(layers),
+        gradient_checkpointing,
+        cuda_graphs,
     )
     return model
 
 
-def set_options(model: nn.Module, offload: bool | None = None, gradient_checkpointing: bool | None = None) -> None:
-    """Switch offloading or checkpointing of a prepared model's fast layers (None leaves a setting as it is)."""
+def set_options(
+    model: nn.Module,
+    offload: bool | None = None,
+    gradient_checkpointing: bool | None = None,
+    cuda_graphs: bool | None = None,
+) -> None:
+    """Switch offloading, checkpointing or CUDA graphs of a prepared model's fast layers (None leaves a setting)."""
     for layer in _decoder_layers(model) or []:
         if isinstance(layer, FastDecoderLayer):
             if offload is not None:
                 layer._offloader.enabled = offload
             if gradient_checkpointing is not None:
                 layer.gradient_checkpointing = gradient_checkpointing
+            if cuda_graphs is not None:
+                layer._graphs.enabled = cuda_graphs
+                layer._graphs.clear()
+
+
+def layer_graphs(model: nn.Module) -> LayerGraphs | None:
+    """The CUDA graphs of a prepared model's fast layers (None when it has none)."""
+    layers = [layer for layer in _decoder_layers(model) or [] if isinstance(layer, FastDecoderLayer)]
+    return layers[0]._graphs if layers else None
 
 
 class FastDecoderLayer(nn.Module):
@@ -108,12 +135,13 @@ class FastDecoderLayer(nn.Module):
     It registers the original layer's children under their own names, so parameter names are those of the
     original model, and it answers attribute look-ups it cannot (attention_type, ...) from the original layer."""
 
-    def __init__(self, layer: nn.Module, index: int, offloader: Offloader) -> None:
+    def __init__(self, layer: nn.Module, index: int, offloader: Offloader, graphs: LayerGraphs | None = None) -> None:
         super().__init__()
         for name, child in layer.named_children():
             self.add_module(name, child)
         self._plain = (layer,)  # a tuple keeps the original out of the module tree (no duplicate parameters)
         self._offloader = offloader
+        self._graphs = graphs if graphs is not None else LayerGraphs(enabled=False)
         self.layer_index = index
         self.gradient_checkpointing = False  # transformers' gradient_checkpointing_enable() sets this flag
         attn: Any = layer.self_attn
@@ -152,18 +180,54 @@ class FastDecoderLayer(nn.Module):
                 position_embeddings=position_embeddings,
                 **kwargs,
             )
-        # Looked up once per step (not again in the recompute), as is the dropout seed, so the recompute agrees.
+        # Looked up once per step (not again in the recompute), as are the dropout seeds, so the recompute agrees.
+        # The seeds (one per projection) are drawn on the device: the kernels read them there, also in a graph.
         found = {name: lora_adapter(module) for name, module in self._projections()}
         dropout = any(f is not None and f[1].dropout > 0 for f in found.values())
-        seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout else 0
         cos, sin = position_embeddings
+        graphed = None
+        if self.gradient_checkpointing:
+            graphed = self._graphs.entry(
+                self.layer_index, hidden_states, cos, attention_mask, len(_ATTN + _MLP), self._graph_key(found)
+            )
+        seeds = None
+        if dropout and graphed is not None:
+            seeds = graphed.seeds.random_(0, dropout_ops.SEED_RANGE)
+        elif dropout:
+            seeds = dropout_ops.new_seeds(len(_ATTN + _MLP), hidden_states.device)
 
         def run(h: torch.Tensor) -> torch.Tensor:
-            return self._layer(h, cos, sin, attention_mask, seed, found)
+            return self._layer(h, cos, sin, attention_mask, seeds, found)
 
-        if self.gradient_checkpointing:
-            return checkpoint(run, hidden_states, self._offloader, self.layer_index)
-        return run(hidden_states)
+        if not self.gradient_checkpointing:
+            return run(hidden_states)
+        first = None
+        if graphed is not None:
+            entry = graphed
+
+            def layer(h: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+                return self._layer(h, c, s, None, seeds, found)
+
+            def first(h: torch.Tensor, copied: torch.cuda.Event | None) -> torch.Tensor:
+                return self._graphs.forward(entry, layer, h, cos, sin, copied)
+
+        return checkpoint(run, hidden_states, self._offloader, self.layer_index, first)
+
+    @staticmethod
+    def _graph_key(found: dict[str, Any]) -> tuple:
+        """What a layer's graph depends on besides shapes: the adapters' tensors and settings, and the kernel
+        switches the bench flips for its ablations."""
+        adapters = tuple(
+            None if f is None else (f[1].A.data_ptr(), f[1].B.data_ptr(), f[1].dropout, f[1].scale)
+            for f in found.values()
+        )
+        switches = (
+            kernels.ENABLED["liger"],
+            lora_ops.ENABLED["groups"],
+            dropout_ops.ENABLED["fused"],
+            nf4.ENABLED["fused"],
+        )
+        return adapters + switches
 
     def _projections(self) -> list[tuple[str, nn.Module]]:
         return [(n, getattr(self.self_attn, n)) for n in _ATTN] + [(n, getattr(self.mlp, n)) for n in _MLP]
@@ -174,20 +238,24 @@ class FastDecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        seed: int,
+        seeds: torch.Tensor | None,
         found: dict[str, Any],
     ) -> torch.Tensor:
         attn: Any = self.self_attn
         mlp: Any = self.mlp
         batch, seq, _ = h.shape
 
+        def seed(i: int) -> Any:
+            return 0 if seeds is None else seeds[i]  # seeds[i]: a view, the kernels read its value on the device
+
         def linear(x: torch.Tensor, parent: Any, name: str, offset: int) -> torch.Tensor:
-            return lora_linear(x, getattr(parent, name), seed + offset, found[name])
+            return lora_linear(x, getattr(parent, name), seed(offset), found[name])
 
         def linears(x: torch.Tensor, parent: Any, names: tuple[str, ...], offset: int) -> list[torch.Tensor]:
             """Projections of the same x in one fused function where they allow it (lora_linears)."""
             layers = [getattr(parent, name) for name in names]
-            return lora_linears(x, layers, seed + offset, [found[name] for name in names])
+            seeds_ = [seed(offset + i) for i in range(len(names))]
+            return lora_linears(x, layers, seeds_, [found[name] for name in names])
 
         # Autocast off: every tensor here is already in the model dtype, so this is the arithmetic autocast would pick,
         # and the recompute in backward cannot differ from the first pass.

@@ -36,13 +36,11 @@ class Offloader:
         self._prefetched: dict[int, tuple[_Saved, torch.Tensor, torch.cuda.Event]] = {}
         self._stream: torch.cuda.Stream | None = None
 
-    def save(self, key: int, x: torch.Tensor) -> _Saved:
-        """Start copying x to the host (returns at once); keep x on its device when that is not possible."""
-        if not (x.is_cuda and self.enabled):
-            return _Saved(key, x.shape, x.dtype, kept=x)
-        host = self._buffer(key, x)
-        if host is None:
-            return _Saved(key, x.shape, x.dtype, kept=x)
+    def save(self, key: int, x: torch.Tensor, reused: bool = False) -> _Saved:
+        """Start copying x to the host (returns at once); keep x on its device when that is not possible (a copy of
+        it when reused: its buffer is written again before backward, as a CUDA graph's input is)."""
+        if not (x.is_cuda and self.enabled) or (host := self._buffer(key, x)) is None:
+            return _Saved(key, x.shape, x.dtype, kept=x.clone() if reused else x)
         stream = self._copy_stream(x.device)
         stream.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(stream):
@@ -100,11 +98,11 @@ class Offloader:
 
 class _Checkpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, offloader, key, hidden):  # type: ignore[override]
+    def forward(ctx, run, offloader, key, hidden, first):  # type: ignore[override]
         ctx.run, ctx.offloader, ctx.device = run, offloader, hidden.device
-        ctx.saved = offloader.save(key, hidden.detach())
+        ctx.saved = offloader.save(key, hidden.detach(), reused=first is not None)
         with torch.no_grad():
-            return run(hidden)
+            return run(hidden) if first is None else first(hidden, ctx.saved.copied)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -112,16 +110,23 @@ class _Checkpoint(torch.autograd.Function):
         with torch.enable_grad():
             out = ctx.run(hidden)
         torch.autograd.backward(out, grad)
-        return None, None, None, hidden.grad
+        return None, None, None, hidden.grad, None
 
 
 def checkpoint(
-    run: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, offloader: Offloader, key: int
+    run: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    offloader: Offloader,
+    key: int,
+    first: Callable[[torch.Tensor, torch.cuda.Event | None], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """run(hidden) with its activations recomputed in backward and hidden kept on the host in between.
 
     run must be deterministic (draw random seeds outside it). Parameter gradients accumulate during backward, as with
-    torch's reentrant checkpoint, so use loss.backward() rather than torch.autograd.grad."""
+    torch's reentrant checkpoint, so use loss.backward() rather than torch.autograd.grad. first, when given, computes
+    the forward instead of run (the same function, e.g. replayed as a CUDA graph by finechat.layer_graphs): it gets
+    hidden and the event of hidden's copy to the host (None when hidden stays where it is), and its input buffers may
+    be written again before backward, so a checkpoint kept on the GPU is then a copy."""
     if not hidden.requires_grad:  # the first layer's input: without this its backward would never be called
         hidden = hidden.detach().requires_grad_(True)
-    return _Checkpoint.apply(run, offloader, key, hidden)
+    return _Checkpoint.apply(run, offloader, key, hidden, first)

@@ -195,7 +195,10 @@ def _build_trainer(
     fast = config.fast_path and not fsdp and fastpath.supported(model)
     if fast:
         model = fastpath.prepare(
-            model, gradient_checkpointing=config.gradient_checkpointing, offload=config.offload_activations
+            model,
+            gradient_checkpointing=config.gradient_checkpointing,
+            offload=config.offload_activations,
+            cuda_graphs=config.cuda_graphs,
         )
     elif config.quantize == "nf4" and not fsdp:
         model = prepare_model_for_kbit_training(

@@ -14,7 +14,8 @@ batches: `warmup` steps, then `steps` timed steps, as ../shared/baselines/seed_s
   finechat-bnbadamw (bitsandbytes' PagedAdamW32bit instead of finechat.optim's), finechat-unfuseddropout (the
   dropout mask written out and cuBLAS for the adapter products instead of the fused kernels), finechat-bnbdequant
   (bitsandbytes' dequantize_4bit instead of finechat's NF4 kernel), finechat-qkvapart (q, k and v as three LoRA
-  functions, each with its own mask, decoding and GEMM, instead of one group).
+  functions, each with its own mask, decoding and GEMM, instead of one group), finechat-nographs (the layer
+  forwards launched op by op instead of replayed as CUDA graphs, at batches of at most 4096 tokens).
 Every row has the mean step time (what tokens/s is computed from), the median and fastest step, and the main
 thread's CPU time per step: when that is close to the step time, the step is bound by the host, not the GPU.
 The longest-sequence probe trains single sequences on the finechat model under a memory cap (an 80 GB H100's
@@ -72,6 +73,7 @@ ABLATIONS = (
     "finechat-unfuseddropout",
     "finechat-bnbdequant",
     "finechat-qkvapart",
+    "finechat-nographs",
 )
 DEFAULT_SHAPES = "4x512,1x2048,8x1024,1x8192,2x4096"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -159,7 +161,7 @@ def run(settings: BenchSettings, command: str = "finechat bench train") -> dict[
         if system in settings.systems:
             model, step = build(path, settings)
             for bs, seq in settings.shapes:
-                record(_measure(system, step, bs, seq, settings, model.config.vocab_size))
+                record(_with_graphs(model, system, step, bs, seq, settings, model.config.vocab_size))
             del model, step
             free_memory()
     extras = [s for s in ABLATIONS if s in settings.systems]
@@ -171,14 +173,15 @@ def run(settings: BenchSettings, command: str = "finechat bench train") -> dict[
         for system in extras:
             _ablate(model, step, system, True)
             for bs, seq in settings.ablation_shapes or settings.shapes:
-                record({**_measure(system, step, bs, seq, settings, vocab), "ablation": True})
+                record({**_with_graphs(model, system, step, bs, seq, settings, vocab), "ablation": True})
             _ablate(model, step, system, False)
         for bs, seq in settings.profile_shapes:
             result.setdefault("profiles", {})[f"{bs}x{seq}"] = _profile(step, bs, seq, vocab, output)
         if "finechat-nodropout" in settings.systems:
             _set_lora_dropout(model, 0.0)
             for bs, seq in settings.shapes:
-                record({**_measure("finechat-nodropout", step, bs, seq, settings, vocab), "lora_dropout": 0.0})
+                row = _with_graphs(model, "finechat-nodropout", step, bs, seq, settings, vocab)
+                record({**row, "lora_dropout": 0.0})
         del model, step
         free_memory()
 
@@ -292,6 +295,24 @@ def _finechat(path: Path, settings: BenchSettings):
     return model, _Step(lambda ids: fastpath.causal_lm_loss(model, ids, ids), _finechat_optimizer(model))
 
 
+def _with_graphs(model, system: str, step, bs: int, seq: int, settings: BenchSettings, vocab: int) -> dict[str, Any]:
+    """_measure(...) on a finechat model whose layer graphs start empty (each shape captures its own during warm-up,
+    and none holds memory from an earlier shape), with the number it captured and why capturing failed, if it did;
+    a seed model's row as it is."""
+    from finechat import fastpath
+
+    graphs = fastpath.layer_graphs(model)
+    if graphs is None:
+        return _measure(system, step, bs, seq, settings, vocab)
+    graphs.clear()
+    row = _measure(system, step, bs, seq, settings, vocab)
+    row["layer_graphs"] = graphs.captured()
+    if graphs.failed:
+        row["layer_graphs_failed"] = graphs.failed
+    graphs.clear()
+    return row
+
+
 def _ablate(model, step: _Step, system: str, on: bool) -> None:
     """Switch off (on=True) or back on the part of the fast path that an ablation system leaves out."""
     from finechat import fastpath, kernels
@@ -311,6 +332,8 @@ def _ablate(model, step: _Step, system: str, on: bool) -> None:
         nf4.ENABLED["fused"] = not on
     elif system == "finechat-qkvapart":
         lora_linear.ENABLED["groups"] = not on
+    elif system == "finechat-nographs":
+        fastpath.set_options(model, cuda_graphs=not on)
 
 
 def _profile(step, bs: int, seq: int, vocab: int, output: Path) -> dict[str, Any]:
@@ -323,7 +346,8 @@ def _profile(step, bs: int, seq: int, vocab: int, output: Path) -> dict[str, Any
         return {}
     free_memory()
     ids = torch.randint(0, vocab, (bs, seq), device="cuda")
-    step(ids)
+    for _ in range(2):  # the first step runs the layers eagerly, the second captures their graphs (small batches)
+        step(ids)
     sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t = time.perf_counter()

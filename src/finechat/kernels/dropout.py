@@ -1,7 +1,9 @@
 """LoRA-input dropout regenerated from a seed: the keep-mask is never stored; forward and backward draw it again.
 
 The mask of an input x, seen as a matrix [M, N] (rows = tokens, any leading dimensions flattened), is a pure function
-of (seed, p, row, column). On CUDA it comes from Philox-4x32-10 (Triton's `randint4x`), one call per 8 elements, each
+of (seed, p, row, column). A seed is an int or a one-element int64 tensor; the kernels read it from device memory,
+so that seeds drawn on the GPU never wait for the host and a CUDA graph of a layer reads new ones at each replay
+(finechat.layer_graphs). On CUDA the mask comes from Philox-4x32-10 (Triton's `randint4x`), one call per 8 elements, each
 drawing 16 bits: columns are cut into groups of 8*Q; in group g, lane L = 2l + h in 0..7 holds columns
 g*8Q + L*Q + [0, Q), and the element at (row r, lane L, position j) takes half h (0: low 16 bits, 1: high) of output l
 of the Philox counter r*G*Q + g*Q + j (G groups per row). An element is kept when its 16-bit draw is at least
@@ -53,37 +55,39 @@ def _fused_failed(e: Exception) -> None:
 _Q = 16  # columns per Philox lane: the mask's layout depends on it, so every kernel uses the same value
 _GROUP = 8 * _Q  # columns per group: eight lanes, the 16-bit halves of Philox's four outputs
 _generators: dict[torch.device, torch.Generator] = {}
+SEED_RANGE = 2**31 - 1  # seeds the kernels read lie in [0, SEED_RANGE)
+Seed = int | torch.Tensor  # an int, or a one-element int64 tensor (see _seed_ptr)
 
 
 # References: plain PyTorch, torch's generator.
 
 
-def keep_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def keep_mask(like: torch.Tensor, p: float, seed: Seed) -> torch.Tensor:
     """Keep-mask (0 or 1, each 1 with probability 1-p) shaped like `like` from torch's generator: a pure function of
     seed, so forward and backward agree."""
     gen = _generators.get(like.device)
     if gen is None:
         gen = _generators[like.device] = torch.Generator(device=like.device)
-    gen.manual_seed(seed)
+    gen.manual_seed(_seed_int(seed))
     return torch.empty_like(like).bernoulli_(1.0 - p, generator=gen)
 
 
-def masked_reference(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def masked_reference(x: torch.Tensor, p: float, seed: Seed) -> torch.Tensor:
     """x * keep with torch's generator."""
     return x * keep_mask(x, p, seed)
 
 
-def lora_a_reference(x: torch.Tensor, A: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def lora_a_reference(x: torch.Tensor, A: torch.Tensor, p: float, seed: Seed) -> torch.Tensor:
     """(x * keep) @ A^T for x [M, N], A [R, N]."""
     return masked_reference(x, p, seed) @ A.t()
 
 
-def lora_a_grad_reference(g: torch.Tensor, x: torch.Tensor, p: float, seed: int, scale: float) -> torch.Tensor:
+def lora_a_grad_reference(g: torch.Tensor, x: torch.Tensor, p: float, seed: Seed, scale: float) -> torch.Tensor:
     """scale * g^T @ (x * keep) in float32, for g [M, R], x [M, N]."""
     return (g.t() @ masked_reference(x, p, seed)).float().mul_(scale)
 
 
-def lora_dx_reference(g: torch.Tensor, A: torch.Tensor, p: float, seed: int, scale: float) -> torch.Tensor:
+def lora_dx_reference(g: torch.Tensor, A: torch.Tensor, p: float, seed: Seed, scale: float) -> torch.Tensor:
     """scale * keep * (g @ A) for g [M, R], A [R, N] (keep as masked_reference draws it for an [M, N] input)."""
     return masked_reference(g @ A, p, seed).mul_(scale)
 
@@ -91,7 +95,7 @@ def lora_dx_reference(g: torch.Tensor, A: torch.Tensor, p: float, seed: int, sca
 # The operations: Triton on CUDA, else the reference.
 
 
-def masked(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def masked(x: torch.Tensor, p: float, seed: Seed) -> torch.Tensor:
     """x * keep: one Triton kernel on CUDA, else the reference."""
     if not _use_triton(x):
         return masked_reference(x, p, seed)
@@ -99,19 +103,19 @@ def masked(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     out = torch.empty_like(x2)
     M, N = x2.shape
     _kernels().masked[(_cdiv(M, 32), _cdiv(N, _GROUP))](
-        x2, out, M, N, _cdiv(N, _GROUP), _threshold(p), _seed31(seed), BM=32, Q=_Q
+        x2, out, M, N, _cdiv(N, _GROUP), _threshold(p), _seed_ptr(seed, x.device), BM=32, Q=_Q
     )
     return out.view(x.shape)
 
 
-def lora_a(x: torch.Tensor, A: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def lora_a(x: torch.Tensor, A: torch.Tensor, p: float, seed: Seed) -> torch.Tensor:
     """(x * keep) @ A^T for x [M, N] and A [R, N], in x's dtype (float32 accumulation)."""
     if not _use_triton(x):
         return lora_a_reference(x, A, p, seed)
     return _fused_or(lambda: _lora_a_fused(x, A, p, seed), lambda: masked(x, p, seed) @ A.to(x.dtype).t())
 
 
-def lora_a_grad(g: torch.Tensor, x: torch.Tensor, p: float, seed: int, scale: float) -> torch.Tensor:
+def lora_a_grad(g: torch.Tensor, x: torch.Tensor, p: float, seed: Seed, scale: float) -> torch.Tensor:
     """scale * g^T @ (x * keep) in float32, for g [M, R] and x [M, N]."""
     if not _use_triton(x):
         return lora_a_grad_reference(g, x, p, seed, scale)
@@ -121,7 +125,7 @@ def lora_a_grad(g: torch.Tensor, x: torch.Tensor, p: float, seed: int, scale: fl
     )
 
 
-def lora_dx(g: torch.Tensor, A: torch.Tensor, p: float, seed: int, scale: float) -> torch.Tensor:
+def lora_dx(g: torch.Tensor, A: torch.Tensor, p: float, seed: Seed, scale: float) -> torch.Tensor:
     """scale * keep * (g @ A) for g [M, R] and A [R, N], in g's dtype (float32 products)."""
     if not _use_triton(g):
         return lora_dx_reference(g, A, p, seed, scale)
@@ -142,19 +146,19 @@ def _fused_or(fused: Callable[[], torch.Tensor], unfused: Callable[[], torch.Ten
     return unfused()
 
 
-def _lora_a_fused(x: torch.Tensor, A: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def _lora_a_fused(x: torch.Tensor, A: torch.Tensor, p: float, seed: Seed) -> torch.Tensor:
     x, A = x.contiguous(), A.to(x.dtype).contiguous()
     M, N = x.shape
     R = A.shape[0]
     out = torch.empty(M, R, device=x.device, dtype=x.dtype)
     bm = _rows_per_program(M, x.device)
     _kernels().lora_a[(_cdiv(M, bm),)](
-        x, A, out, M, N, R, _cdiv(N, _GROUP), _threshold(p), _seed31(seed), **_dot_args(x, R, bm)
+        x, A, out, M, N, R, _cdiv(N, _GROUP), _threshold(p), _seed_ptr(seed, x.device), **_dot_args(x, R, bm)
     )
     return out
 
 
-def _lora_a_grad_fused(g: torch.Tensor, x: torch.Tensor, p: float, seed: int, scale: float) -> torch.Tensor:
+def _lora_a_grad_fused(g: torch.Tensor, x: torch.Tensor, p: float, seed: Seed, scale: float) -> torch.Tensor:
     x, g = x.contiguous(), g.to(x.dtype).contiguous()
     M, N = x.shape
     R = g.shape[1]
@@ -166,20 +170,30 @@ def _lora_a_grad_fused(g: torch.Tensor, x: torch.Tensor, p: float, seed: int, sc
     splits = _cdiv(M, rows_per_split)
     partial = torch.empty(splits, R, N, device=x.device, dtype=torch.float32)
     _kernels().lora_a_grad[(groups, splits)](
-        g, x, partial, M, N, R, groups, rows_per_split, _threshold(p), _seed31(seed), **_dot_args(x, R, bm)
+        g, x, partial, M, N, R, groups, rows_per_split, _threshold(p), _seed_ptr(seed, x.device), **_dot_args(x, R, bm)
     )
     out = partial[0] if splits == 1 else partial.sum(0)
     return out.mul_(scale)
 
 
-def _lora_dx_fused(g: torch.Tensor, A: torch.Tensor, p: float, seed: int, scale: float) -> torch.Tensor:
+def _lora_dx_fused(g: torch.Tensor, A: torch.Tensor, p: float, seed: Seed, scale: float) -> torch.Tensor:
     g, A = g.contiguous(), A.to(g.dtype).contiguous()
     M, R = g.shape
     N = A.shape[1]
     out = torch.empty(M, N, device=g.device, dtype=g.dtype)
     bm = 64
     _kernels().lora_dx[(_cdiv(M, bm), _cdiv(N, _GROUP))](
-        out, g, A, M, N, R, _cdiv(N, _GROUP), _threshold(p), _seed31(seed), float(scale), **_dot_args(g, R, bm)
+        out,
+        g,
+        A,
+        M,
+        N,
+        R,
+        _cdiv(N, _GROUP),
+        _threshold(p),
+        _seed_ptr(seed, g.device),
+        float(scale),
+        **_dot_args(g, R, bm),
     )
     return out
 
@@ -199,8 +213,22 @@ def _threshold(p: float) -> int:
     return min(round(p * 2**16), 2**16 - 1)
 
 
-def _seed31(seed: int) -> int:
-    return seed % (2**31 - 1)  # a 32-bit kernel argument whatever seed the caller drew
+def _seed_ptr(seed: Seed, device: torch.device) -> torch.Tensor:
+    """The seed as the kernels read it: an int64 in [0, 2^31 - 1) in device memory. A tensor seed is used as it is
+    (the fast path draws its seeds on the device: no copy from the host, and a CUDA graph reads new ones at every
+    replay); an int is reduced modulo 2^31 - 1 and copied over (tests, one-off calls)."""
+    if torch.is_tensor(seed):
+        return seed if seed.device == device else seed.to(device)
+    return torch.tensor(seed % SEED_RANGE, dtype=torch.int64, device=device)
+
+
+def new_seeds(n: int, device: torch.device) -> torch.Tensor:
+    """n fresh seeds in [0, 2^31 - 1) on device (int64), drawn with torch's generator of that device."""
+    return torch.empty(n, dtype=torch.int64, device=device).random_(0, SEED_RANGE)
+
+
+def _seed_int(seed: Seed) -> int:
+    return int(seed)  # the references: a CPU tensor, or (a fallback) a CUDA one, read back
 
 
 def _rows_per_program(M: int, device: torch.device) -> int:
@@ -259,20 +287,20 @@ def _check(kernels) -> None:
     def randn(*shape):
         return torch.randn(*shape, device=device, generator=gen).to(dtype)
 
-    groups, thr = _cdiv(N, _GROUP), _threshold(p)
+    groups, thr, seed_ptr = _cdiv(N, _GROUP), _threshold(p), _seed_ptr(seed, torch.device(device))
     ones = torch.ones(M, N, device=device, dtype=dtype)
     keep = torch.empty_like(ones)
-    kernels.masked[(_cdiv(M, 32), groups)](ones, keep, M, N, groups, thr, seed, BM=32, Q=_Q)
+    kernels.masked[(_cdiv(M, 32), groups)](ones, keep, M, N, groups, thr, seed_ptr, BM=32, Q=_Q)
     frac = keep.float().mean().item()
     if not (set(keep.unique().tolist()) <= {0.0, 1.0} and abs(frac - (1 - p)) < 0.05):
         raise ValueError(f"keep fraction {frac:.3f} for p={p}")
     x, A, g, dx = randn(M, N), randn(R, N), randn(M, R), randn(M, N)
     xd = (x * keep).float()
     xa = torch.empty(M, R, device=device, dtype=dtype)
-    kernels.lora_a[(_cdiv(M, 16),)](x, A, xa, M, N, R, groups, thr, seed, **_dot_args(x, R, 16))
+    kernels.lora_a[(_cdiv(M, 16),)](x, A, xa, M, N, R, groups, thr, seed_ptr, **_dot_args(x, R, 16))
     partial = torch.empty(2, R, N, device=device, dtype=torch.float32)
-    kernels.lora_a_grad[(groups, 2)](g, x, partial, M, N, R, groups, 64, thr, seed, **_dot_args(x, R, 64))
-    kernels.lora_dx[(_cdiv(M, 64), groups)](dx, g, A, M, N, R, groups, thr, seed, scale, **_dot_args(dx, R, 64))
+    kernels.lora_a_grad[(groups, 2)](g, x, partial, M, N, R, groups, 64, thr, seed_ptr, **_dot_args(x, R, 64))
+    kernels.lora_dx[(_cdiv(M, 64), groups)](dx, g, A, M, N, R, groups, thr, seed_ptr, scale, **_dot_args(dx, R, 64))
     for name, got, want in (
         ("lora_a", xa, xd @ A.float().t()),
         ("lora_a_grad", partial.sum(0), g.float().t() @ xd),

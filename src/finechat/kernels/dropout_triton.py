@@ -10,11 +10,12 @@ in one go.)"""
 import triton
 import triton.language as tl
 
-# The seed changes with every call. Triton specializes integer arguments on their value (divisible by 16, equal to 1)
-# and compiles a new variant the first time a call's seed falls in a new class: 1-4 s inside a training step, at a
-# step that depends on the seeds (measured on H200s: a 3.9 s single-GPU step at step 11, the 2.7-3.2 s DDP stalls at
-# step 9 on both ranks, the main thread inside loss.backward() throughout).
-SEEDS = ["seed"]
+# The seed is read from device memory (an int64 in [0, 2^31 - 1)), so that a CUDA graph of a layer draws new masks
+# at every replay (finechat.layer_graphs). Triton specializes pointer arguments on their alignment, and the seeds of
+# one layer are consecutive int64s (8-byte aligned): without this, a second variant would compile inside a step.
+# (The seed was once an integer argument; Triton specialized it on its value and compiled new variants for new
+# seeds, 1-4 s inside a training step.)
+SEEDS = ["seed_ptr"]
 
 
 @triton.jit
@@ -50,7 +51,8 @@ def dropped(x_ptr, rows, group, M, N, G, threshold, seed, BM: tl.constexpr, Q: t
 
 
 @triton.jit(do_not_specialize=SEEDS)
-def masked(x_ptr, out_ptr, M, N, G, threshold, seed, BM: tl.constexpr, Q: tl.constexpr):
+def masked(x_ptr, out_ptr, M, N, G, threshold, seed_ptr, BM: tl.constexpr, Q: tl.constexpr):
+    seed = tl.load(seed_ptr)
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     group = tl.program_id(1)
     xd, _ = dropped(x_ptr, rows, group, M, N, G, threshold, seed, BM, Q)
@@ -60,10 +62,11 @@ def masked(x_ptr, out_ptr, M, N, G, threshold, seed, BM: tl.constexpr, Q: tl.con
 
 @triton.jit(do_not_specialize=SEEDS)
 def lora_a(
-    x_ptr, a_ptr, out_ptr, M, N, R, G, threshold, seed,
+    x_ptr, a_ptr, out_ptr, M, N, R, G, threshold, seed_ptr,
     BM: tl.constexpr, Q: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """out[M, R] = (x * keep) @ A^T, each program a block of BM whole rows."""
+    seed = tl.load(seed_ptr)
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     r = tl.arange(0, RP)
     acc = tl.zeros((BM, RP), dtype=tl.float32)
@@ -77,10 +80,11 @@ def lora_a(
 
 @triton.jit(do_not_specialize=SEEDS)
 def lora_a_grad(
-    g_ptr, x_ptr, partial_ptr, M, N, R, G, rows_per_split, threshold, seed,
+    g_ptr, x_ptr, partial_ptr, M, N, R, G, rows_per_split, threshold, seed_ptr,
     BM: tl.constexpr, Q: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """partial[split, R, N] = g^T @ (x * keep) over this split's rows, for one column group per program."""
+    seed = tl.load(seed_ptr)
     group = tl.program_id(0)
     split = tl.program_id(1)
     r = tl.arange(0, RP)
@@ -97,10 +101,11 @@ def lora_a_grad(
 
 @triton.jit(do_not_specialize=SEEDS)
 def lora_dx(
-    out_ptr, g_ptr, a_ptr, M, N, R, G, threshold, seed, scale,
+    out_ptr, g_ptr, a_ptr, M, N, R, G, threshold, seed_ptr, scale,
     BM: tl.constexpr, Q: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """out[M, N] = scale * keep * (g @ A), one [BM, 8Q] tile per program."""
+    seed = tl.load(seed_ptr)
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     group = tl.program_id(1)
     r = tl.arange(0, RP)

@@ -14,6 +14,7 @@ and v) can go through one call together (lora_linears)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from finechat.kernels import nf4
-from finechat.kernels.dropout import lora_a, lora_a_grad, lora_dx
+from finechat.kernels.dropout import Seed, lora_a, lora_a_grad, lora_dx
 
 ENABLED = {"groups": True}  # switched off by `finechat bench train` to measure what lora_linears' groups buy
 
@@ -66,10 +67,10 @@ def lora_adapter(layer: Any) -> tuple[nn.Module, Adapter] | None:
 _LOOK_UP = object()
 
 
-def lora_linear(x: torch.Tensor, layer: nn.Module, seed: int = 0, found: Any = _LOOK_UP) -> torch.Tensor:
+def lora_linear(x: torch.Tensor, layer: nn.Module, seed: Seed = 0, found: Any = _LOOK_UP) -> torch.Tensor:
     """layer(x) for a peft LoRA linear through the fused function; any other layer (or adapter setup) is called as
-    is. seed picks the dropout mask when the adapter has dropout and the layer is training; found is
-    lora_adapter(layer) when the caller has it already."""
+    is. seed (an int or a one-element int64 tensor, finechat.kernels.dropout) picks the dropout mask when the adapter
+    has dropout and the layer is training; found is lora_adapter(layer) when the caller has it already."""
     if found is _LOOK_UP:
         found = lora_adapter(layer)
     if found is None:
@@ -79,23 +80,25 @@ def lora_linear(x: torch.Tensor, layer: nn.Module, seed: int = 0, found: Any = _
     return _LoRALinear.apply(x, (base,), adapter.scale, p, seed, adapter.A, adapter.B)
 
 
-def lora_linears(x: torch.Tensor, layers: list[nn.Module], seed: int = 0, found: list[Any] | None = None) -> list[Any]:
+def lora_linears(
+    x: torch.Tensor, layers: list[nn.Module], seeds: Sequence[Seed], found: list[Any] | None = None
+) -> list[Any]:
     """[layer(x) for layer in layers] for linear layers that read the same x, e.g. a decoder layer's q, k and v. When
     they are all peft LoRA linears whose adapters share dropout and scale over frozen weights of one kind (all NF4 or
     all plain), through one call of the fused function (_LoRALinear): one adapter product over x for all of them, one
     buffer of the frozen weights decoded side by side and one GEMM, and in backward one product for x's gradient
     instead of one per layer and the adds between them. Their adapters then see one dropout mask (peft draws one per
     adapter; each adapter's dropout is still p, so only the masks' correlation between the layers differs).
-    Otherwise each layer through lora_linear, with seeds seed, seed + 1, ...; found is [lora_adapter(layer) ...]
-    when the caller has it already."""
+    Otherwise each layer through lora_linear with its own seed of seeds (the group takes the first); found is
+    [lora_adapter(layer) ...] when the caller has it already."""
     found = [lora_adapter(layer) for layer in layers] if found is None else found
     if not (ENABLED["groups"] and _groupable(layers, found)):
-        return [lora_linear(x, layer, seed + i, f) for i, (layer, f) in enumerate(zip(layers, found, strict=True))]
+        return [lora_linear(x, layer, seed, f) for layer, seed, f in zip(layers, seeds, found, strict=True)]
     bases = tuple(f[0] for f in found)
     adapters = [f[1] for f in found]
     p = adapters[0].dropout if layers[0].training else 0.0
     params = [t for a in adapters for t in (a.A, a.B)]
-    y = _LoRALinear.apply(x, bases, adapters[0].scale, p, seed, *params)
+    y = _LoRALinear.apply(x, bases, adapters[0].scale, p, seeds[0], *params)
     return list(y.split([a.B.shape[0] for a in adapters], dim=-1))
 
 
