@@ -179,16 +179,14 @@ def test_train_with_fast_path_on_cpu_is_the_plain_path(tiny_mistral_dir, text_fi
 # GPU: bf16 activations over NF4 weights, a model with Mistral-7B's head size (128) and grouped KV heads.
 
 
-@pytest.fixture(scope="module")
-def mid_mistral_dir(tmp_path_factory):
+def save_mid_mistral(folder, layers: int):
     from transformers import AutoModelForCausalLM, MistralConfig
 
-    folder = tmp_path_factory.mktemp("mid-mistral")
     config = MistralConfig(
         vocab_size=2048,
         hidden_size=1024,
         intermediate_size=2816,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=8,
         num_key_value_heads=2,
         max_position_embeddings=4096,
@@ -199,6 +197,17 @@ def mid_mistral_dir(tmp_path_factory):
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def mid_mistral_dir(tmp_path_factory):
+    return save_mid_mistral(tmp_path_factory.mktemp("mid-mistral"), layers=2)
+
+
+@pytest.fixture(scope="module")
+def deep_mistral_dir(tmp_path_factory):
+    """Five layers: more than the graphs' three hidden-state buffers and than the shapes they keep."""
+    return save_mid_mistral(tmp_path_factory.mktemp("deep-mistral"), layers=5)
 
 
 @pytest.mark.gpu
@@ -238,16 +247,16 @@ def test_offloaded_checkpointing_gives_the_same_grads_on_gpu(mid_mistral_dir, dr
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_cuda_graphs_of_the_layer_forwards_give_the_eager_steps_on_gpu(mid_mistral_dir, dropout):
-    """Three steps (eager, captured, replayed) with the layer forwards as CUDA graphs give the eager path's losses and
-    LoRA gradients, drawing new dropout masks at every step as the eager path does."""
+def test_cuda_graphs_of_the_layer_forwards_give_the_eager_steps_on_gpu(deep_mistral_dir, dropout):
+    """Four steps (eager, captured, replayed twice) with the layer forwards as CUDA graphs give the eager path's losses
+    and LoRA gradients, drawing new dropout masks at every step as the eager path does."""
     ids = batch(2048, bs=2, seq=512, device="cuda")
     runs = []
     for graphs in (False, True):
-        model = build(mid_mistral_dir, True, "nf4", "bfloat16", dropout=dropout, graphs=graphs)
+        model = build(deep_mistral_dir, True, "nf4", "bfloat16", dropout=dropout, graphs=graphs)
         torch.manual_seed(5)  # the layers draw their dropout seeds from torch's CUDA generator
         steps = []
-        for _ in range(3):
+        for _ in range(4):
             steps.append(loss_and_grads(model, ids, True))
             model.zero_grad(set_to_none=True)
         runs.append((steps, fastpath.layer_graphs(model).captured()))
@@ -257,7 +266,7 @@ def test_cuda_graphs_of_the_layer_forwards_give_the_eager_steps_on_gpu(mid_mistr
         err, cos = grad_error(got, want)
         assert abs(got_loss - want_loss) < 1e-4 and err < 1e-2 and cos > 0.999, (got_loss, want_loss, err, cos)
     if dropout:
-        assert len({loss for loss, _ in eager}) == 3  # a new mask at every step
+        assert len({loss for loss, _ in eager}) == 4  # a new mask at every step
 
 
 @pytest.mark.gpu

@@ -40,10 +40,12 @@ LayerFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # 
 
 @dataclass
 class Entry:
-    """One layer at one shape: its seed buffer, and once captured its graph and rotary-table buffers."""
+    """One layer at one shape: its seed buffer, and once captured its graph and rotary-table buffers. key: what else
+    the graph depends on (adapters, kernel switches); a call with another key starts a new entry."""
 
     index: int
     shape: tuple
+    key: tuple
     seeds: torch.Tensor
     calls: int = 0
     graph: Any = None
@@ -58,7 +60,7 @@ class LayerGraphs:
     enabled: bool = True
     max_tokens: int = 4096
     failed: str = ""  # why capturing failed (graphs are then off)
-    _entries: dict[tuple, Entry] = field(default_factory=dict)
+    _entries: dict[tuple, Entry] = field(default_factory=dict)  # (layer index, shape) -> entry
     _rings: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)
     _pools: dict[tuple, Any] = field(default_factory=dict)
     _busy: dict[int, torch.cuda.Event] = field(default_factory=dict)  # ring slot address -> copy reading it
@@ -70,15 +72,21 @@ class LayerGraphs:
         """The entry of layer index for this call, or None when the call runs eagerly (CPU, an attention mask,
         too many tokens, graphs off). key names what else the graph depends on (adapters, kernel switches)."""
         tokens = hidden.numel() // hidden.shape[-1]
-        if not (self.enabled and not self.failed and hidden.is_cuda and mask is None and tokens <= self.max_tokens):
+        if not (self.enabled and not self.failed and self._graphable(hidden) and mask is None):
             return None
-        shape = (tuple(hidden.shape), hidden.dtype, hidden.device, tuple(cos.shape), cos.dtype, key)
+        if tokens > self.max_tokens:
+            return None
+        shape = (tuple(hidden.shape), hidden.dtype, hidden.device, tuple(cos.shape), cos.dtype)
         entry = self._entries.get((index, shape))
-        if entry is None:
+        if entry is None or entry.key != key:
             self._make_room(shape)
             seed_buffer = torch.zeros(seeds, dtype=torch.int64, device=hidden.device)
-            entry = self._entries[(index, shape)] = Entry(index, shape, seed_buffer)
+            entry = self._entries[(index, shape)] = Entry(index, shape, key, seed_buffer)
         return entry
+
+    @staticmethod
+    def _graphable(hidden: torch.Tensor) -> bool:
+        return hidden.is_cuda
 
     def forward(
         self,

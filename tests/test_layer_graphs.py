@@ -1,0 +1,51 @@
+"""The bookkeeping of finechat.layer_graphs on CPU tensors (capture and replay need CUDA: the GPU test in
+tests/test_fastpath.py checks that graphed steps give the eager steps' losses and gradients)."""
+
+import torch
+
+from finechat.layer_graphs import MAX_SHAPES, LayerGraphs
+
+
+class AnyDevice(LayerGraphs):
+    """LayerGraphs that keeps entries for CPU tensors too, to test which entries it keeps."""
+
+    @staticmethod
+    def _graphable(hidden: torch.Tensor) -> bool:
+        return True
+
+
+def entries(graphs, layers, hidden, cos, key="adapters"):
+    return [graphs.entry(i, hidden, cos, None, 7, (key, i)) for i in range(layers)]
+
+
+def test_each_layer_keeps_its_entry_across_steps():
+    graphs, h, cos = AnyDevice(), torch.zeros(2, 8, 16), torch.zeros(1, 8, 4)
+    first = entries(graphs, 32, h, cos)
+    again = entries(graphs, 32, h, cos)
+    assert all(a is b for a, b in zip(first, again, strict=True)) and len({id(e) for e in first}) == 32
+    assert all(e.seeds.shape == (7,) and e.seeds.dtype == torch.int64 for e in first)
+
+
+def test_a_layer_whose_adapters_change_gets_a_new_entry():
+    graphs, h, cos = AnyDevice(), torch.zeros(2, 8, 16), torch.zeros(1, 8, 4)
+    first = entries(graphs, 4, h, cos)
+    changed = graphs.entry(2, h, cos, None, 7, ("other adapters", 2))
+    assert changed is not first[2] and changed.key == ("other adapters", 2)
+    assert [graphs.entry(i, h, cos, None, 7, ("adapters", i)) is first[i] for i in (0, 1, 3)] == [True] * 3
+
+
+def test_only_the_latest_shapes_keep_their_entries():
+    graphs, cos = AnyDevice(), torch.zeros(1, 8, 4)
+    shapes = [torch.zeros(b, 8, 16) for b in range(1, MAX_SHAPES + 2)]
+    kept = [entries(graphs, 3, h, cos) for h in shapes]
+    assert len(graphs._entries) == 3 * MAX_SHAPES  # the oldest shape's went
+    assert all(a is b for a, b in zip(entries(graphs, 3, shapes[-1], cos), kept[-1], strict=True))
+    assert not any(a is b for a, b in zip(entries(graphs, 3, shapes[0], cos), kept[0], strict=True))
+
+
+def test_masks_large_batches_cpu_and_switched_off_run_eagerly():
+    h, cos = torch.zeros(2, 8, 16), torch.zeros(1, 8, 4)
+    assert AnyDevice().entry(0, h, cos, torch.zeros(2, 1, 8, 8), 7, ()) is None  # an attention mask
+    assert AnyDevice(max_tokens=15).entry(0, h, cos, None, 7, ()) is None  # 16 tokens
+    assert AnyDevice(enabled=False).entry(0, h, cos, None, 7, ()) is None
+    assert LayerGraphs().entry(0, h, cos, None, 7, ()) is None  # CPU
