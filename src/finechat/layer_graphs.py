@@ -175,6 +175,7 @@ class LayerGraphs:
             h_out.copy_(fn(h_in, entry.cos, entry.sin))
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pools[entry.shape], stream=side):
+        # thread_local: other threads (autograd's, NCCL's watchdog under DDP) may use CUDA meanwhile
+        with torch.cuda.graph(graph, pool=self._pools[entry.shape], stream=side, capture_error_mode="thread_local"):
             h_out.copy_(fn(h_in, entry.cos, entry.sin))
         entry.graph = graph
