@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from finechat.bench.train import format_table, parse_lengths, parse_shapes
+from finechat.bench.train import _paired, format_table, parse_lengths, parse_shapes
 from finechat.cli import main
 
 
@@ -32,6 +32,7 @@ def test_tiny_dry_run_writes_rows_for_both_systems(tmp_path, capsys):
         (["--shapes", "4by512"], "--shapes"),
         (["--systems", "unsloth"], "--systems"),
         (["--longest", "lots"], "--longest"),
+        (["--pairs", "-1"], "--pairs"),
         (["--arch", "mistral-7b"], "CUDA"),
     ],
 )
@@ -53,3 +54,36 @@ def test_parsers_and_table():
     ]
     table = format_table({"device": "GPU", "arch": "mistral-7b", "rows": rows})
     assert "8x1024 | 9,000 (6.00) | 3,000 (12.00) | 3.00x | 0.50x" in table
+
+
+def test_pairs_put_each_ablation_right_after_finechat(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    argv = ["bench", "train", "--arch", "tiny", "--shapes", "2x32", "--steps", "1", "--warmup", "0"]
+    argv += ["--systems", "finechat,finechat-bnbadamw", "--ablation-shapes", "2x32", "--pairs", "2"]
+    argv += ["--model-dir", str(tmp_path / "m"), "--output", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    order = [(r["system"], r.get("paired_with"), r.get("pair")) for r in result["rows"]]
+    assert order == [
+        ("finechat", None, None),  # the main row
+        ("finechat", "finechat-bnbadamw", 0),
+        ("finechat-bnbadamw", None, 0),
+        ("finechat", "finechat-bnbadamw", 1),
+        ("finechat-bnbadamw", None, 1),
+    ]
+    (summary,) = result["pairs"]
+    assert summary["system"] == "finechat-bnbadamw" and summary["pairs"] == 2 and len(summary["gains"]) == 2
+    assert "pairs at 2x32: finechat-bnbadamw" in capsys.readouterr().out
+
+
+def test_paired_gain_is_the_median_of_the_pairs_ratios():
+    def pair(k, base, ablated):
+        return [
+            {"system": "finechat", "shape": "1x2048", "tok_s": base, "paired_with": "finechat-nographs", "pair": k},
+            {"system": "finechat-nographs", "shape": "1x2048", "tok_s": ablated, "ablation": True, "pair": k},
+        ]
+
+    rows = pair(0, 6000, 5000) + pair(1, 9000, 6000) + pair(2, 5500, 5000)
+    (p,) = _paired(rows)
+    assert p["gains"] == [0.2, 0.5, 0.1] and p["gain_median"] == 0.2 and p["pairs"] == 3
+    assert p["finechat_tok_s_median"] == 6000 and p["ablation_tok_s_median"] == 5000

@@ -154,6 +154,13 @@ def _bench_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout of seed and finechat (default: 0.05)")
     p.add_argument("--longest", default="", help="single-sequence lengths to train once on finechat, e.g. 131072")
     p.add_argument("--ablation-shapes", default="8x1024", help="shapes for the finechat-* ablation systems")
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=0,
+        help="measure each ablation N times, each right after finechat as it is, and report the median gain "
+        "(default: 0, one ablation row per shape)",
+    )
     p.add_argument("--profile", default="", help="shapes at which to profile one finechat step, e.g. 8x1024")
     p.add_argument("--memory-cap-gib", type=float, default=79.0, help="GPU memory cap; 0: whole card (default: 79)")
     p.add_argument("--model-dir", help="folder for the random model (default: /tmp/finechat-bench-ARCH)")
@@ -342,6 +349,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.steps <= 0 or args.warmup < 0:
         raise UserError("--steps must be positive and --warmup not negative")
+    if args.pairs < 0:
+        raise UserError(f"--pairs {args.pairs}: expected 0 (no pairs) or a positive count")
     settings = BenchSettings(
         arch=args.arch,
         shapes=parse_shapes(args.shapes),
@@ -351,6 +360,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         lora_dropout=args.lora_dropout,
         longest=parse_lengths(args.longest),
         ablation_shapes=parse_shapes(args.ablation_shapes) if args.ablation_shapes else [],
+        pairs=args.pairs,
         profile_shapes=parse_shapes(args.profile) if args.profile else [],
         memory_cap_gib=args.memory_cap_gib or None,
         model_dir=args.model_dir,

@@ -16,6 +16,9 @@ batches: `warmup` steps, then `steps` timed steps, as ../shared/baselines/seed_s
   (bitsandbytes' dequantize_4bit instead of finechat's NF4 kernel), finechat-qkvapart (q, k and v as three LoRA
   functions, each with its own mask, decoding and GEMM, instead of one group), finechat-nographs (the layer
   forwards launched op by op instead of replayed as CUDA graphs, at batches of at most 4096 tokens).
+With --pairs N each ablation is measured N times, each time right after finechat as it is on the same model, and
+the JSON's "pairs" gives the median of the pairs' ratios: at the host-bound small shapes single rows of one call move
+by 20-35% with nothing changed, and pairs cancel such drifts.
 Every row has the mean step time (what tokens/s is computed from), the median and fastest step, and the main
 thread's CPU time per step: when that is close to the step time, the step is bound by the host, not the GPU.
 The longest-sequence probe trains single sequences on the finechat model under a memory cap (an 80 GB H100's
@@ -94,6 +97,7 @@ class BenchSettings:
     lora_dropout: float = 0.05
     longest: list[int] = field(default_factory=list)  # single-sequence lengths to try on the finechat model
     ablation_shapes: list[tuple[int, int]] = field(default_factory=list)  # where to measure the ABLATIONS
+    pairs: int = 0  # >0: each ablation measured this many times, each right after finechat as it is (see _paired)
     profile_shapes: list[tuple[int, int]] = field(default_factory=list)  # one profiled finechat step each
     memory_cap_gib: float | None = 79.0  # process memory cap (an 80 GB H100 has 79.2 GiB); None: the whole card
     model_dir: str | None = None  # where the random model is saved (default /tmp/finechat-bench-<arch>)
@@ -171,10 +175,17 @@ def run(settings: BenchSettings, command: str = "finechat bench train") -> dict[
         for seq in settings.longest:
             record({**_measure("finechat", step, 1, seq, settings, vocab, steps=1, warmup=0), "probe": "longest"})
         for system in extras:
-            _ablate(model, step, system, True)
             for bs, seq in settings.ablation_shapes or settings.shapes:
-                record({**_with_graphs(model, system, step, bs, seq, settings, vocab), "ablation": True})
-            _ablate(model, step, system, False)
+                for pair in range(max(1, settings.pairs)):
+                    if settings.pairs:  # finechat as it is, right before the ablation: a pair for _paired
+                        row = _with_graphs(model, "finechat", step, bs, seq, settings, vocab)
+                        record({**row, "paired_with": system, "pair": pair})
+                    _ablate(model, step, system, True)
+                    row = {**_with_graphs(model, system, step, bs, seq, settings, vocab), "ablation": True}
+                    record({**row, "pair": pair} if settings.pairs else row)
+                    _ablate(model, step, system, False)
+        if settings.pairs:
+            result["pairs"] = _paired(result["rows"])
         for bs, seq in settings.profile_shapes:
             result.setdefault("profiles", {})[f"{bs}x{seq}"] = _profile(step, bs, seq, vocab, output)
         if "finechat-nodropout" in settings.systems:
@@ -293,6 +304,32 @@ def _finechat(path: Path, settings: BenchSettings):
             param.data = param.data.to(dtype)
     model.train()
     return model, _Step(lambda ids: fastpath.causal_lm_loss(model, ids, ids), _finechat_optimizer(model))
+
+
+def _paired(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per ablation and shape, over its pairs (finechat as it is, then the ablation, one right after the other on
+    one model): the median tokens/s of each and the median of the pairs' ratios, i.e. what the part switched off
+    buys. Pairs cancel the host's slow drifts, which move single small-shape rows by 20-35% within one call."""
+    import statistics
+
+    base = {(r["paired_with"], r["shape"], r["pair"]): r for r in rows if r.get("paired_with") and r.get("tok_s")}
+    groups: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for r in rows:
+        key = (r["system"], r["shape"], r.get("pair"))
+        if r.get("ablation") and r.get("pair") is not None and r.get("tok_s") and key in base:
+            groups.setdefault(key[:2], []).append((base[key]["tok_s"], r["tok_s"]))
+    return [
+        {
+            "system": system,
+            "shape": shape,
+            "pairs": len(pairs),
+            "finechat_tok_s_median": round(statistics.median(f for f, _ in pairs)),
+            "ablation_tok_s_median": round(statistics.median(a for _, a in pairs)),
+            "gain_median": round(statistics.median(f / a - 1 for f, a in pairs), 3),
+            "gains": [round(f / a - 1, 3) for f, a in pairs],
+        }
+        for (system, shape), pairs in groups.items()
+    ]
 
 
 def _with_graphs(model, system: str, step, bs: int, seq: int, settings: BenchSettings, vocab: int) -> dict[str, Any]:
@@ -480,7 +517,11 @@ def _longest_summary(rows: list[dict[str, Any]], cap: float | None) -> dict[str,
     singles = [
         (int(r["shape"].split("x")[1]), r["peak_gib"])
         for r in rows
-        if r["system"] == "finechat" and r["shape"].startswith("1x") and r.get("tok_s") and r.get("peak_gib")
+        if r["system"] == "finechat"
+        and r["shape"].startswith("1x")
+        and r.get("tok_s")
+        and r.get("peak_gib")
+        and not r.get("paired_with")
     ]
     probed = [r for r in rows if r.get("probe") == "longest"]
     if not probed:
@@ -498,10 +539,10 @@ def _longest_summary(rows: list[dict[str, Any]], cap: float | None) -> dict[str,
 
 def format_table(result: dict[str, Any]) -> str:
     """The rows as a table: each system's tokens/s (peak GiB) per shape, and finechat over seed."""
-    rows = result["rows"]
+    rows = [r for r in result["rows"] if not r.get("paired_with")]  # pairs' finechat rows: in the lines below
     shapes = list(dict.fromkeys(r["shape"] for r in rows if not r.get("probe")))
     systems = [s for s in SYSTEMS + ABLATIONS if any(r["system"] == s and not r.get("probe") for r in rows)]
-    cell = {(r["system"], r["shape"]): r for r in rows if not r.get("probe")}
+    cell = {(r["system"], r["shape"]): r for r in rows if not r.get("probe")}  # an ablation's last pair
 
     def fmt(r: dict[str, Any] | None) -> str:
         if r is None:
@@ -528,6 +569,12 @@ def format_table(result: dict[str, Any]) -> str:
     for r in rows:
         if r.get("probe"):
             lines.append(f"longest-sequence probe {r['shape']}: {fmt(r)}")
+    for p in result.get("pairs", []):
+        lines.append(
+            f"pairs at {p['shape']}: {p['system']} {p['ablation_tok_s_median']:,} against finechat "
+            f"{p['finechat_tok_s_median']:,} tok/s (medians of {p['pairs']}): the part it switches off buys "
+            f"{p['gain_median']:+.1%} (median of the pairs' ratios)"
+        )
     summary = result.get("longest_sequence")
     if summary:
         lines.append(f"longest single sequence: {json.dumps(summary)}")
