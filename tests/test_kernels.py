@@ -143,6 +143,21 @@ def test_lora_linears_that_cannot_share_run_one_by_one():
     )
 
 
+@pytest.mark.parametrize("nf4", [False, True])
+def test_a_recompute_without_output_gives_the_same_gradients(nf4):
+    """output=False (the last projection in a checkpointed layer's recompute) skips y, not any gradient."""
+    layer = lora_layer(64, 48, 0.1, nf4=nf4)
+    layer.train()
+    base, adapter = ll.lora_adapter(layer)
+    x = torch.randn(5, 64, requires_grad=True)
+    g = torch.randn(5, 48)
+    wanted = torch.autograd.grad(ll.lora_linear(x, layer, 3), [x, adapter.A, adapter.B], g)
+    y = ll.lora_linear(x, layer, 3, output=False)
+    assert y.shape == (5, 48) and not y.any()
+    got = torch.autograd.grad(y, [x, adapter.A, adapter.B], g)
+    assert all(torch.equal(a, b) for a, b in zip(got, wanted, strict=True))
+
+
 def test_lora_linear_without_dropout_is_peft_layer_output():
     layer = lora_layer(64, 48, dropout=0.0)
     x = torch.randn(5, 64)

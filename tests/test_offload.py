@@ -9,7 +9,7 @@ from finechat.offload import Offloader, checkpoint
 def test_checkpoint_recomputes_in_backward_what_its_first_pass_computed():
     weight = torch.randn(8, 8, requires_grad=True)
     x = torch.randn(4, 8, requires_grad=True)
-    calls = {"run": 0, "first": 0}
+    calls = {"run": 0, "first": 0, "again": 0}
 
     def run(h):
         calls["run"] += 1
@@ -20,11 +20,19 @@ def test_checkpoint_recomputes_in_backward_what_its_first_pass_computed():
         assert copied is None and not torch.is_grad_enabled()
         return torch.tanh(h @ weight)
 
+    def again(h):  # the recompute: the same gradients, its values unread
+        calls["again"] += 1
+        return torch.tanh(h @ weight)
+
     out = checkpoint(run, x, Offloader(), 0, first)
-    assert calls == {"run": 0, "first": 1} and out.requires_grad
+    assert calls == {"run": 0, "first": 1, "again": 0} and out.requires_grad
     out.sum().backward()
-    assert calls == {"run": 1, "first": 1}  # backward recomputed through run
+    assert calls == {"run": 1, "first": 1, "again": 0}  # backward recomputed through run
     want_x, want_w = torch.autograd.grad(torch.tanh(x @ weight).sum(), [x, weight])
+    assert torch.allclose(x.grad, want_x) and torch.allclose(weight.grad, want_w)
+    x.grad = weight.grad = None
+    checkpoint(run, x, Offloader(), 0, None, again).sum().backward()
+    assert calls == {"run": 2, "first": 1, "again": 1}  # run in forward, again in backward
     assert torch.allclose(x.grad, want_x) and torch.allclose(weight.grad, want_w)
 
 

@@ -199,6 +199,9 @@ class FastDecoderLayer(nn.Module):
         def run(h: torch.Tensor) -> torch.Tensor:
             return self._layer(h, cos, sin, attention_mask, seeds, found)
 
+        def again(h: torch.Tensor) -> torch.Tensor:  # the recompute: its result only carries gradients
+            return self._layer(h, cos, sin, attention_mask, seeds, found, output=False)
+
         if not self.gradient_checkpointing:
             return run(hidden_states)
         first = None
@@ -211,7 +214,7 @@ class FastDecoderLayer(nn.Module):
             def first(h: torch.Tensor, copied: torch.cuda.Event | None) -> torch.Tensor:
                 return self._graphs.forward(entry, layer, h, cos, sin, copied)
 
-        return checkpoint(run, hidden_states, self._offloader, self.layer_index, first)
+        return checkpoint(run, hidden_states, self._offloader, self.layer_index, first, again)
 
     @staticmethod
     def _graph_key(found: dict[str, Any]) -> tuple:
@@ -240,7 +243,11 @@ class FastDecoderLayer(nn.Module):
         mask: torch.Tensor | None,
         seeds: torch.Tensor | None,
         found: dict[str, Any],
+        output: bool = True,
     ) -> torch.Tensor:
+        """The layer on h. output=False (the recompute in backward, whose result is never read, only differentiated):
+        the down projection skips its weight's decoding and GEMM (lora_linear's output=False), the last GEMM of
+        the layer, whose product nothing in the layer reads; every gradient stays the same."""
         attn: Any = self.self_attn
         mlp: Any = self.mlp
         batch, seq, _ = h.shape
@@ -248,8 +255,8 @@ class FastDecoderLayer(nn.Module):
         def seed(i: int) -> Any:
             return 0 if seeds is None else seeds[i]  # seeds[i]: a view, the kernels read its value on the device
 
-        def linear(x: torch.Tensor, parent: Any, name: str, offset: int) -> torch.Tensor:
-            return lora_linear(x, getattr(parent, name), seed(offset), found[name])
+        def linear(x: torch.Tensor, parent: Any, name: str, offset: int, output: bool = True) -> torch.Tensor:
+            return lora_linear(x, getattr(parent, name), seed(offset), found[name], output)
 
         def linears(x: torch.Tensor, parent: Any, names: tuple[str, ...], offset: int) -> list[torch.Tensor]:
             """Projections of the same x in one fused function where they allow it (lora_linears)."""
@@ -272,7 +279,7 @@ class FastDecoderLayer(nn.Module):
             # gate and up stay two products: Liger's SwiGLU takes one row stride for both and its output, so column
             # slices of one joined product would need copies first
             a = swiglu(linear(x, mlp, "gate_proj", 4), linear(x, mlp, "up_proj", 5))
-            return h + linear(a, mlp, "down_proj", 6)
+            return h + linear(a, mlp, "down_proj", 6, output)
 
 
 def _attention(

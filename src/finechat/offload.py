@@ -98,8 +98,8 @@ class Offloader:
 
 class _Checkpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, offloader, key, hidden, first):  # type: ignore[override]
-        ctx.run, ctx.offloader, ctx.device = run, offloader, hidden.device
+    def forward(ctx, run, offloader, key, hidden, first, again):  # type: ignore[override]
+        ctx.run, ctx.offloader, ctx.device = again or run, offloader, hidden.device
         ctx.saved = offloader.save(key, hidden.detach(), reused=first is not None)
         with torch.no_grad():
             return run(hidden) if first is None else first(hidden, ctx.saved.copied)
@@ -110,7 +110,7 @@ class _Checkpoint(torch.autograd.Function):
         with torch.enable_grad():
             out = ctx.run(hidden)
         torch.autograd.backward(out, grad)
-        return None, None, None, hidden.grad, None
+        return None, None, None, hidden.grad, None, None
 
 
 def checkpoint(
@@ -119,6 +119,7 @@ def checkpoint(
     offloader: Offloader,
     key: int,
     first: Callable[[torch.Tensor, torch.cuda.Event | None], torch.Tensor] | None = None,
+    again: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """run(hidden) with its activations recomputed in backward and hidden kept on the host in between.
 
@@ -126,7 +127,8 @@ def checkpoint(
     torch's reentrant checkpoint, so use loss.backward() rather than torch.autograd.grad. first, when given, computes
     the forward instead of run (the same function, e.g. replayed as a CUDA graph by finechat.layer_graphs): it gets
     hidden and the event of hidden's copy to the host (None when hidden stays where it is), and its input buffers may
-    be written again before backward, so a checkpoint kept on the GPU is then a copy."""
+    be written again before backward, so a checkpoint kept on the GPU is then a copy. again, when given, is the
+    recompute instead of run: the same gradients, but its result is never read, so it may skip computing it."""
     if not hidden.requires_grad:  # the first layer's input: without this its backward would never be called
         hidden = hidden.detach().requires_grad_(True)
-    return _Checkpoint.apply(run, offloader, key, hidden, first)
+    return _Checkpoint.apply(run, offloader, key, hidden, first, again)

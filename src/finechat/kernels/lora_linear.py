@@ -67,17 +67,24 @@ def lora_adapter(layer: Any) -> tuple[nn.Module, Adapter] | None:
 _LOOK_UP = object()
 
 
-def lora_linear(x: torch.Tensor, layer: nn.Module, seed: Seed = 0, found: Any = _LOOK_UP) -> torch.Tensor:
+def lora_linear(
+    x: torch.Tensor, layer: nn.Module, seed: Seed = 0, found: Any = _LOOK_UP, output: bool = True
+) -> torch.Tensor:
     """layer(x) for a peft LoRA linear through the fused function; any other layer (or adapter setup) is called as
     is. seed (an int or a one-element int64 tensor, finechat.kernels.dropout) picks the dropout mask when the adapter
-    has dropout and the layer is training; found is lora_adapter(layer) when the caller has it already."""
+    has dropout and the layer is training; found is lora_adapter(layer) when the caller has it already.
+
+    output=False is for a recompute whose result only carries gradients (the last projection of a checkpointed
+    layer): the function then saves what its backward needs (x and the adapter's x A^T) but skips the weight's
+    decoding and both products of y, and returns zeros broadcast to y's shape; its gradients are unchanged, since
+    backward never reads y."""
     if found is _LOOK_UP:
         found = lora_adapter(layer)
     if found is None:
         return layer(x)
     base, adapter = found
     p = adapter.dropout if layer.training else 0.0
-    return _LoRALinear.apply(x, (base,), adapter.scale, p, seed, adapter.A, adapter.B)
+    return _LoRALinear.apply(x, (base,), adapter.scale, p, seed, output, adapter.A, adapter.B)
 
 
 def lora_linears(
@@ -98,7 +105,7 @@ def lora_linears(
     adapters = [f[1] for f in found]
     p = adapters[0].dropout if layers[0].training else 0.0
     params = [t for a in adapters for t in (a.A, a.B)]
-    y = _LoRALinear.apply(x, bases, adapters[0].scale, p, seeds[0], *params)
+    y = _LoRALinear.apply(x, bases, adapters[0].scale, p, seeds[0], True, *params)
     return list(y.split([a.B.shape[0] for a in adapters], dim=-1))
 
 
@@ -117,6 +124,10 @@ def _groupable(layers: list[nn.Module], found: list[Any]) -> bool:
         and len({b.weight.dtype if s is None else s.dtype for b, s in zip(bases, states, strict=True)}) == 1
         and len({b.bias is None for b in bases}) == 1
     )
+
+
+def _nf4(base: nn.Module) -> bool:
+    return getattr(base.weight, "quant_state", None) is not None
 
 
 def dense_weights(bases: tuple[nn.Module, ...]) -> torch.Tensor:
@@ -143,10 +154,11 @@ def _joined(tensors: list[torch.Tensor], join: Any, dtype: torch.dtype) -> torch
 class _LoRALinear(torch.autograd.Function):
     """y = x W^T + s * (drop(x) A^T) B^T for one linear layer, or for several that read the same x: then W is their
     frozen weights stacked, A their adapters' A stacked and B their B's block-diagonal, so that y's columns are each
-    layer's output side by side. Arguments: x, the base layers, scale, dropout p, seed, then A1, B1, A2, B2, ..."""
+    layer's output side by side. Arguments: x, the base layers, scale, dropout p, seed, output (False: y is not
+    computed, see lora_linear), then A1, B1, A2, B2, ..."""
 
     @staticmethod
-    def forward(ctx, x, bases, scale, p, seed, *params):  # type: ignore[override]
+    def forward(ctx, x, bases, scale, p, seed, output, *params):  # type: ignore[override]
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         a = _joined(list(params[0::2]), lambda *t: torch.cat(t), dtype)  # [sum rank, in]
@@ -154,6 +166,11 @@ class _LoRALinear(torch.autograd.Function):
         # [tokens, rank], without the scale; dropout's keep-mask (without its 1/(1-p)) applied as x is read
         xa = lora_a(x2, a, p, seed) if p > 0 else x2 @ a.t()
         scale = scale / (1.0 - p)  # inverted dropout's 1/(1-p), applied to the small product instead of to x
+        ctx.bases, ctx.scale, ctx.p, ctx.seed = bases, scale, p, seed
+        if not output:  # a recompute whose result only carries gradients: what backward reads, no y
+            ctx.save_for_backward(x, xa, *params)
+            width = sum(int(b.weight.quant_state.shape[0]) if _nf4(b) else b.weight.shape[0] for b in bases)
+            return x.new_zeros(()).expand(*x.shape[:-1], width)
         # The adapter's term is written first and the base GEMM adds onto it (beta=1): the add then happens in the
         # epilogue of a compute-bound GEMM instead of in a memory-bound pass over y of its own (the adapter addmm_
         # after the base GEMM took 35 ms of the profiled 8x1024 step).
@@ -165,7 +182,6 @@ class _LoRALinear(torch.autograd.Function):
         if bases[0].bias is not None:
             y += _joined([base.bias for base in bases], lambda *t: torch.cat(t), dtype)
         ctx.save_for_backward(x, xa, *params)
-        ctx.bases, ctx.scale, ctx.p, ctx.seed = bases, scale, p, seed
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -178,13 +194,13 @@ class _LoRALinear(torch.autograd.Function):
         b = _joined(Bs, torch.block_diag, dtype)
         dyb = dy2 @ b  # [tokens, sum rank]
         grads: list[torch.Tensor | None] = [None] * len(params)
-        if any(ctx.needs_input_grad[6::2]):  # B's: the diagonal blocks of dy^T (x A^T)
+        if any(ctx.needs_input_grad[7::2]):  # B's: the diagonal blocks of dy^T (x A^T)
             full = (dy2.t() @ xa).mul_(scale)
             row = col = 0
             for i, B in enumerate(Bs):
                 grads[2 * i + 1] = full[row : row + B.shape[0], col : col + B.shape[1]].to(B.dtype)
                 row, col = row + B.shape[0], col + B.shape[1]
-        if any(ctx.needs_input_grad[5::2]):  # A's: the forward's mask, regenerated from its seed
+        if any(ctx.needs_input_grad[6::2]):  # A's: the forward's mask, regenerated from its seed
             dA = lora_a_grad(dyb, x2, p, ctx.seed, scale) if p > 0 else (dyb.t() @ x2).mul_(scale)
             row = 0
             for i, A in enumerate(As):
@@ -203,7 +219,7 @@ class _LoRALinear(torch.autograd.Function):
             dx.addmm_(dy2, w)
             del w
             dx = dx.view(x.shape)
-        return dx, None, None, None, None, *grads
+        return dx, None, None, None, None, None, *grads
 
 
 def lora_linear_reference(
