@@ -48,8 +48,10 @@ def build_tokenizer(folder: Path):
     return fast
 
 
-def build_model(folder: Path, arch: str = "llama", seed: int = 0, hidden: int = 64, heads: int = 4) -> Path:
-    """Save a 2-layer random model of the given architecture (64 dims unless told) with the tiny tokenizer."""
+def build_model(
+    folder: Path, arch: str = "llama", seed: int = 0, hidden: int = 64, heads: int = 4, layers: int = 2
+) -> Path:
+    """Save a random model of the given architecture (2 layers of 64 dims unless told) with the tiny tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
@@ -58,7 +60,7 @@ def build_model(folder: Path, arch: str = "llama", seed: int = 0, hidden: int = 
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads // 2,
         max_position_embeddings=512,

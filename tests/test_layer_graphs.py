@@ -49,3 +49,58 @@ def test_masks_large_batches_cpu_and_switched_off_run_eagerly():
     assert AnyDevice(max_tokens=15).entry(0, h, cos, None, 7, ()) is None  # 16 tokens
     assert AnyDevice(enabled=False).entry(0, h, cos, None, 7, ()) is None
     assert LayerGraphs().entry(0, h, cos, None, 7, ()) is None  # CPU
+
+
+class Replayed:
+    """A stand-in for a captured CUDA graph on CPU: replay() runs the captured work again."""
+
+    def __init__(self, work):
+        self.replay = work
+
+
+class CPUGraphs(AnyDevice):
+    """LayerGraphs whose 'capture' runs the work once and keeps it to run again: the buffers, the ring and the
+    seeds behave as with CUDA graphs, without a GPU."""
+
+    @staticmethod
+    def _new_pool():
+        return None
+
+    def _record(self, work, pool, device):
+        work()
+        return Replayed(work)
+
+
+def test_replays_through_the_ring_give_the_eager_losses_and_grads(tmp_path):
+    """Four layers (more than the ring's three buffers), dropout, step 1 eager, 2 captured, 3 and 4 replayed: the
+    same losses and LoRA gradients as the eager layers, bit for bit, and a new mask at every step."""
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import build_model
+    from finechat import fastpath, models
+
+    folder = build_model(tmp_path / "m", "mistral", layers=4)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    runs = []
+    for graphs in (None, CPUGraphs()):
+        model = fastpath.prepare(models.load_base(str(folder), quantize="none"), require_cuda=False)
+        for layer in fastpath._decoder_layers(model):
+            layer._graphs = graphs or LayerGraphs(enabled=False)
+        torch.manual_seed(0)
+        lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=targets, init_lora_weights=False)
+        model = get_peft_model(model, lora)
+        model.train()
+        torch.manual_seed(5)  # the layers draw their dropout seeds from torch's generator
+        ids = torch.randint(0, model.config.vocab_size, (2, 24))
+        steps = []
+        for _ in range(4):
+            loss = fastpath.causal_lm_loss(model, ids, ids)
+            loss.backward()
+            steps.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+            model.zero_grad(set_to_none=True)
+        runs.append((steps, graphs.captured() if graphs is not None else 0))
+    (eager, _), (replayed, captured) = runs
+    assert captured == 4
+    for (want_loss, want), (got_loss, got) in zip(eager, replayed, strict=True):
+        assert got_loss == want_loss and all(torch.equal(got[n], want[n]) for n in want)
+    assert len({loss for loss, _ in eager}) == 4

@@ -112,10 +112,9 @@ class LayerGraphs:
                 torch.cuda.synchronize(hidden.device)
                 return fn(hidden, cos, sin)
         h_in, h_out = self._slots(entry)
-        stream = torch.cuda.current_stream(hidden.device)
-        self._wait(stream, h_out)
+        self._wait(h_out)
         if hidden.data_ptr() != h_in.data_ptr():
-            self._wait(stream, h_in)
+            self._wait(h_in)
             h_in.copy_(hidden)
         assert entry.cos is not None and entry.sin is not None
         entry.cos.copy_(cos)
@@ -140,10 +139,11 @@ class LayerGraphs:
         ring = self._rings[entry.shape]
         return ring[entry.index % _RING], ring[(entry.index + 1) % _RING]
 
-    def _wait(self, stream: torch.cuda.Stream, slot: torch.Tensor) -> None:
+    def _wait(self, slot: torch.Tensor) -> None:
+        """The current stream waits until the copy reading slot (if any) is done."""
         event = self._busy.pop(slot.data_ptr(), None)
         if event is not None:
-            stream.wait_event(event)
+            torch.cuda.current_stream(slot.device).wait_event(event)
 
     def _make_room(self, shape: tuple) -> None:
         shapes = list(dict.fromkeys(s for _, s in self._entries))
@@ -157,25 +157,34 @@ class LayerGraphs:
         self._pools.pop(oldest, None)
 
     def _capture(self, entry: Entry, fn: LayerFn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        device = hidden.device
         if entry.shape not in self._rings:
             self._rings[entry.shape] = [torch.empty_like(hidden) for _ in range(_RING)]
-            self._pools[entry.shape] = torch.cuda.graph_pool_handle()
+            self._pools[entry.shape] = self._new_pool()
         h_in, h_out = self._slots(entry)
-        current = torch.cuda.current_stream(device)
-        self._wait(current, h_in)
-        self._wait(current, h_out)
+        self._wait(h_in)
+        self._wait(h_out)
         h_in.copy_(hidden)
         entry.cos, entry.sin = cos.clone(), sin.clone()
+        cos_, sin_ = entry.cos, entry.sin
+        entry.graph = self._record(lambda: h_out.copy_(fn(h_in, cos_, sin_)), self._pools[entry.shape], hidden.device)
+
+    @staticmethod
+    def _new_pool() -> Any:
+        return torch.cuda.graph_pool_handle()
+
+    def _record(self, work: Callable[[], Any], pool: Any, device: torch.device) -> Any:
+        """work() captured as a CUDA graph on the side stream, after one run there (its cuBLAS workspace, lazy
+        state); returns the graph (its replay() runs work on the current stream)."""
+        current = torch.cuda.current_stream(device)
         if self._stream is None:
             self._stream = torch.cuda.Stream(device)
         side = self._stream
         side.wait_stream(current)
-        with torch.cuda.stream(side):  # a run on the capture stream first (its cuBLAS workspace, lazy state)
-            h_out.copy_(fn(h_in, entry.cos, entry.sin))
+        with torch.cuda.stream(side):
+            work()
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: other threads (autograd's, NCCL's watchdog under DDP) may use CUDA meanwhile
-        with torch.cuda.graph(graph, pool=self._pools[entry.shape], stream=side, capture_error_mode="thread_local"):
-            h_out.copy_(fn(h_in, entry.cos, entry.sin))
-        entry.graph = graph
+        with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+            work()
+        return graph
