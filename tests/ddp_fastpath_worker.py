@@ -1,7 +1,10 @@
 """Run by tests/test_distributed.py under torchrun (gloo): each process trains the tiny model on finechat's fast path
 (fused layers, checkpointing that recomputes inside backward) wrapped in DistributedDataParallel with finechat's
-DDP options, on its half of a batch for two SGD steps, and saves the gradients DDP left on its adapter weights.
-The test compares them with one process on the whole batch (build, batch and train below, shared by both)."""
+DDP options, on its half of a batch for three SGD steps, and saves the gradients DDP left on its adapter weights.
+The test compares them with one process on the whole batch (build, batch and train below, shared by both). With
+"graphs" as third argument the layers go through finechat.layer_graphs' bookkeeping with forward and backward
+"graphs" that CPU replays (tests/test_layer_graphs.CPUGraphs): the backward's parameter gradients then reach DDP as
+the checkpoint's outputs."""
 
 from __future__ import annotations
 
@@ -13,16 +16,22 @@ import torch
 from finechat import distributed, fastpath
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ROWS, SEQ, STEPS = 4, 32, 2
+ROWS, SEQ, STEPS = 4, 32, 3  # steps: eager, captured, replayed
 
 
-def build(model_dir: str):
+def build(model_dir: str, graphs: bool = False):
     """The tiny model on the fast path with a LoRA whose B is not zero (so every adapter weight gets a gradient)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = fastpath.prepare(model, gradient_checkpointing=True, require_cuda=False)
+    if graphs:
+        from test_layer_graphs import CPUGraphs
+
+        shared = CPUGraphs(backward_enabled=True)
+        for layer in fastpath._decoder_layers(model) or []:
+            layer._graphs = shared
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
     with torch.no_grad():
@@ -50,13 +59,13 @@ def train(model, step_model, ids: torch.Tensor) -> list[dict[str, torch.Tensor]]
     return grads
 
 
-def main(model_dir: str, out: Path) -> None:
+def main(model_dir: str, out: Path, graphs: bool = False) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = build(model_dir)
+    model = build(model_dir, graphs)
     layers = model.get_base_model().model.layers
     assert all(isinstance(layer, fastpath.FastDecoderLayer) for layer in layers)
     recomputed = []  # the fast layers' outputs come from finechat.offload's checkpoint, not from plain autograd
@@ -65,9 +74,10 @@ def main(model_dir: str, out: Path) -> None:
     rows = ROWS // world
     ids = batch(model.config.vocab_size)[rank * rows : (rank + 1) * rows]
     grads = train(model, ddp, ids)
-    torch.save({"grads": grads, "recomputed": recomputed}, out / f"rank{rank}.pt")
+    replayed = layers[0]._graphs.captured_backward() if graphs else 0
+    torch.save({"grads": grads, "recomputed": recomputed, "backward_graphs": replayed}, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    main(sys.argv[1], Path(sys.argv[2]), graphs=sys.argv[3:] == ["graphs"])

@@ -1,6 +1,7 @@
 """The bookkeeping of finechat.layer_graphs on CPU tensors (capture and replay need CUDA: the GPU test in
 tests/test_fastpath.py checks that graphed steps give the eager steps' losses and gradients)."""
 
+import pytest
 import torch
 
 from finechat.layer_graphs import MAX_SHAPES, LayerGraphs
@@ -71,9 +72,11 @@ class CPUGraphs(AnyDevice):
         return Replayed(work)
 
 
-def test_replays_through_the_ring_give_the_eager_losses_and_grads(tmp_path):
-    """Four layers (more than the ring's three buffers), dropout, step 1 eager, 2 captured, 3 and 4 replayed: the
-    same losses and LoRA gradients as the eager layers, bit for bit, and a new mask at every step."""
+@pytest.mark.parametrize("backward", [False, True])
+def test_replays_through_the_ring_give_the_eager_losses_and_grads(tmp_path, backward):
+    """Four layers (more than the ring's three buffers), dropout, step 1 eager, 2 captured, 3 and 4 replayed (the
+    forwards, and with backward=True the recomputes and backwards too): the same losses and LoRA gradients as the
+    eager layers, bit for bit, and a new mask at every step."""
     from peft import LoraConfig, get_peft_model
 
     from conftest import build_model
@@ -82,7 +85,7 @@ def test_replays_through_the_ring_give_the_eager_losses_and_grads(tmp_path):
     folder = build_model(tmp_path / "m", "mistral", layers=4)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     runs = []
-    for graphs in (None, CPUGraphs()):
+    for graphs in (None, CPUGraphs(backward_enabled=backward)):
         model = fastpath.prepare(models.load_base(str(folder), quantize="none"), require_cuda=False)
         for layer in fastpath._decoder_layers(model):
             layer._graphs = graphs or LayerGraphs(enabled=False)
@@ -98,9 +101,9 @@ def test_replays_through_the_ring_give_the_eager_losses_and_grads(tmp_path):
             loss.backward()
             steps.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
             model.zero_grad(set_to_none=True)
-        runs.append((steps, graphs.captured() if graphs is not None else 0))
+        runs.append((steps, (graphs.captured(), graphs.captured_backward()) if graphs is not None else None))
     (eager, _), (replayed, captured) = runs
-    assert captured == 4
+    assert captured == (4, 4 if backward else 0)
     for (want_loss, want), (got_loss, got) in zip(eager, replayed, strict=True):
         assert got_loss == want_loss and all(torch.equal(got[n], want[n]) for n in want)
     assert len({loss for loss, _ in eager}) == 4

@@ -3,7 +3,7 @@ written again (the GPU path, with pinned host copies, is in tests/test_fastpath.
 
 import torch
 
-from finechat.offload import Offloader, checkpoint
+from finechat.offload import Offloader, Passes, checkpoint
 
 
 def test_checkpoint_recomputes_in_backward_what_its_first_pass_computed():
@@ -24,14 +24,14 @@ def test_checkpoint_recomputes_in_backward_what_its_first_pass_computed():
         calls["again"] += 1
         return torch.tanh(h @ weight)
 
-    out = checkpoint(run, x, Offloader(), 0, first)
+    out = checkpoint(run, x, Offloader(), 0, Passes(first=first))
     assert calls == {"run": 0, "first": 1, "again": 0} and out.requires_grad
     out.sum().backward()
     assert calls == {"run": 1, "first": 1, "again": 0}  # backward recomputed through run
     want_x, want_w = torch.autograd.grad(torch.tanh(x @ weight).sum(), [x, weight])
     assert torch.allclose(x.grad, want_x) and torch.allclose(weight.grad, want_w)
     x.grad = weight.grad = None
-    checkpoint(run, x, Offloader(), 0, None, again).sum().backward()
+    checkpoint(run, x, Offloader(), 0, Passes(again=again)).sum().backward()
     assert calls == {"run": 2, "first": 1, "again": 1}  # run in forward, again in backward
     assert torch.allclose(x.grad, want_x) and torch.allclose(weight.grad, want_w)
 

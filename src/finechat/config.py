@@ -78,6 +78,10 @@ class TrainConfig:
         "at most 4096 tokens, where launching its kernels one by one takes the host longer than the GPU takes to run "
         "them",
     )
+    cuda_graph_backward: bool = _f(
+        False,
+        "with cuda_graphs: replay each layer's recompute and backward as a CUDA graph too (not yet measured on a GPU)",
+    )
     numa_binding: bool = _f(
         False,
         "with several GPUs: pin each process to the CPUs of its GPU's NUMA node, as torchrun --numa-binding=node does "

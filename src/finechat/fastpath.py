@@ -29,7 +29,7 @@ from finechat.kernels.rms_norm import rms_norm
 from finechat.kernels.rope import apply_rope
 from finechat.kernels.swiglu import swiglu
 from finechat.layer_graphs import LayerGraphs
-from finechat.offload import Offloader, checkpoint
+from finechat.offload import Offloader, Passes, checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ def prepare(
     require_cuda: bool = True,
     offload: bool = True,
     cuda_graphs: bool = True,
+    cuda_graph_backward: bool = False,
 ) -> nn.Module:
     """Make a freshly loaded base model ready for LoRA training on the fast path (in place; returns it).
 
@@ -81,7 +82,8 @@ def prepare(
     offloading when gradient_checkpointing is on. Apply LoRA (peft) afterwards, as after
     prepare_model_for_kbit_training. require_cuda=False runs it on CPU, for tests of the arithmetic; offload=False
     keeps the checkpoints on the GPU; cuda_graphs=False runs the checkpointed forwards eagerly instead of replaying
-    them as CUDA graphs at small batches (finechat.layer_graphs)."""
+    them as CUDA graphs at small batches (finechat.layer_graphs); cuda_graph_backward=True replays each layer's
+    recompute and backward as a graph too (not yet measured on a GPU, so off by default)."""
     reason = unsupported_reason(model, require_cuda=require_cuda)
     if reason is not None:
         raise ValueError(f"finechat fast path: unsupported {reason}; train with --no-fast-path")
@@ -91,7 +93,8 @@ def prepare(
         model.config.use_cache = False
     layers = _decoder_layers(model)
     assert layers is not None
-    offloader, graphs = Offloader(enabled=offload), LayerGraphs(enabled=cuda_graphs)
+    offloader = Offloader(enabled=offload)
+    graphs = LayerGraphs(enabled=cuda_graphs, backward_enabled=cuda_graph_backward)
     for i, layer in enumerate(layers):
         fast = layer if isinstance(layer, FastDecoderLayer) else FastDecoderLayer(layer, i, offloader, graphs)
         fast.gradient_checkpointing = gradient_checkpointing
@@ -110,6 +113,7 @@ def set_options(
     offload: bool | None = None,
     gradient_checkpointing: bool | None = None,
     cuda_graphs: bool | None = None,
+    cuda_graph_backward: bool | None = None,
 ) -> None:
     """Switch offloading, checkpointing or CUDA graphs of a prepared model's fast layers (None leaves a setting)."""
     for layer in _decoder_layers(model) or []:
@@ -120,6 +124,9 @@ def set_options(
                 layer.gradient_checkpointing = gradient_checkpointing
             if cuda_graphs is not None:
                 layer._graphs.enabled = cuda_graphs
+                layer._graphs.clear()
+            if cuda_graph_backward is not None:
+                layer._graphs.backward_enabled = cuda_graph_backward
                 layer._graphs.clear()
 
 
@@ -204,17 +211,25 @@ class FastDecoderLayer(nn.Module):
 
         if not self.gradient_checkpointing:
             return run(hidden_states)
-        first = None
-        if graphed is not None:
-            entry = graphed
+        if graphed is None:
+            return checkpoint(run, hidden_states, self._offloader, self.layer_index, Passes(again=again))
+        entry, graphs = graphed, self._graphs
 
-            def layer(h: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-                return self._layer(h, c, s, None, seeds, found)
+        def layer(h: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            return self._layer(h, c, s, None, seeds, found)
 
-            def first(h: torch.Tensor, copied: torch.cuda.Event | None) -> torch.Tensor:
-                return self._graphs.forward(entry, layer, h, cos, sin, copied)
+        def first(h: torch.Tensor, copied: torch.cuda.Event | None) -> torch.Tensor:
+            return graphs.forward(entry, layer, h, cos, sin, copied)
 
-        return checkpoint(run, hidden_states, self._offloader, self.layer_index, first, again)
+        passes = Passes(first=first, again=again)
+        if graphs.backward_enabled:
+            params = tuple(p for p in self.parameters() if p.requires_grad)  # what the eager backward would reach
+
+            def backward(h: torch.Tensor, grad: torch.Tensor) -> Any:
+                return graphs.backward(entry, again, params, h, grad)
+
+            passes = Passes(first=first, again=again, backward=backward, params=params)
+        return checkpoint(run, hidden_states, self._offloader, self.layer_index, passes)
 
     @staticmethod
     def _graph_key(found: dict[str, Any]) -> tuple:

@@ -19,7 +19,12 @@ How it is kept exact and small:
   that the GPU is the bottleneck anyway), and only the latest `MAX_SHAPES` shapes keep their graphs;
 - a failed capture (an operation that cannot be captured) switches graphs off for the process with a warning, and the
   layers run eagerly as before.
-Only the no-grad forward is graphed: the recompute and backward run eagerly, with autograd."""
+By default only the no-grad forward is graphed: the recompute and backward run eagerly, with autograd. With
+`backward_enabled` (`finechat train --cuda-graph-backward`, not yet measured on a GPU) each layer's recompute and
+backward are captured too, as one graph from the layer's input and its output's gradient to the input's gradient and
+the parameters' gradients (torch.autograd.grad inside the capture, in the same pool, at the second step's backward);
+the parameters' gradients then reach autograd as the checkpoint's own outputs, so they accumulate (and DDP's hooks
+fire) as before."""
 
 from __future__ import annotations
 
@@ -51,6 +56,9 @@ class Entry:
     graph: Any = None
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
+    backward_calls: int = 0
+    backward_graph: Any = None
+    grads: list[torch.Tensor] = field(default_factory=list)  # the backward graph's parameter gradients
 
 
 @dataclass
@@ -58,12 +66,15 @@ class LayerGraphs:
     """The graphs of one model's fast decoder layers (shared by them, like their Offloader)."""
 
     enabled: bool = True
+    backward_enabled: bool = False  # the recompute and backward as a graph too (see backward)
     max_tokens: int = 4096
     failed: str = ""  # why capturing failed (graphs are then off)
+    failed_backward: str = ""  # why capturing a backward failed (backward graphs are then off)
     _entries: dict[tuple, Entry] = field(default_factory=dict)  # (layer index, shape) -> entry
     _rings: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)
     _pools: dict[tuple, Any] = field(default_factory=dict)
     _busy: dict[int, torch.cuda.Event] = field(default_factory=dict)  # ring slot address -> copy reading it
+    _backward_buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _stream: torch.cuda.Stream | None = None
 
     def entry(
@@ -124,16 +135,53 @@ class LayerGraphs:
             self._busy[h_in.data_ptr()] = reading
         return h_out.detach()  # a new tensor over the slot: autograd's bookkeeping stays off the ring's tensors
 
+    def backward(
+        self,
+        entry: Entry,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        params: tuple[torch.Tensor, ...],
+        hidden: torch.Tensor,
+        grad: torch.Tensor,
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]] | None:
+        """The recompute fn(hidden) and its backward from grad, through entry's backward graph once it is captured:
+        hidden's gradient and params' gradients (copies: the graph's buffers are written again at the next replay),
+        or None when this call runs eagerly (backward graphs off, the first call at a shape, a failed capture)."""
+        if not self.backward_enabled or self.failed_backward:
+            return None
+        entry.backward_calls += 1
+        if entry.backward_graph is None:
+            if entry.backward_calls < 2:
+                return None
+            try:
+                self._capture_backward(entry, fn, params, hidden, grad)
+            except Exception as e:  # an operation that cannot be captured: eager from now on
+                self.failed_backward = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                log.warning("CUDA graphs of the layer backwards failed (%s); they run eagerly", self.failed_backward)
+                for other in self._entries.values():
+                    other.backward_graph, other.grads = None, []
+                return None
+        h, g, dh = self._backward_buffers[entry.shape]
+        with torch.no_grad():
+            h.copy_(hidden)
+            g.copy_(grad)
+        entry.backward_graph.replay()
+        return dh.clone(), [buffer.clone() for buffer in entry.grads]
+
     def clear(self) -> None:
         """Drop every graph (their memory returns to the allocator's cache)."""
         self._entries.clear()
         self._rings.clear()
         self._pools.clear()
         self._busy.clear()
+        self._backward_buffers.clear()
 
     def captured(self) -> int:
-        """How many layer graphs are captured (for tests and the bench)."""
+        """How many layer forward graphs are captured (for tests and the bench)."""
         return sum(entry.graph is not None for entry in self._entries.values())
+
+    def captured_backward(self) -> int:
+        """How many layer backward graphs are captured."""
+        return sum(entry.backward_graph is not None for entry in self._entries.values())
 
     def _slots(self, entry: Entry) -> tuple[torch.Tensor, torch.Tensor]:
         ring = self._rings[entry.shape]
@@ -155,6 +203,7 @@ class LayerGraphs:
         for slot in ring:
             self._busy.pop(slot.data_ptr(), None)
         self._pools.pop(oldest, None)
+        self._backward_buffers.pop(oldest, None)
 
     def _capture(self, entry: Entry, fn: LayerFn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         if entry.shape not in self._rings:
@@ -167,6 +216,39 @@ class LayerGraphs:
         entry.cos, entry.sin = cos.clone(), sin.clone()
         cos_, sin_ = entry.cos, entry.sin
         entry.graph = self._record(lambda: h_out.copy_(fn(h_in, cos_, sin_)), self._pools[entry.shape], hidden.device)
+
+    def _capture_backward(
+        self,
+        entry: Entry,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        params: tuple[torch.Tensor, ...],
+        hidden: torch.Tensor,
+        grad: torch.Tensor,
+    ) -> None:
+        if entry.shape not in self._pools:
+            self._pools[entry.shape] = self._new_pool()
+        if entry.shape not in self._backward_buffers:
+            buffers = (torch.empty_like(hidden).requires_grad_(True), torch.empty_like(grad), torch.empty_like(hidden))
+            self._backward_buffers[entry.shape] = buffers
+        h, g, dh = self._backward_buffers[entry.shape]
+        with torch.no_grad():
+            h.copy_(hidden)
+            g.copy_(grad)
+        grads = [torch.empty_like(p) for p in params]  # outside the pool: they outlive the graph's run
+
+        def work() -> None:
+            with torch.enable_grad():
+                out = fn(h)
+            got = torch.autograd.grad(out, [h, *params], g, allow_unused=True)
+            with torch.no_grad():
+                for buffer, value in zip([dh, *grads], got, strict=True):
+                    if value is None:  # a parameter this layer's output does not depend on
+                        buffer.zero_()
+                    else:
+                        buffer.copy_(value)
+
+        entry.backward_graph = self._record(work, self._pools[entry.shape], hidden.device)
+        entry.grads = grads
 
     @staticmethod
     def _new_pool() -> Any:

@@ -96,21 +96,53 @@ class Offloader:
         return buf[: x.numel()].view(x.shape)
 
 
+@dataclass(frozen=True)
+class Passes:
+    """How a checkpointed function's passes run, where not as run itself (every field optional):
+    - first(hidden, copied): the forward, without autograd (e.g. a CUDA graph's replay, finechat.layer_graphs); it
+      gets the event of hidden's copy to the host (None when hidden stays where it is), and its input buffers may be
+      written again before backward, so a checkpoint kept on the GPU is then a copy;
+    - again(hidden): the recompute in backward: the same gradients, but its result is never read, so it may skip
+      computing it;
+    - backward(hidden, grad): the recompute and the backward at once, returning hidden's gradient and the gradients
+      of params (in order), or None to run them eagerly this time;
+    - params: every parameter the function's gradients reach. Given, their gradients become the checkpoint's own
+      outputs in every backward, eager or not (an eager backward that accumulated them itself would make autograd
+      run their accumulation hooks twice, and DDP refuses a parameter marked ready twice)."""
+
+    first: Callable[[torch.Tensor, torch.cuda.Event | None], torch.Tensor] | None = None
+    again: Callable[[torch.Tensor], torch.Tensor] | None = None
+    backward: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, list[torch.Tensor | None]] | None] | None = (
+        None
+    )
+    params: tuple[torch.Tensor, ...] = ()
+
+
 class _Checkpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, offloader, key, hidden, first, again):  # type: ignore[override]
-        ctx.run, ctx.offloader, ctx.device = again or run, offloader, hidden.device
-        ctx.saved = offloader.save(key, hidden.detach(), reused=first is not None)
+    def forward(ctx, run, offloader, key, passes, hidden, *params):  # type: ignore[override]
+        ctx.run, ctx.offloader, ctx.device = passes.again or run, offloader, hidden.device
+        ctx.passes = passes
+        ctx.saved = offloader.save(key, hidden.detach(), reused=passes.first is not None)
         with torch.no_grad():
-            return run(hidden) if first is None else first(hidden, ctx.saved.copied)
+            return run(hidden) if passes.first is None else passes.first(hidden, ctx.saved.copied)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        hidden = ctx.offloader.load(ctx.saved, ctx.device).detach().requires_grad_(True)
+        hidden = ctx.offloader.load(ctx.saved, ctx.device).detach()
+        done = ctx.passes.backward(hidden, grad) if ctx.passes.backward is not None else None
+        if done is not None:  # the params' gradients go back through autograd (DDP's hooks see them)
+            hidden_grad, param_grads = done
+            return None, None, None, None, hidden_grad, *param_grads
+        hidden.requires_grad_(True)
         with torch.enable_grad():
             out = ctx.run(hidden)
-        torch.autograd.backward(out, grad)
-        return None, None, None, hidden.grad, None, None
+        params = ctx.passes.params
+        if params:  # their gradients go back as this function's (once: DDP marks a parameter ready once a step)
+            got = torch.autograd.grad(out, [hidden, *params], grad, allow_unused=True)
+            return None, None, None, None, *got
+        torch.autograd.backward(out, grad)  # the layer's parameters' gradients accumulate here
+        return None, None, None, None, hidden.grad
 
 
 def checkpoint(
@@ -118,17 +150,12 @@ def checkpoint(
     hidden: torch.Tensor,
     offloader: Offloader,
     key: int,
-    first: Callable[[torch.Tensor, torch.cuda.Event | None], torch.Tensor] | None = None,
-    again: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    passes: Passes = Passes(),
 ) -> torch.Tensor:
     """run(hidden) with its activations recomputed in backward and hidden kept on the host in between.
 
     run must be deterministic (draw random seeds outside it). Parameter gradients accumulate during backward, as with
-    torch's reentrant checkpoint, so use loss.backward() rather than torch.autograd.grad. first, when given, computes
-    the forward instead of run (the same function, e.g. replayed as a CUDA graph by finechat.layer_graphs): it gets
-    hidden and the event of hidden's copy to the host (None when hidden stays where it is), and its input buffers may
-    be written again before backward, so a checkpoint kept on the GPU is then a copy. again, when given, is the
-    recompute instead of run: the same gradients, but its result is never read, so it may skip computing it."""
+    torch's reentrant checkpoint, so use loss.backward() rather than torch.autograd.grad. passes: see Passes."""
     if not hidden.requires_grad:  # the first layer's input: without this its backward would never be called
         hidden = hidden.detach().requires_grad_(True)
-    return _Checkpoint.apply(run, offloader, key, hidden, first, again)
+    return _Checkpoint.apply(run, offloader, key, passes, hidden, *passes.params)

@@ -199,6 +199,7 @@ def _build_trainer(
             gradient_checkpointing=config.gradient_checkpointing,
             offload=config.offload_activations,
             cuda_graphs=config.cuda_graphs,
+            cuda_graph_backward=config.cuda_graph_backward,
         )
     elif config.quantize == "nf4" and not fsdp:
         model = prepare_model_for_kbit_training(
