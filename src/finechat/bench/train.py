@@ -15,7 +15,9 @@ batches: `warmup` steps, then `steps` timed steps, as ../shared/baselines/seed_s
   dropout mask written out and cuBLAS for the adapter products instead of the fused kernels), finechat-bnbdequant
   (bitsandbytes' dequantize_4bit instead of finechat's NF4 kernel), finechat-qkvapart (q, k and v as three LoRA
   functions, each with its own mask, decoding and GEMM, instead of one group), finechat-nographs (the layer
-  forwards launched op by op instead of replayed as CUDA graphs, at batches of at most 4096 tokens); and one variant
+  forwards launched op by op instead of replayed as CUDA graphs, at batches of at most 4096 tokens),
+  finechat-fullrecompute (the recompute computes the down projection's product too, which nothing reads); and one
+  variant
   that switches a part on instead: finechat-backwardgraphs (the recompute and backward replayed as graphs too).
 With --pairs N each ablation is measured N times, each time right after finechat as it is on the same model, and
 the JSON's "pairs" gives the median of the pairs' ratios: at the host-bound small shapes single rows of one call move
@@ -79,6 +81,7 @@ ABLATIONS = (
     "finechat-bnbdequant",
     "finechat-qkvapart",
     "finechat-nographs",
+    "finechat-fullrecompute",
     "finechat-backwardgraphs",
 )
 OPT_IN = ("finechat-backwardgraphs",)  # ablation systems that switch a part on instead of off
@@ -379,6 +382,8 @@ def _ablate(model, step: _Step, system: str, on: bool) -> None:
         lora_linear.ENABLED["groups"] = not on
     elif system == "finechat-nographs":
         fastpath.set_options(model, cuda_graphs=not on)
+    elif system == "finechat-fullrecompute":
+        fastpath.ENABLED["skip_last_product"] = not on  # read at each recompute (each row starts without graphs)
     elif system == "finechat-backwardgraphs":  # not a part switched off: one switched on (off by default)
         fastpath.set_options(model, cuda_graph_backward=on)
 
