@@ -196,7 +196,7 @@ class FastDecoderLayer(nn.Module):
         dropout = any(f is not None and f[1].dropout > 0 for f in found.values())
         cos, sin = position_embeddings
         graphed = None
-        if self.gradient_checkpointing:
+        if self.gradient_checkpointing and self._graphs.enabled:  # (the key costs host time: only when it is used)
             graphed = self._graphs.entry(
                 self.layer_index, hidden_states, cos, attention_mask, len(_ATTN + _MLP), self._graph_key(found)
             )
