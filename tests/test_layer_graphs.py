@@ -74,9 +74,9 @@ class CPUGraphs(AnyDevice):
 
 @pytest.mark.parametrize("backward", [False, True])
 def test_replays_through_the_ring_give_the_eager_losses_and_grads(tmp_path, backward):
-    """Four layers (more than the ring's three buffers), dropout, step 1 eager, 2 captured, 3 and 4 replayed (the
-    forwards, and with backward=True the recomputes and backwards too): the same losses and LoRA gradients as the
-    eager layers, bit for bit, and a new mask at every step."""
+    """Four layers (more than the ring's three buffers), dropout, positions that shift, step 1 eager, 2 captured, 3
+    and 4 replayed (the forwards, and with backward=True the recomputes and backwards too): the same losses and LoRA
+    gradients as the eager layers, bit for bit, and a new mask at every step."""
     from peft import LoraConfig, get_peft_model
 
     from conftest import build_model
@@ -96,8 +96,11 @@ def test_replays_through_the_ring_give_the_eager_losses_and_grads(tmp_path, back
         torch.manual_seed(5)  # the layers draw their dropout seeds from torch's generator
         ids = torch.randint(0, model.config.vocab_size, (2, 24))
         steps = []
-        for _ in range(4):
-            loss = fastpath.causal_lm_loss(model, ids, ids)
+        for step in range(4):
+            # positions shift each step, so the rotary tables differ: a graph that kept the capture step's tables
+            # (not its own buffers, refilled at each replay) would give other gradients
+            positions = (torch.arange(ids.shape[1]) + 5 * step).expand_as(ids)
+            loss = model(input_ids=ids, position_ids=positions, labels=ids).loss
             loss.backward()
             steps.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
             model.zero_grad(set_to_none=True)

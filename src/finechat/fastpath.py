@@ -228,8 +228,15 @@ class FastDecoderLayer(nn.Module):
         if graphs.backward_enabled:
             params = tuple(p for p in self.parameters() if p.requires_grad)  # what the eager backward would reach
 
+            def recompute(h: torch.Tensor) -> torch.Tensor:
+                # In the graph, every tensor it reads must outlive the capture: the forward graph's rotary buffers
+                # (refilled at each forward replay), not this step's tables, which are freed after the step.
+                assert entry.cos is not None and entry.sin is not None
+                output = not ENABLED["skip_last_product"]
+                return self._layer(h, entry.cos, entry.sin, None, seeds, found, output=output)
+
             def backward(h: torch.Tensor, grad: torch.Tensor) -> Any:
-                return graphs.backward(entry, again, params, h, grad)
+                return graphs.backward(entry, recompute, params, h, grad)
 
             passes = Passes(first=first, again=again, backward=backward, params=params)
         return checkpoint(run, hidden_states, self._offloader, self.layer_index, passes)

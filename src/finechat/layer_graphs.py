@@ -145,7 +145,9 @@ class LayerGraphs:
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]] | None:
         """The recompute fn(hidden) and its backward from grad, through entry's backward graph once it is captured:
         hidden's gradient and params' gradients (copies: the graph's buffers are written again at the next replay),
-        or None when this call runs eagerly (backward graphs off, the first call at a shape, a failed capture)."""
+        or None when this call runs eagerly (backward graphs off, the first call at a shape, a failed capture).
+        Every tensor fn reads besides its argument must outlive the graph (the graph keeps addresses, not tensors):
+        parameters, entry's seeds and its forward graph's rotary buffers."""
         if not self.backward_enabled or self.failed_backward:
             return None
         entry.backward_calls += 1
