@@ -63,11 +63,7 @@ class CPUGraphs(AnyDevice):
     """LayerGraphs whose 'capture' runs the work once and keeps it to run again: the buffers, the ring and the
     seeds behave as with CUDA graphs, without a GPU."""
 
-    @staticmethod
-    def _new_pool():
-        return None
-
-    def _record(self, work, pool, device):
+    def _record(self, work, shape, device):
         work()
         return Replayed(work)
 

@@ -111,25 +111,28 @@ class LayerGraphs:
         """fn(hidden, cos, sin) without autograd, through entry's graph once it is captured. reading: the event of
         the (offload) copy that reads hidden, which must be done before hidden's buffer is written again."""
         entry.calls += 1
-        if entry.graph is None:
-            if entry.calls < 2 or self.failed:
-                return fn(hidden, cos, sin)
-            try:
-                self._capture(entry, fn, hidden, cos, sin)
-            except Exception as e:  # an operation that cannot be captured: eager from now on
-                self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                log.warning("CUDA graphs of the layer forwards failed (%s); the layers run eagerly", self.failed)
-                self.clear()
-                torch.cuda.synchronize(hidden.device)
-                return fn(hidden, cos, sin)
-        h_in, h_out = self._slots(entry)
+        if entry.graph is None and (entry.calls < 2 or self.failed):
+            return fn(hidden, cos, sin)
+        h_in, h_out = self._slots(entry, hidden)
         self._wait(h_out)
         if hidden.data_ptr() != h_in.data_ptr():
             self._wait(h_in)
             h_in.copy_(hidden)
-        assert entry.cos is not None and entry.sin is not None
-        entry.cos.copy_(cos)
-        entry.sin.copy_(sin)
+        if entry.cos is None or entry.sin is None:
+            entry.cos, entry.sin = cos.clone(), sin.clone()
+        else:
+            entry.cos.copy_(cos)
+            entry.sin.copy_(sin)
+        if entry.graph is None:
+            try:
+                cos_, sin_ = entry.cos, entry.sin
+                entry.graph = self._record(lambda: h_out.copy_(fn(h_in, cos_, sin_)), entry.shape, hidden.device)
+            except Exception as e:  # an operation that cannot be captured: eager from now on
+                self.failed = _why(e)
+                log.warning("CUDA graphs of the layer forwards failed (%s); the layers run eagerly", self.failed)
+                self.clear()
+                torch.cuda.synchronize(hidden.device)
+                return fn(hidden, cos, sin)
         entry.graph.replay()
         if reading is not None and hidden.data_ptr() == h_in.data_ptr():
             self._busy[h_in.data_ptr()] = reading
@@ -151,21 +154,24 @@ class LayerGraphs:
         if not self.backward_enabled or self.failed_backward:
             return None
         entry.backward_calls += 1
-        if entry.backward_graph is None:
-            if entry.backward_calls < 2:
-                return None
-            try:
-                self._capture_backward(entry, fn, params, hidden, grad)
-            except Exception as e:  # an operation that cannot be captured: eager from now on
-                self.failed_backward = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                log.warning("CUDA graphs of the layer backwards failed (%s); they run eagerly", self.failed_backward)
-                for other in self._entries.values():
-                    other.backward_graph, other.grads = None, []
-                return None
+        if entry.backward_graph is None and entry.backward_calls < 2:
+            return None
+        if entry.shape not in self._backward_buffers:
+            buffers = (torch.empty_like(hidden).requires_grad_(True), torch.empty_like(grad), torch.empty_like(hidden))
+            self._backward_buffers[entry.shape] = buffers
         h, g, dh = self._backward_buffers[entry.shape]
         with torch.no_grad():
             h.copy_(hidden)
             g.copy_(grad)
+        if entry.backward_graph is None:
+            try:
+                self._capture_backward(entry, fn, params)
+            except Exception as e:  # an operation that cannot be captured: eager from now on
+                self.failed_backward = _why(e)
+                log.warning("CUDA graphs of the layer backwards failed (%s); they run eagerly", self.failed_backward)
+                for other in self._entries.values():
+                    other.backward_graph, other.grads = None, []
+                return None
         entry.backward_graph.replay()
         return dh.clone(), [buffer.clone() for buffer in entry.grads]
 
@@ -185,8 +191,11 @@ class LayerGraphs:
         """How many layer backward graphs are captured."""
         return sum(entry.backward_graph is not None for entry in self._entries.values())
 
-    def _slots(self, entry: Entry) -> tuple[torch.Tensor, torch.Tensor]:
-        ring = self._rings[entry.shape]
+    def _slots(self, entry: Entry, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ring buffers entry's layer reads and writes (the ring made at its shape's first use)."""
+        ring = self._rings.get(entry.shape)
+        if ring is None:
+            ring = self._rings[entry.shape] = [torch.empty_like(hidden) for _ in range(_RING)]
         return ring[entry.index % _RING], ring[(entry.index + 1) % _RING]
 
     def _wait(self, slot: torch.Tensor) -> None:
@@ -207,35 +216,10 @@ class LayerGraphs:
         self._pools.pop(oldest, None)
         self._backward_buffers.pop(oldest, None)
 
-    def _capture(self, entry: Entry, fn: LayerFn, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        if entry.shape not in self._rings:
-            self._rings[entry.shape] = [torch.empty_like(hidden) for _ in range(_RING)]
-            self._pools[entry.shape] = self._new_pool()
-        h_in, h_out = self._slots(entry)
-        self._wait(h_in)
-        self._wait(h_out)
-        h_in.copy_(hidden)
-        entry.cos, entry.sin = cos.clone(), sin.clone()
-        cos_, sin_ = entry.cos, entry.sin
-        entry.graph = self._record(lambda: h_out.copy_(fn(h_in, cos_, sin_)), self._pools[entry.shape], hidden.device)
-
     def _capture_backward(
-        self,
-        entry: Entry,
-        fn: Callable[[torch.Tensor], torch.Tensor],
-        params: tuple[torch.Tensor, ...],
-        hidden: torch.Tensor,
-        grad: torch.Tensor,
+        self, entry: Entry, fn: Callable[[torch.Tensor], torch.Tensor], params: tuple[torch.Tensor, ...]
     ) -> None:
-        if entry.shape not in self._pools:
-            self._pools[entry.shape] = self._new_pool()
-        if entry.shape not in self._backward_buffers:
-            buffers = (torch.empty_like(hidden).requires_grad_(True), torch.empty_like(grad), torch.empty_like(hidden))
-            self._backward_buffers[entry.shape] = buffers
         h, g, dh = self._backward_buffers[entry.shape]
-        with torch.no_grad():
-            h.copy_(hidden)
-            g.copy_(grad)
         grads = [torch.empty_like(p) for p in params]  # outside the pool: they outlive the graph's run
 
         def work() -> None:
@@ -249,16 +233,15 @@ class LayerGraphs:
                     else:
                         buffer.copy_(value)
 
-        entry.backward_graph = self._record(work, self._pools[entry.shape], hidden.device)
+        entry.backward_graph = self._record(work, entry.shape, h.device)
         entry.grads = grads
 
-    @staticmethod
-    def _new_pool() -> Any:
-        return torch.cuda.graph_pool_handle()
-
-    def _record(self, work: Callable[[], Any], pool: Any, device: torch.device) -> Any:
-        """work() captured as a CUDA graph on the side stream, after one run there (its cuBLAS workspace, lazy
-        state); returns the graph (its replay() runs work on the current stream)."""
+    def _record(self, work: Callable[[], Any], shape: tuple, device: torch.device) -> Any:
+        """work() captured as a CUDA graph on the side stream, in the memory pool of shape's graphs, after one run
+        there (its cuBLAS workspace, lazy state); returns the graph (its replay() runs work on the current stream)."""
+        pool = self._pools.get(shape)
+        if pool is None:
+            pool = self._pools[shape] = torch.cuda.graph_pool_handle()
         current = torch.cuda.current_stream(device)
         if self._stream is None:
             self._stream = torch.cuda.Stream(device)
@@ -272,3 +255,8 @@ class LayerGraphs:
         with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
             work()
         return graph
+
+
+def _why(e: Exception) -> str:
+    """An exception in one line, for a warning and the bench's rows."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
