@@ -317,8 +317,6 @@ def _paired(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per ablation and shape, over its pairs (finechat as it is, then the ablation, one right after the other on
     one model): the median tokens/s of each and the median of the pairs' ratios, i.e. what the part switched off
     buys. Pairs cancel the host's slow drifts, which move single small-shape rows by 20-35% within one call."""
-    import statistics
-
     base = {(r["paired_with"], r["shape"], r["pair"]): r for r in rows if r.get("paired_with") and r.get("tok_s")}
     groups: dict[tuple[str, str], list[tuple[int, int]]] = {}
     for r in rows:
