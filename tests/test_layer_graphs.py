@@ -4,7 +4,7 @@ tests/test_fastpath.py checks that graphed steps give the eager steps' losses an
 import pytest
 import torch
 
-from finechat.layer_graphs import MAX_SHAPES, LayerGraphs
+from finechat.layer_graphs import MAX_SHAPES, LayerGraphs, _why
 
 
 class AnyDevice(LayerGraphs):
@@ -106,3 +106,36 @@ def test_replays_through_the_ring_give_the_eager_losses_and_grads(tmp_path, back
     for (want_loss, want), (got_loss, got) in zip(eager, replayed, strict=True):
         assert got_loss == want_loss and all(torch.equal(got[n], want[n]) for n in want)
     assert len({loss for loss, _ in eager}) == 4
+
+
+def test_a_failed_capture_is_named_by_the_operation_that_failed_first():
+    try:
+        try:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nCUDA kernel errors ...")
+        except RuntimeError:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture") from None
+    except RuntimeError as e:
+        suppressed = _why(e)
+    try:
+        try:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nCUDA kernel errors ...")
+        except RuntimeError:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")  # noqa: B904
+    except RuntimeError as e:
+        chained = _why(e)
+    assert suppressed == "RuntimeError: CUDA error: operation failed due to a previous error during capture"
+    assert chained == (
+        "RuntimeError: CUDA error: operation not permitted when stream is capturing"
+        " (then RuntimeError: CUDA error: operation failed due to a previous error during capture)"
+    )
+
+
+@pytest.mark.gpu
+def test_random_draws_work_after_a_failed_capture():
+    """A capture that fails (here a host read inside it) leaves torch's CUDA generator as it was: the fast path's
+    seeds are drawn with it after a failed capture, eagerly."""
+    graphs, x = LayerGraphs(), torch.ones(4, device="cuda")
+    with pytest.raises(RuntimeError):
+        graphs._record(lambda: x.sum().item(), ("shape",), x.device)
+    assert torch.randint(0, 10, (4,), device="cuda").shape == (4,)
+    assert torch.empty(3, dtype=torch.int64, device="cuda").random_(0, 5).max().item() < 5

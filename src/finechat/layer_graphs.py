@@ -251,12 +251,35 @@ class LayerGraphs:
             work()
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads (autograd's, NCCL's watchdog under DDP) may use CUDA meanwhile
-        with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
-            work()
+        try:
+            # thread_local: other threads (autograd's, NCCL's watchdog under DDP) may use CUDA meanwhile
+            with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+                work()
+        except Exception:
+            _end_generator_capture(side)
+            raise
         return graph
 
 
-def _why(e: Exception) -> str:
-    """An exception in one line, for a warning and the bench's rows."""
+def _end_generator_capture(stream: torch.cuda.Stream) -> None:
+    """After a failed capture, torch's CUDA generator still counts itself as capturing (the capture's end raised
+    before the generator's epilogue ran), and every later random draw outside a graph raises "Offset increment
+    outside graph capture encountered unexpectedly" (seen on an H200: one failed backward capture stopped the whole
+    run). A capture that succeeds runs the generator's prologue and epilogue and leaves it as before."""
+    scratch = torch.zeros(1, device=stream.device)
+    with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=stream):
+        scratch.add_(1)
+
+
+def _why(e: BaseException) -> str:
+    """An exception in one line, for a warning and the bench's rows. A capture that fails reports "operation failed
+    due to a previous error during capture" when it ends; the operation that failed raised first, and is named too."""
+    line = _line(e)
+    first = e
+    while first.__context__ is not None and not first.__suppress_context__:
+        first = first.__context__
+    return line if first is e else f"{_line(first)} (then {line})"
+
+
+def _line(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
