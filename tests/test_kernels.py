@@ -278,7 +278,7 @@ def philox_keep(seed: int, p: float, rows: int, cols: int) -> np.ndarray:
     q, lanes = dropout_ops._Q, 8
     groups = -(-cols // (lanes * q))
     r, c = np.meshgrid(np.arange(rows, dtype=np.uint64), np.arange(cols, dtype=np.uint64), indexing="ij")
-    group, lane, j = c // np.uint64(lanes * q), (c // np.uint64(q)) % np.uint64(lanes), c % np.uint64(q)
+    group, j, lane = c // np.uint64(lanes * q), (c // np.uint64(lanes)) % np.uint64(q), c % np.uint64(lanes)
     counter = r * np.uint64(groups * q) + group * np.uint64(q) + j
     c0, c1 = counter & mask32, counter >> np.uint64(32)
     c2, c3 = np.zeros_like(c0), np.zeros_like(c0)

@@ -4,9 +4,9 @@ The mask of an input x, seen as a matrix [M, N] (rows = tokens, any leading dime
 of (seed, p, row, column). A seed is an int or a one-element int64 tensor; the kernels read it from device memory,
 so that seeds drawn on the GPU never wait for the host and a CUDA graph of a layer reads new ones at each replay
 (finechat.layer_graphs). On CUDA the mask comes from Philox-4x32-10 (Triton's `randint4x`), one call per 8 elements, each
-drawing 16 bits: columns are cut into groups of 8*Q; in group g, lane L = 2l + h in 0..7 holds columns
-g*8Q + L*Q + [0, Q), and the element at (row r, lane L, position j) takes half h (0: low 16 bits, 1: high) of output l
-of the Philox counter r*G*Q + g*Q + j (G groups per row). An element is kept when its 16-bit draw is at least
+drawing 16 bits: columns are cut into groups of 8*Q; in group g, column g*8Q + 8j + 2l + h (j in 0..Q-1, l in 0..3,
+h in 0..1) of row r takes half h (0: low 16 bits, 1: high) of output l of the Philox counter r*G*Q + g*Q + j (G groups
+per row), so one call covers eight neighbouring columns. An element is kept when its 16-bit draw is at least
 round(p * 2^16), so it is dropped with probability p within 2^-17. Drawing one value per Philox call (`tl.rand`, the
 first version) made the kernels arithmetic-bound: 137 ms of GPU time per step at 8x1024 on Mistral-7B (H200), for
 ~120 GB of memory traffic; one 32-bit value per output (four per call, the second version) still left the fused
@@ -163,9 +163,11 @@ def _lora_a_grad_fused(g: torch.Tensor, x: torch.Tensor, p: float, seed: Seed, s
     M, N = x.shape
     R = g.shape[1]
     groups = _cdiv(N, _GROUP)
-    # Split the rows so that about two programs per SM run; the partial sums add up in a fixed order (no atomics).
-    bm = 64
-    splits = max(1, min(_cdiv(2 * _sm_count(x.device), groups), _cdiv(M, bm)))
+    # Split the rows so that about four programs per SM run; the partial sums add up in a fixed order (no atomics).
+    # (32 rows a loop step and four programs per SM: 436 against 543 us a layer at 8x1024 on an H200, against 64 and
+    # two; benchmarks/probes/lora_dropout.py.)
+    bm = 32
+    splits = max(1, min(_cdiv(4 * _sm_count(x.device), groups), _cdiv(M, bm)))
     rows_per_split = _cdiv(_cdiv(M, splits), bm) * bm
     splits = _cdiv(M, rows_per_split)
     partial = torch.empty(splits, R, N, device=x.device, dtype=torch.float32)
@@ -193,6 +195,7 @@ def _lora_dx_fused(g: torch.Tensor, A: torch.Tensor, p: float, seed: Seed, scale
         _threshold(p),
         _seed_ptr(seed, g.device),
         float(scale),
+        num_stages=1,  # no loop to pipeline; Triton's default 3 made it slower (326 against 288 us a layer, 8x1024)
         **_dot_args(g, R, bm),
     )
     return out
