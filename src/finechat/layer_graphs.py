@@ -130,6 +130,7 @@ class LayerGraphs:
             except Exception as e:  # an operation that cannot be captured: eager from now on
                 self.failed = _why(e)
                 log.warning("CUDA graphs of the layer forwards failed (%s); the layers run eagerly", self.failed)
+                log.debug("where the capture failed first", exc_info=_first(e))
                 self.clear()
                 torch.cuda.synchronize(hidden.device)
                 return fn(hidden, cos, sin)
@@ -169,6 +170,7 @@ class LayerGraphs:
             except Exception as e:  # an operation that cannot be captured: eager from now on
                 self.failed_backward = _why(e)
                 log.warning("CUDA graphs of the layer backwards failed (%s); they run eagerly", self.failed_backward)
+                log.debug("where the capture failed first", exc_info=_first(e))
                 for other in self._entries.values():
                     other.backward_graph, other.grads = None, []
                 return None
@@ -274,11 +276,15 @@ def _end_generator_capture(stream: torch.cuda.Stream) -> None:
 def _why(e: BaseException) -> str:
     """An exception in one line, for a warning and the bench's rows. A capture that fails reports "operation failed
     due to a previous error during capture" when it ends; the operation that failed raised first, and is named too."""
-    line = _line(e)
-    first = e
-    while first.__context__ is not None and not first.__suppress_context__:
-        first = first.__context__
-    return line if first is e else f"{_line(first)} (then {line})"
+    first = _first(e)
+    return _line(e) if first is e else f"{_line(first)} (then {_line(e)})"
+
+
+def _first(e: BaseException) -> BaseException:
+    """The exception that started e's chain (the one raised while e's handling began), or e."""
+    while e.__context__ is not None and not e.__suppress_context__:
+        e = e.__context__
+    return e
 
 
 def _line(e: BaseException) -> str:
