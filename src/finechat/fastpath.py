@@ -14,6 +14,7 @@ tests/test_fastpath.py checks it on CPU (float32) and on CUDA (bf16, NF4)."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -228,12 +229,13 @@ class FastDecoderLayer(nn.Module):
         if graphs.backward_enabled:
             params = tuple(p for p in self.parameters() if p.requires_grad)  # what the eager backward would reach
 
-            def recompute(h: torch.Tensor) -> torch.Tensor:
+            def recompute(h: torch.Tensor, leaves: list[torch.Tensor]) -> torch.Tensor:
                 # In the graph, every tensor it reads must outlive the capture: the forward graph's rotary buffers
                 # (refilled at each forward replay), not this step's tables, which are freed after the step.
+                # leaves stand in for params (the same memory; see LayerGraphs.backward).
                 assert entry.cos is not None and entry.sin is not None
                 output = not ENABLED["skip_last_product"]
-                return self._layer(h, entry.cos, entry.sin, None, seeds, found, output=output)
+                return self._layer(h, entry.cos, entry.sin, None, seeds, _with_leaves(found, params, leaves), output)
 
             def backward(h: torch.Tensor, grad: torch.Tensor) -> Any:
                 return graphs.backward(entry, recompute, params, h, grad)
@@ -305,6 +307,18 @@ class FastDecoderLayer(nn.Module):
             # slices of one joined product would need copies first
             a = swiglu(linear(x, mlp, "gate_proj", 4), linear(x, mlp, "up_proj", 5))
             return h + linear(a, mlp, "down_proj", 6, output)
+
+
+def _with_leaves(found: dict[str, Any], params: tuple[torch.Tensor, ...], leaves: list[torch.Tensor]) -> dict[str, Any]:
+    """found (projection name -> (base layer, Adapter) or None) with each adapter's A and B replaced by their
+    stand-ins in leaves (leaves[i] stands in for params[i])."""
+    stand_in = {id(p): leaf for p, leaf in zip(params, leaves, strict=True)}
+    return {
+        name: None
+        if f is None
+        else (f[0], replace(f[1], A=stand_in.get(id(f[1].A), f[1].A), B=stand_in.get(id(f[1].B), f[1].B)))
+        for name, f in found.items()
+    }
 
 
 def _attention(

@@ -41,6 +41,8 @@ MAX_SHAPES = 2  # shapes whose graphs are kept (packed training has one; the las
 _RING = 3  # hidden-state buffers per shape
 
 LayerFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (hidden, cos, sin) -> layer output
+# (hidden, stand-ins for the parameters, in their order) -> the layer's output, computed with the stand-ins
+RecomputeFn = Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]
 
 
 @dataclass
@@ -142,12 +144,13 @@ class LayerGraphs:
     def backward(
         self,
         entry: Entry,
-        fn: Callable[[torch.Tensor], torch.Tensor],
+        fn: RecomputeFn,
         params: tuple[torch.Tensor, ...],
         hidden: torch.Tensor,
         grad: torch.Tensor,
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]] | None:
-        """The recompute fn(hidden) and its backward from grad, through entry's backward graph once it is captured:
+        """The recompute fn(hidden, stand-ins of params) and its backward from grad, through entry's backward graph
+        once it is captured:
         hidden's gradient and params' gradients (copies: the graph's buffers are written again at the next replay),
         or None when this call runs eagerly (backward graphs off, the first call at a shape, a failed capture).
         Every tensor fn reads besides its argument must outlive the graph (the graph keeps addresses, not tensors):
@@ -218,16 +221,20 @@ class LayerGraphs:
         self._pools.pop(oldest, None)
         self._backward_buffers.pop(oldest, None)
 
-    def _capture_backward(
-        self, entry: Entry, fn: Callable[[torch.Tensor], torch.Tensor], params: tuple[torch.Tensor, ...]
-    ) -> None:
+    def _capture_backward(self, entry: Entry, fn: RecomputeFn, params: tuple[torch.Tensor, ...]) -> None:
         h, g, dh = self._backward_buffers[entry.shape]
         grads = [torch.empty_like(p) for p in params]  # outside the pool: they outlive the graph's run
 
         def work() -> None:
+            # The parameters' gradients are taken at stand-ins: new leaves over the same memory, made here on the
+            # capture's stream. A parameter's own gradient accumulator belongs to the stream of the forward that
+            # first used it (the default stream), and autograd makes that stream wait for gradients produced on
+            # another one, which a capture refuses ("operation would make the legacy stream depend on a capturing
+            # blocking stream", seen on an H200).
+            leaves = [p.detach().requires_grad_(True) for p in params]
             with torch.enable_grad():
-                out = fn(h)
-            got = torch.autograd.grad(out, [h, *params], g, allow_unused=True)
+                out = fn(h, leaves)
+            got = torch.autograd.grad(out, [h, *leaves], g, allow_unused=True)
             with torch.no_grad():
                 for buffer, value in zip([dh, *grads], got, strict=True):
                     if value is None:  # a parameter this layer's output does not depend on
