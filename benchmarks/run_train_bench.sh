@@ -3,7 +3,8 @@
 # path against the plain path, optimizer against bitsandbytes'), then `finechat bench train`: finechat, finechat
 # without LoRA dropout and the seed stack at every shape; the graphs' ablation (the layer forwards launched op by op
 # instead of replayed as CUDA graphs), the full recompute (the down projection's product computed again) and the
-# backward graphs (off by default: switched on) at 4x512, 1x2048 and 8x1024 (graphs apply at the first two only),
+# eager backward (the recomputes and backwards by autograd, not replayed) at 4x512, 1x2048 and 8x1024 (graphs apply
+# at the first two only),
 # in 3 pairs each (finechat as it is, then the variant, on one model: single small-shape rows of one call move by
 # 20-35%); and one profiled finechat step at 1x2048. Results and logs go to $OUT. About 8-9 minutes on a warm H200
 # (estimate).
@@ -38,7 +39,7 @@ fi
 # The bench runs in the background so that a hang at interpreter exit (seen once, after the results were written)
 # does not eat the device time: 20 s after "results written to" it is stopped.
 timeout "${BENCH_TIMEOUT:-420}" python3 -m finechat bench train \
-  --systems "${SYSTEMS:-finechat,finechat-nodropout,seed,finechat-nographs,finechat-fullrecompute,finechat-backwardgraphs}" \
+  --systems "${SYSTEMS:-finechat,finechat-nodropout,seed,finechat-nographs,finechat-fullrecompute,finechat-eagerbackward}" \
   --shapes "${SHAPES:-4x512,1x2048,8x1024,1x8192,2x4096}" --steps "${STEPS:-5}" --warmup "${WARMUP:-2}" \
   --ablation-shapes "${ABLATION_SHAPES:-4x512,1x2048,8x1024}" --pairs "${PAIRS:-3}" --profile "${PROFILE-1x2048}" \
   --longest "${LONGEST-}" --memory-cap-gib 79 --output "$OUT/train.json" > "$OUT/bench.log" 2>&1 &

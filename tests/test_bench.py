@@ -87,12 +87,3 @@ def test_paired_gain_is_the_median_of_the_pairs_ratios():
     (p,) = _paired(rows)
     assert p["gains"] == [0.2, 0.5, 0.1] and p["gain_median"] == 0.2 and p["pairs"] == 3
     assert p["finechat_tok_s_median"] == 6000 and p["ablation_tok_s_median"] == 5000
-
-
-def test_a_variant_that_switches_a_part_on_reports_what_switching_it_on_buys():
-    rows = [
-        {"system": "finechat", "shape": "1x2048", "tok_s": 4000, "paired_with": "finechat-backwardgraphs", "pair": 0},
-        {"system": "finechat-backwardgraphs", "shape": "1x2048", "tok_s": 5000, "ablation": True, "pair": 0},
-    ]
-    result = {"device": "GPU", "arch": "mistral-7b", "rows": rows, "pairs": _paired(rows)}
-    assert "the part it switches on buys +25.0%" in format_table(result)

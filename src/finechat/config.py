@@ -79,8 +79,9 @@ class TrainConfig:
         "them",
     )
     cuda_graph_backward: bool = _f(
-        False,
-        "with cuda_graphs: replay each layer's recompute and backward as a CUDA graph too (not yet measured on a GPU)",
+        True,
+        "with cuda_graphs: replay each layer's recompute and backward as a CUDA graph too (on an H200, Mistral-7B at "
+        "4x512 and 1x2048 tokens: 1.7-1.8x the steps with an eager backward)",
     )
     numa_binding: bool = _f(
         False,

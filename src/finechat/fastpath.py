@@ -78,7 +78,7 @@ def prepare(
     require_cuda: bool = True,
     offload: bool = True,
     cuda_graphs: bool = True,
-    cuda_graph_backward: bool = False,
+    cuda_graph_backward: bool = True,
 ) -> nn.Module:
     """Make a freshly loaded base model ready for LoRA training on the fast path (in place; returns it).
 
@@ -86,8 +86,8 @@ def prepare(
     offloading when gradient_checkpointing is on. Apply LoRA (peft) afterwards, as after
     prepare_model_for_kbit_training. require_cuda=False runs it on CPU, for tests of the arithmetic; offload=False
     keeps the checkpoints on the GPU; cuda_graphs=False runs the checkpointed forwards eagerly instead of replaying
-    them as CUDA graphs at small batches (finechat.layer_graphs); cuda_graph_backward=True replays each layer's
-    recompute and backward as a graph too (not yet measured on a GPU, so off by default)."""
+    them as CUDA graphs at small batches (finechat.layer_graphs); cuda_graph_backward=False replays only
+    the forwards, leaving each layer's recompute and backward to autograd op by op."""
     reason = unsupported_reason(model, require_cuda=require_cuda)
     if reason is not None:
         raise ValueError(f"finechat fast path: unsupported {reason}; train with --no-fast-path")

@@ -19,12 +19,13 @@ How it is kept exact and small:
   that the GPU is the bottleneck anyway), and only the latest `MAX_SHAPES` shapes keep their graphs;
 - a failed capture (an operation that cannot be captured) switches graphs off for the process with a warning, and the
   layers run eagerly as before.
-By default only the no-grad forward is graphed: the recompute and backward run eagerly, with autograd. With
-`backward_enabled` (`finechat train --cuda-graph-backward`, not yet measured on a GPU) each layer's recompute and
-backward are captured too, as one graph from the layer's input and its output's gradient to the input's gradient and
-the parameters' gradients (torch.autograd.grad inside the capture, in the same pool, at the second step's backward);
-the parameters' gradients then reach autograd as the checkpoint's own outputs, so they accumulate (and DDP's hooks
-fire) as before."""
+With `backward_enabled` (the default; `finechat train --no-cuda-graph-backward` turns it off) each layer's recompute
+and backward are captured too, as one graph from the layer's input and its output's gradient to the input's gradient
+and the parameters' gradients (torch.autograd.grad inside the capture, in the same pool, at the second step's
+backward, taken at stand-ins for the parameters made on the capture's stream); the parameters' gradients then reach
+autograd as the checkpoint's own outputs, so they accumulate (and DDP's hooks fire) as before. On an H200 (Mistral-7B,
+4x512 and 1x2048 tokens) that made the steps 1.7-1.8x faster than with an eager backward, and GPU-bound. If a backward
+capture fails, the backwards run eagerly and the forward graphs stay."""
 
 from __future__ import annotations
 

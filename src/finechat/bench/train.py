@@ -16,9 +16,9 @@ batches: `warmup` steps, then `steps` timed steps, as ../shared/baselines/seed_s
   (bitsandbytes' dequantize_4bit instead of finechat's NF4 kernel), finechat-qkvapart (q, k and v as three LoRA
   functions, each with its own mask, decoding and GEMM, instead of one group), finechat-nographs (the layer
   forwards launched op by op instead of replayed as CUDA graphs, at batches of at most 4096 tokens),
-  finechat-fullrecompute (the recompute computes the down projection's product too, which nothing reads); and one
-  variant
-  that switches a part on instead: finechat-backwardgraphs (the recompute and backward replayed as graphs too).
+  finechat-fullrecompute (the recompute computes the down projection's product too, which nothing reads),
+  finechat-eagerbackward (the layers' recomputes and backwards run by autograd op by op instead of replayed as CUDA
+  graphs; only the forwards are graphed).
 With --pairs N each ablation is measured N times, each time right after finechat as it is on the same model, and
 the JSON's "pairs" gives the median of the pairs' ratios: at the host-bound small shapes single rows of one call move
 by 20-35% with nothing changed, and pairs cancel such drifts.
@@ -82,9 +82,8 @@ ABLATIONS = (
     "finechat-qkvapart",
     "finechat-nographs",
     "finechat-fullrecompute",
-    "finechat-backwardgraphs",
+    "finechat-eagerbackward",
 )
-OPT_IN = ("finechat-backwardgraphs",)  # ablation systems that switch a part on instead of off
 DEFAULT_SHAPES = "4x512,1x2048,8x1024,1x8192,2x4096"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_PARAMS_7B = 7.24e9  # for the 6N FLOP/token utilisation figure, as in the baselines
@@ -382,8 +381,8 @@ def _ablate(model, step: _Step, system: str, on: bool) -> None:
         fastpath.set_options(model, cuda_graphs=not on)
     elif system == "finechat-fullrecompute":
         fastpath.ENABLED["skip_last_product"] = not on  # read at each recompute (each row starts without graphs)
-    elif system == "finechat-backwardgraphs":  # not a part switched off: one switched on (off by default)
-        fastpath.set_options(model, cuda_graph_backward=on)
+    elif system == "finechat-eagerbackward":
+        fastpath.set_options(model, cuda_graph_backward=not on)
 
 
 def _profile(step, bs: int, seq: int, vocab: int, output: Path) -> dict[str, Any]:
@@ -583,12 +582,10 @@ def format_table(result: dict[str, Any]) -> str:
         if r.get("probe"):
             lines.append(f"longest-sequence probe {r['shape']}: {fmt(r)}")
     for p in result.get("pairs", []):
-        opt_in = p["system"] in OPT_IN  # it switches a part on: its gain is the ablation's over finechat
-        gain = statistics.median(1 / (1 + g) - 1 for g in p["gains"]) if opt_in else p["gain_median"]
         lines.append(
             f"pairs at {p['shape']}: {p['system']} {p['ablation_tok_s_median']:,} against finechat "
             f"{p['finechat_tok_s_median']:,} tok/s (medians of {p['pairs']}): the part it switches "
-            f"{'on' if opt_in else 'off'} buys {gain:+.1%} (median of the pairs' ratios)"
+            f"off buys {p['gain_median']:+.1%} (median of the pairs' ratios)"
         )
     summary = result.get("longest_sequence")
     if summary:
