@@ -317,3 +317,39 @@ def test_finechat_train_takes_the_fast_path_on_gpu(tiny_mistral_dir, text_file, 
         assert ("fast training path" in caplog.text) == fast
         caplog.clear()
     assert abs(losses[True] - losses[False]) < 2e-2 * abs(losses[False])
+
+
+def test_a_right_padded_row_trains_as_its_real_tokens_with_or_without_its_mask(tiny_mistral_dir):
+    """What finechat's Trainer relies on with causal_padding: through the fast path's layers, a right-padded row
+    (pads labelled -100) gives the loss and LoRA gradients of its real tokens alone, with its padding mask and
+    without it (causal attention never shows a real token a pad)."""
+    model = build(tiny_mistral_dir, fast=True, dropout=0.0)
+    ids, real = batch(model.config.vocab_size, bs=1, seq=48), 30
+    padded = torch.cat([ids[:, :real], torch.zeros(1, 48 - real, dtype=ids.dtype)], dim=1)
+    mask = (torch.arange(48) < real).long()[None]
+    labels = padded.masked_fill(mask == 0, -100)
+
+    def run(**inputs):
+        model.zero_grad(set_to_none=True)
+        loss = model(**inputs).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    alone_loss, alone = run(input_ids=padded[:, :real], labels=labels[:, :real])
+    for inputs in (dict(attention_mask=mask), {}):
+        loss, grads = run(input_ids=padded, labels=labels, **inputs)
+        assert loss == pytest.approx(alone_loss, rel=1e-6)
+        assert grad_error(grads, alone)[0] < 1e-5
+
+
+def test_padding_is_causal_unless_a_shorter_sliding_window_applies():
+    from types import SimpleNamespace as Config
+
+    def model(**config):
+        return Config(config=Config(**config))
+
+    assert fastpath.padding_is_causal(model(), 4096)  # Llama: no window
+    assert fastpath.padding_is_causal(model(sliding_window=None), 4096)  # Mistral-7B-Instruct-v0.2
+    assert not fastpath.padding_is_causal(model(sliding_window=1024), 4096)
+    assert fastpath.padding_is_causal(model(sliding_window=4096), 4096)  # no row is longer than the window
+    assert fastpath.padding_is_causal(model(sliding_window=1024, use_sliding_window=False), 4096)  # Qwen2's default

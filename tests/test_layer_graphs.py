@@ -139,3 +139,20 @@ def test_random_draws_work_after_a_failed_capture():
         graphs._record(lambda: x.sum().item(), ("shape",), x.device)
     assert torch.randint(0, 10, (4,), device="cuda").shape == (4,)
     assert torch.empty(3, dtype=torch.int64, device="cuda").random_(0, 5).max().item() < 5
+
+
+def test_captured_shapes_stay_and_other_shapes_run_eagerly():
+    """Batches of changing shapes (chat records padded to their lengths) do not capture and drop graphs without end:
+    once MAX_SHAPES shapes hold graphs, a batch of another shape gets no entry (it runs eagerly)."""
+    graphs, cos = AnyDevice(), torch.zeros(1, 8, 4)
+    shapes = [torch.zeros(b, 8, 16) for b in range(1, MAX_SHAPES + 3)]
+    kept = [entries(graphs, 2, h, cos) for h in shapes[:MAX_SHAPES]]
+    for entry in kept[0]:
+        entry.graph = "captured"  # the first shape's graphs are captured; the others' are not yet
+    later = entries(graphs, 2, shapes[MAX_SHAPES], cos)  # makes way: the oldest shape with no graph goes
+    assert all(e is not None for e in later)
+    assert all(a is b for a, b in zip(entries(graphs, 2, shapes[0], cos), kept[0], strict=True))
+    for entry in later:
+        entry.backward_graph = "captured"
+    assert entries(graphs, 2, shapes[MAX_SHAPES + 1], cos) == [None, None]  # every kept shape is captured
+    assert all(a is b for a, b in zip(entries(graphs, 2, shapes[MAX_SHAPES], cos), later, strict=True))

@@ -67,6 +67,19 @@ def unsupported_reason(model: nn.Module, require_cuda: bool = True) -> str | Non
     return None
 
 
+def padding_is_causal(model: nn.Module, max_length: int) -> bool:
+    """Whether a right-padded batch of at most max_length tokens gives its real tokens the same attention without
+    its padding mask, i.e. plain causal attention: true unless a sliding window shorter than max_length applies
+    (then the mask carries the window too). With right padding every real token sits before the padding, so causal
+    attention never lets it see a pad; the pads' own outputs differ, and their labels are ignored. Without the mask
+    the fast path's layers take the flash kernel without repeating the KV heads, and (at small batches) CUDA graphs."""
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    if window is None or not getattr(config, "use_sliding_window", True):
+        return True
+    return window >= max_length
+
+
 def supported(model: nn.Module) -> bool:
     """True when the fast path runs this model on this machine (CUDA and a Llama-family decoder)."""
     return unsupported_reason(model) is None

@@ -16,7 +16,8 @@ How it is kept exact and small:
   and writes slot (i + 1) % 3, so layer i + 1 reads its input where layer i wrote it); a slot is overwritten only
   after the offload copy that reads it is done (its event);
 - only batches of at most `max_tokens` tokens are graphed (the pool holds a layer's intermediates for good; above
-  that the GPU is the bottleneck anyway), and only the latest `MAX_SHAPES` shapes keep their graphs;
+  that the GPU is the bottleneck anyway), and graphs of at most `MAX_SHAPES` shapes are kept: the first shapes
+  captured stay, and batches of other shapes run eagerly;
 - a failed capture (an operation that cannot be captured) switches graphs off for the process with a warning, and the
   layers run eagerly as before.
 With `backward_enabled` (the default; `finechat train --no-cuda-graph-backward` turns it off) each layer's recompute
@@ -93,7 +94,8 @@ class LayerGraphs:
         shape = (tuple(hidden.shape), hidden.dtype, hidden.device, tuple(cos.shape), cos.dtype)
         entry = self._entries.get((index, shape))
         if entry is None or entry.key != key:
-            self._make_room(shape)
+            if not self._make_room(shape):
+                return None
             seed_buffer = torch.zeros(seeds, dtype=torch.int64, device=hidden.device)
             entry = self._entries[(index, shape)] = Entry(index, shape, key, seed_buffer)
         return entry
@@ -210,17 +212,26 @@ class LayerGraphs:
         if event is not None:
             torch.cuda.current_stream(slot.device).wait_event(event)
 
-    def _make_room(self, shape: tuple) -> None:
+    def _make_room(self, shape: tuple) -> bool:
+        """Whether shape may have entries: the shapes kept are at most MAX_SHAPES. A shape with no graph captured
+        yet makes way for a new one (the oldest first); a captured one stays, and a batch of yet another shape then
+        runs eagerly. (Batches of ever-changing shapes, chat records padded to their lengths, would otherwise
+        capture graphs and drop them again without end.)"""
         shapes = list(dict.fromkeys(s for _, s in self._entries))
         if shape in shapes or len(shapes) < MAX_SHAPES:
-            return
-        oldest = shapes[0]
+            return True
+        captured = {s for (_, s), e in self._entries.items() if e.graph is not None or e.backward_graph is not None}
+        loose = [s for s in shapes if s not in captured]
+        if not loose:
+            return False
+        oldest = loose[0]
         self._entries = {k: e for k, e in self._entries.items() if k[1] != oldest}
         ring = self._rings.pop(oldest, [])
         for slot in ring:
             self._busy.pop(slot.data_ptr(), None)
         self._pools.pop(oldest, None)
         self._backward_buffers.pop(oldest, None)
+        return True
 
     def _capture_backward(self, entry: Entry, fn: RecomputeFn, params: tuple[torch.Tensor, ...]) -> None:
         h, g, dh = self._backward_buffers[entry.shape]

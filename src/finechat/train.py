@@ -265,6 +265,8 @@ def _build_trainer(
         keep_dtypes=not fsdp,  # --resume gives back a bf16 adapter in bf16 (finechat.trainer)
         # FSDP runs the plain layers, checkpointed reentrantly: their saved inputs can wait in host memory too.
         offload_saved=fsdp and config.offload_activations and config.gradient_checkpointing,
+        # Chat records come right-padded: on the fast path their batches train without the padding mask.
+        causal_padding=fast and fastpath.padding_is_causal(model, config.max_seq_length),
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)

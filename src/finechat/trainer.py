@@ -37,8 +37,19 @@ class Trainer(SFTTrainer):
     compute_loss computes TRL's loss, keeps those numbers per micro-step as device tensors, and gathers them in one
     collective when the Trainer logs, saves a checkpoint or evaluates; the values logged are TRL's."""
 
-    def __init__(self, *args: Any, keep_dtypes: bool = True, offload_saved: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        keep_dtypes: bool = True,
+        offload_saved: bool = False,
+        causal_padding: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        # TRL's collator pads on the right. With causal_padding (finechat.fastpath.padding_is_causal) the training
+        # forward gets the batch without its attention mask: the real tokens attend as with it, and the fast path
+        # runs such batches as it runs packed text (flash attention, CUDA graphs). The mask still counts the tokens.
+        self.causal_padding = causal_padding
         # Every tensor the training forward saves for backward goes to host memory and comes back in backward
         # (torch.autograd.graph.save_on_cpu). finechat uses it under FSDP, where the decoder layers are checkpointed
         # reentrantly: each layer's checkpoint saves its input through these hooks, so the inputs of all layers (and
@@ -74,7 +85,12 @@ class Trainer(SFTTrainer):
             )
         # TRL 1.16's loss for this case (trl/trainer/sft_trainer.py, SFTTrainer.compute_loss), operation for operation.
         inputs["use_cache"] = False
-        outputs = model(**inputs, fused_lm_head=True)
+        forward = inputs
+        if self.causal_padding and inputs.get("attention_mask") is not None:
+            # position_ids too: without a mask transformers reads restarts in them as packed documents (the pads are
+            # 0s); the default positions are the real tokens' own, 0 to n-1.
+            forward = {k: v for k, v in inputs.items() if k not in ("attention_mask", "position_ids")}
+        outputs = model(**forward, fused_lm_head=True)
         per_token_loss = -outputs.log_probs  # zero on ignored positions
         if self.args.loss_type == "dft":
             per_token_loss = per_token_loss * outputs.log_probs.exp().detach()
