@@ -33,6 +33,7 @@ def test_tiny_dry_run_writes_rows_for_both_systems(tmp_path, capsys):
         (["--systems", "unsloth"], "--systems"),
         (["--longest", "lots"], "--longest"),
         (["--pairs", "-1"], "--pairs"),
+        (["--padding", "0.7"], "--padding"),
         (["--arch", "mistral-7b"], "CUDA"),
     ],
 )
@@ -87,3 +88,43 @@ def test_paired_gain_is_the_median_of_the_pairs_ratios():
     (p,) = _paired(rows)
     assert p["gains"] == [0.2, 0.5, 0.1] and p["gain_median"] == 0.2 and p["pairs"] == 3
     assert p["finechat_tok_s_median"] == 6000 and p["ablation_tok_s_median"] == 5000
+
+
+def test_padded_batches_and_the_padding_mask_ablation(tmp_path):
+    """--padding: right-padded batches (rows of different lengths, pads labelled -100); finechat trains them without
+    the mask as `finechat train` does, finechat-paddingmask with it (tests/test_fastpath.py shows both give the
+    real tokens' loss and gradients)."""
+    from finechat.bench.train import _batch, _Step
+
+    ids, labels, mask = _batch(4, 64, 100, 0.25, "cpu")
+    lengths = mask.sum(1).tolist()
+    assert lengths == [64, 53, 43, 32] and sum(64 - n for n in lengths) / (4 * 64) == pytest.approx(0.25, abs=0.01)
+    assert bool((labels[mask == 0] == -100).all()) and bool((labels[mask == 1] == ids[mask == 1]).all())
+    assert _batch(2, 32, 100, 0.0, "cpu")[2] is None
+    out = tmp_path / "train.json"
+    argv = ["bench", "train", "--arch", "tiny", "--shapes", "4x32", "--steps", "1", "--warmup", "0", "--padding", "0.2"]
+    argv += ["--systems", "finechat,finechat-paddingmask", "--ablation-shapes", "4x32", "--lora-dropout", "0"]
+    argv += ["--model-dir", str(tmp_path / "m"), "--output", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    rows = {r["system"]: r for r in result["rows"]}
+    assert set(rows) == {"finechat", "finechat-paddingmask"} and result["settings"]["padding"] == 0.2
+    assert all(r["tok_s"] > 0 for r in rows.values())
+    seen = []
+
+    class Optimizer:
+        def step(self):
+            pass
+
+        def zero_grad(self, set_to_none):
+            pass
+
+    def loss(ids, labels, mask):
+        seen.append(mask)
+        return (ids.float() * 0).sum().requires_grad_()
+
+    step = _Step(loss, Optimizer())
+    step(ids, labels, mask)
+    step.keep_mask = True  # what finechat-paddingmask switches on
+    step(ids, labels, mask)
+    assert seen[0] is None and seen[1] is mask

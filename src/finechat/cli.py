@@ -162,6 +162,13 @@ def _bench_train_flags(p: argparse.ArgumentParser) -> None:
         "(default: 0, one ablation row per shape)",
     )
     p.add_argument("--profile", default="", help="shapes at which to profile one finechat step, e.g. 8x1024")
+    p.add_argument(
+        "--padding",
+        type=float,
+        default=0.0,
+        help="right-pad the batches as chat records are, this fraction of their tokens on average (default: 0, "
+        "full rows as packed text)",
+    )
     p.add_argument("--memory-cap-gib", type=float, default=79.0, help="GPU memory cap; 0: whole card (default: 79)")
     p.add_argument("--model-dir", help="folder for the random model (default: /tmp/finechat-bench-ARCH)")
     p.add_argument("--output", help="JSON path (default: benchmarks/results/train-CARD-DATE.json)")
@@ -351,6 +358,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UserError("--steps must be positive and --warmup not negative")
     if args.pairs < 0:
         raise UserError(f"--pairs {args.pairs}: expected 0 (no pairs) or a positive count")
+    if not 0 <= args.padding < 0.5:
+        raise UserError(f"--padding {args.padding}: expected a fraction in [0, 0.5)")
     settings = BenchSettings(
         arch=args.arch,
         shapes=parse_shapes(args.shapes),
@@ -362,6 +371,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ablation_shapes=parse_shapes(args.ablation_shapes) if args.ablation_shapes else [],
         pairs=args.pairs,
         profile_shapes=parse_shapes(args.profile) if args.profile else [],
+        padding=args.padding,
         memory_cap_gib=args.memory_cap_gib or None,
         model_dir=args.model_dir,
         output=args.output,

@@ -359,7 +359,9 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList | None:
     return layers if isinstance(layers, nn.ModuleList) else None
 
 
-def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def causal_lm_loss(
+    model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean next-token cross-entropy without materializing the [tokens, vocab] logits.
 
     The same computation SFTTrainer runs in `finechat train` (TRL's fused LM head: chunked log-probabilities through
@@ -368,7 +370,7 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
 
     base = _base(model)
     backbone = getattr(base, base.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]
     targets = labels[:, 1:].reshape(-1)
     valid = targets != -100
     head = base.get_output_embeddings()

@@ -18,7 +18,8 @@ batches: `warmup` steps, then `steps` timed steps, as ../shared/baselines/seed_s
   forwards launched op by op instead of replayed as CUDA graphs, at batches of at most 4096 tokens),
   finechat-fullrecompute (the recompute computes the down projection's product too, which nothing reads),
   finechat-eagerbackward (the layers' recomputes and backwards run by autograd op by op instead of replayed as CUDA
-  graphs; only the forwards are graphed).
+  graphs; only the forwards are graphed), finechat-paddingmask (with --padding: the batches' padding mask passed to
+  the model, where `finechat train` leaves it out of right-padded batches; the seed stack always passes it).
 With --pairs N each ablation is measured N times, each time right after finechat as it is on the same model, and
 the JSON's "pairs" gives the median of the pairs' ratios: at the host-bound small shapes single rows of one call move
 by 20-35% with nothing changed, and pairs cancel such drifts.
@@ -83,6 +84,7 @@ ABLATIONS = (
     "finechat-nographs",
     "finechat-fullrecompute",
     "finechat-eagerbackward",
+    "finechat-paddingmask",
 )
 DEFAULT_SHAPES = "4x512,1x2048,8x1024,1x8192,2x4096"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -105,6 +107,8 @@ class BenchSettings:
     ablation_shapes: list[tuple[int, int]] = field(default_factory=list)  # where to measure the ABLATIONS
     pairs: int = 0  # >0: each ablation measured this many times, each right after finechat as it is (see _paired)
     profile_shapes: list[tuple[int, int]] = field(default_factory=list)  # one profiled finechat step each
+    # >0: batches right-padded as chat records are, this fraction of their tokens padding on average (see _batch)
+    padding: float = 0.0
     memory_cap_gib: float | None = 79.0  # process memory cap (an 80 GB H100 has 79.2 GiB); None: the whole card
     model_dir: str | None = None  # where the random model is saved (default /tmp/finechat-bench-<arch>)
     output: str | None = None  # JSON path (default benchmarks/results/train-<card>-<date>.json)
@@ -269,14 +273,17 @@ def _finechat_optimizer(model):
 
 
 class _Step:
-    """One training step on a batch of token ids: loss, backward, optimizer step, gradients dropped."""
+    """One training step on a batch of token ids (and, for padded batches, their labels with the pads ignored and
+    their attention mask): loss, backward, optimizer step, gradients dropped. The mask reaches the model only with
+    keep_mask (the seed stack; finechat as `finechat train` runs it leaves it out, finechat.trainer)."""
 
-    def __init__(self, loss, optimizer) -> None:
-        self.loss = loss
+    def __init__(self, loss, optimizer, keep_mask: bool = False) -> None:
+        self.loss = loss  # (ids, labels, mask or None) -> loss
         self.optimizer = optimizer  # replaced by the finechat-bnbadamw ablation
+        self.keep_mask = keep_mask  # switched on by the finechat-paddingmask ablation
 
-    def __call__(self, ids):
-        loss = self.loss(ids)
+    def __call__(self, ids, labels=None, mask=None):
+        loss = self.loss(ids, ids if labels is None else labels, mask if self.keep_mask else None)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -292,7 +299,11 @@ def _seed(path: Path, settings: BenchSettings):
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(model, _lora_config(settings, settings.lora_dropout))
     model.train()
-    return model, _Step(lambda ids: model(input_ids=ids, labels=ids).loss, _bnb_optimizer(model))
+
+    def loss(ids, labels, mask):
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    return model, _Step(loss, _bnb_optimizer(model), keep_mask=True)
 
 
 def _finechat(path: Path, settings: BenchSettings):
@@ -309,7 +320,11 @@ def _finechat(path: Path, settings: BenchSettings):
         if param.requires_grad:  # SFTTrainer keeps QLoRA adapters in the compute dtype (bf16)
             param.data = param.data.to(dtype)
     model.train()
-    return model, _Step(lambda ids: fastpath.causal_lm_loss(model, ids, ids), _finechat_optimizer(model))
+
+    def loss(ids, labels, mask):
+        return fastpath.causal_lm_loss(model, ids, labels, mask)
+
+    return model, _Step(loss, _finechat_optimizer(model))
 
 
 def _paired(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -383,6 +398,8 @@ def _ablate(model, step: _Step, system: str, on: bool) -> None:
         fastpath.ENABLED["skip_last_product"] = not on  # read at each recompute (each row starts without graphs)
     elif system == "finechat-eagerbackward":
         fastpath.set_options(model, cuda_graph_backward=not on)
+    elif system == "finechat-paddingmask":
+        step.keep_mask = on
 
 
 def _profile(step, bs: int, seq: int, vocab: int, output: Path) -> dict[str, Any]:
@@ -461,14 +478,14 @@ def _measure(system: str, step, bs: int, seq: int, settings: BenchSettings, voca
         torch.cuda.reset_peak_memory_stats()
     row: dict[str, Any] = {"system": system, "shape": f"{bs}x{seq}"}
     try:
-        ids = torch.randint(0, vocab, (bs, seq), device="cuda" if cuda else "cpu")
+        ids, labels, mask = _batch(bs, seq, vocab, settings.padding, "cuda" if cuda else "cpu")
         for _ in range(warmup):
-            step(ids)
+            step(ids, labels, mask)
         sync()
         marks = _StepMarks(cuda)
         t, cpu, all_cpu = time.perf_counter(), time.thread_time(), time.process_time()
         for _ in range(steps):
-            loss = step(ids)
+            loss = step(ids, labels, mask)
             marks.mark()
         sync()
         step_s = (time.perf_counter() - t) / steps
@@ -496,6 +513,21 @@ def _measure(system: str, step, bs: int, seq: int, settings: BenchSettings, voca
         log.exception("%s %dx%d failed", system, bs, seq)
         row.update(tok_s=None, peak_gib=None, error=f"{type(e).__name__}: {str(e)[:300]}")
     return row
+
+
+def _batch(bs: int, seq: int, vocab: int, padding: float, device: str) -> tuple[Any, Any, Any]:
+    """Random token ids, their labels and attention mask. With padding > 0 the rows are right-padded as TRL pads
+    chat records, each to its own length: row i of bs keeps seq * (1 - 2 * padding * i / (bs - 1)) tokens (one row:
+    seq * (1 - padding)), padding on average; the pads' labels are -100."""
+    import torch
+
+    ids = torch.randint(0, vocab, (bs, seq), device=device)
+    if padding <= 0:
+        return ids, ids, None
+    shares = [2 * padding * i / (bs - 1) for i in range(bs)] if bs > 1 else [padding]
+    lengths = torch.tensor([max(1, round(seq * (1 - share))) for share in shares], device=device)
+    mask = (torch.arange(seq, device=device)[None, :] < lengths[:, None]).long()
+    return ids, ids.masked_fill(mask == 0, -100), mask
 
 
 class _StepMarks:
