@@ -2,10 +2,10 @@
 described there). Importing this module needs Triton.
 
 Every kernel works on whole column groups: one [BM, 8Q] tile per group, its keep-mask assembled from the eight 16-bit
-halves of the four outputs of one Philox call per [BM, Q] position, eight neighbouring columns per call. (Four [BM, Q] lanes, each with its own product,
-was an earlier form: on Triton 3.6 for sm_90 it failed to compile once the column count was specialized as a
-multiple of 16, an assertion in the layout conversion; the one-tile form compiles, and reads each row of the group
-in one go.)"""
+halves of the four outputs of one Philox call per [BM, Q] position, eight neighbouring columns per call. (Four
+[BM, Q] lanes, each with its own product, was an earlier form: on Triton 3.6 for sm_90 it failed to compile once the
+column count was specialized as a multiple of 16, an assertion in the layout conversion; the one-tile form compiles,
+and reads each row of the group in one go.)"""
 
 import triton
 import triton.language as tl
