@@ -61,3 +61,20 @@ def test_a_ctrl_c_while_the_processes_compare_flags_stops_the_next_step(monkeypa
     assert not control.should_training_stop  # the others had not heard of it at this step's check
     cb.on_step_end(args, None, control)
     assert asked == [False, True] and control.should_training_stop and control.should_save and cb.interrupted
+
+
+def test_logged_tokens_per_second_leave_evaluations_out(tmp_path, monkeypatch):
+    """An evaluation between two training logs (its eval_runtime) does not count as training time."""
+    from types import SimpleNamespace
+
+    clock = iter([0.0, 10.0, 25.0, 30.0])  # train begins, training log, evaluation log, training log
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
+    progress = callbacks.ProgressAndMetrics(tmp_path, keep=1)
+    state = SimpleNamespace(global_step=0, num_input_tokens_seen=0, is_world_process_zero=False, max_steps=4)
+    progress.on_train_begin(None, state, None)
+    state.global_step, state.num_input_tokens_seen = 2, 1000
+    progress.on_log(None, state, None, logs={"loss": 2.0})
+    progress.on_log(None, state, None, logs={"eval_loss": 1.9, "eval_runtime": 15.0})
+    state.global_step, state.num_input_tokens_seen = 4, 1500
+    progress.on_log(None, state, None, logs={"loss": 1.8})
+    assert progress.rates == [100.0, 100.0]  # 1000 tokens in 10 s; 500 in 20 s less 15 s of evaluation

@@ -23,6 +23,7 @@ class ProgressAndMetrics(TrainerCallback):
         self.run_dir, self.keep = run_dir, keep
         self.bar = None
         self.last_time = self.last_tokens = 0.0
+        self.evaluating = 0.0  # seconds of evaluation since the last training log (not training time)
         self.rates: list[float] = []
 
     def on_train_begin(self, args, state, control, **kw):
@@ -46,8 +47,10 @@ class ProgressAndMetrics(TrainerCallback):
         now = time.perf_counter()
         row: dict = {"step": state.global_step}
         if "loss" in logs:
-            rate = (state.num_input_tokens_seen - self.last_tokens) / max(now - self.last_time, 1e-9)
-            self.last_time, self.last_tokens = now, state.num_input_tokens_seen
+            # Evaluations run between training logs; their time is left out, so the rate is the training's own.
+            seconds = now - self.last_time - self.evaluating
+            rate = (state.num_input_tokens_seen - self.last_tokens) / max(seconds, 1e-9)
+            self.last_time, self.last_tokens, self.evaluating = now, state.num_input_tokens_seen, 0.0
             self.rates.append(rate)
             row.update(
                 loss=logs["loss"],
@@ -60,6 +63,7 @@ class ProgressAndMetrics(TrainerCallback):
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{logs['loss']:.3f}", tok_s=f"{rate:.0f}")
         if "eval_loss" in logs:
+            self.evaluating += logs.get("eval_runtime", 0.0)
             row.update(eval_loss=logs["eval_loss"], eval_perplexity=math.exp(min(logs["eval_loss"], 50)))
         if len(row) > 1 and state.is_world_process_zero:
             runs.append_metrics(self.run_dir, row)
