@@ -4,7 +4,7 @@ DDP options, on its half of a batch for three SGD steps, and saves the gradients
 The test compares them with one process on the whole batch (build, batch and train below, shared by both). With
 "graphs" as third argument the layers go through finechat.layer_graphs' bookkeeping with forward and backward
 "graphs" that CPU replays (tests/test_layer_graphs.CPUGraphs): the backward's parameter gradients then reach DDP as
-the checkpoint's outputs."""
+the checkpoint's outputs. With "accumulate" each step is two micro-batches, the first without the all-reduce."""
 
 from __future__ import annotations
 
@@ -46,20 +46,27 @@ def batch(vocab_size: int) -> torch.Tensor:
     return torch.randint(3, vocab_size, (ROWS, SEQ), generator=torch.Generator().manual_seed(1))
 
 
-def train(model, step_model, ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-    """STEPS SGD steps of step_model (the model, or its DDP wrapper) on ids; the adapter gradients of each step."""
+def train(model, step_model, ids: torch.Tensor, micro: int = 1) -> list[dict[str, torch.Tensor]]:
+    """STEPS SGD steps of step_model (the model, or its DDP wrapper) on ids, each accumulated over `micro` equal
+    micro-batches (under DDP all but the last without the all-reduce, as the Trainer does); the adapter gradients of
+    each step."""
+    from contextlib import nullcontext
+
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     sgd = torch.optim.SGD(params.values(), lr=0.5)
     grads = []
     for _ in range(STEPS):
-        step_model(input_ids=ids, labels=ids).loss.backward()
+        for i, part in enumerate(ids.chunk(micro)):
+            last = i == micro - 1
+            with nullcontext() if last or not hasattr(step_model, "no_sync") else step_model.no_sync():
+                (step_model(input_ids=part, labels=part).loss / micro).backward()
         grads.append({name: p.grad.detach().clone() for name, p in params.items() if p.grad is not None})
         sgd.step()
         sgd.zero_grad(set_to_none=True)
     return grads
 
 
-def main(model_dir: str, out: Path, graphs: bool = False) -> None:
+def main(model_dir: str, out: Path, graphs: bool = False, micro: int = 1) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -73,11 +80,13 @@ def main(model_dir: str, out: Path, graphs: bool = False) -> None:
     ddp = DistributedDataParallel(model, **distributed.DDP_OPTIONS)
     rows = ROWS // world
     ids = batch(model.config.vocab_size)[rank * rows : (rank + 1) * rows]
-    grads = train(model, ddp, ids)
+    grads = train(model, ddp, ids, micro)
     replayed = layers[0]._graphs.captured_backward() if graphs else 0
     torch.save({"grads": grads, "recomputed": recomputed, "backward_graphs": replayed}, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), graphs=sys.argv[3:] == ["graphs"])
+    main(
+        sys.argv[1], Path(sys.argv[2]), graphs="graphs" in sys.argv[3:], micro=2 if "accumulate" in sys.argv[3:] else 1
+    )
