@@ -9,13 +9,19 @@ from finechat.bench.train import _paired, format_table, parse_lengths, parse_sha
 from finechat.cli import main
 
 
-def test_tiny_dry_run_writes_rows_for_both_systems(tmp_path, capsys):
+def tiny_bench(tmp_path, shape: str, systems: str, *flags: str) -> dict:
+    """`finechat bench train` on the tiny architecture, one timed step a row at shape (also the ablations' shape);
+    the JSON it wrote."""
     out = tmp_path / "train.json"
-    argv = ["bench", "train", "--arch", "tiny", "--shapes", "2x32", "--steps", "1", "--warmup", "0"]
-    argv += ["--systems", "finechat,seed,finechat-bnbadamw", "--ablation-shapes", "2x32", "--longest", "64"]
+    argv = ["bench", "train", "--arch", "tiny", "--shapes", shape, "--steps", "1", "--warmup", "0"]
+    argv += ["--systems", systems, "--ablation-shapes", shape, *flags]
     argv += ["--model-dir", str(tmp_path / "m"), "--output", str(out)]
     assert main(argv) == 0
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_tiny_dry_run_writes_rows_for_both_systems(tmp_path, capsys):
+    result = tiny_bench(tmp_path, "2x32", "finechat,seed,finechat-bnbadamw", "--longest", "64")
     assert result["kind"] == "train" and result["device"] == "cpu"
     rows = {(r["system"], r["shape"]): r for r in result["rows"]}
     assert set(rows) == {("finechat", "2x32"), ("seed", "2x32"), ("finechat", "1x64"), ("finechat-bnbadamw", "2x32")}
@@ -58,12 +64,7 @@ def test_parsers_and_table():
 
 
 def test_pairs_put_each_ablation_right_after_finechat(tmp_path, capsys):
-    out = tmp_path / "train.json"
-    argv = ["bench", "train", "--arch", "tiny", "--shapes", "2x32", "--steps", "1", "--warmup", "0"]
-    argv += ["--systems", "finechat,finechat-bnbadamw", "--ablation-shapes", "2x32", "--pairs", "2"]
-    argv += ["--model-dir", str(tmp_path / "m"), "--output", str(out)]
-    assert main(argv) == 0
-    result = json.loads(out.read_text())
+    result = tiny_bench(tmp_path, "2x32", "finechat,finechat-bnbadamw", "--pairs", "2")
     order = [(r["system"], r.get("paired_with"), r.get("pair")) for r in result["rows"]]
     assert order == [
         ("finechat", None, None),  # the main row
@@ -101,12 +102,7 @@ def test_padded_batches_and_the_padding_mask_ablation(tmp_path):
     assert lengths == [64, 53, 43, 32] and sum(64 - n for n in lengths) / (4 * 64) == pytest.approx(0.25, abs=0.01)
     assert bool((labels[mask == 0] == -100).all()) and bool((labels[mask == 1] == ids[mask == 1]).all())
     assert _batch(2, 32, 100, 0.0, "cpu")[2] is None
-    out = tmp_path / "train.json"
-    argv = ["bench", "train", "--arch", "tiny", "--shapes", "4x32", "--steps", "1", "--warmup", "0", "--padding", "0.2"]
-    argv += ["--systems", "finechat,finechat-paddingmask", "--ablation-shapes", "4x32", "--lora-dropout", "0"]
-    argv += ["--model-dir", str(tmp_path / "m"), "--output", str(out)]
-    assert main(argv) == 0
-    result = json.loads(out.read_text())
+    result = tiny_bench(tmp_path, "4x32", "finechat,finechat-paddingmask", "--padding", "0.2", "--lora-dropout", "0")
     rows = {r["system"]: r for r in result["rows"]}
     assert set(rows) == {"finechat", "finechat-paddingmask"} and result["settings"]["padding"] == 0.2
     assert all(r["tok_s"] > 0 for r in rows.values())
