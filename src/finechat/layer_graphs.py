@@ -133,9 +133,7 @@ class LayerGraphs:
                 cos_, sin_ = entry.cos, entry.sin
                 entry.graph = self._record(lambda: h_out.copy_(fn(h_in, cos_, sin_)), entry.shape, hidden.device)
             except Exception as e:  # an operation that cannot be captured: eager from now on
-                self.failed = _why(e)
-                log.warning("CUDA graphs of the layer forwards failed (%s); the layers run eagerly", self.failed)
-                log.debug("where the capture failed first", exc_info=_first(e))
+                self.failed = _given_up(e, "forwards failed (%s); the layers run eagerly")
                 self.clear()
                 torch.cuda.synchronize(hidden.device)
                 return fn(hidden, cos, sin)
@@ -174,9 +172,7 @@ class LayerGraphs:
             try:
                 self._capture_backward(entry, fn, params)
             except Exception as e:  # an operation that cannot be captured: eager from now on
-                self.failed_backward = _why(e)
-                log.warning("CUDA graphs of the layer backwards failed (%s); they run eagerly", self.failed_backward)
-                log.debug("where the capture failed first", exc_info=_first(e))
+                self.failed_backward = _given_up(e, "backwards failed (%s); they run eagerly")
                 for other in self._entries.values():
                     other.backward_graph, other.grads = None, []
                 return None
@@ -290,6 +286,15 @@ def _end_generator_capture(stream: torch.cuda.Stream) -> None:
     scratch = torch.zeros(1, device=stream.device)
     with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=stream):
         scratch.add_(1)
+
+
+def _given_up(e: BaseException, what: str) -> str:
+    """Why a capture failed, in one line (returned), warned as "CUDA graphs of the layer " + what % it, with the
+    first error's traceback in the debug log."""
+    why = _why(e)
+    log.warning("CUDA graphs of the layer " + what, why)
+    log.debug("where the capture failed first", exc_info=_first(e))
+    return why
 
 
 def _why(e: BaseException) -> str:
