@@ -227,6 +227,8 @@ def test_right_padded_batches_train_alike_without_their_mask(tiny_model_dir, tmp
     assert train_masks and all(m is None for m in train_masks)
     assert all(m is not None for flag, training, m in masks if not flag and training)
     assert any(m is not None and not bool(m.all()) for flag, training, m in masks if not flag)  # padded batches
+    # what dropping the mask rests on: TRL's collator pads on the right (each row's mask never rises again)
+    assert all(bool((m[:, 1:] <= m[:, :-1]).all()) for _, _, m in masks if m is not None)
     assert all(m is not None for flag, training, m in masks if flag and not training)  # evaluation
     # Equal to rounding: the kernels differ (a masked and a causal attention), and on this random model rounding
     # shows most in the gradient's norm (up to 0.5% apart; with and without the mask both differ as much from the
