@@ -260,31 +260,35 @@ def test_offloaded_checkpointing_gives_the_same_grads_on_gpu(mid_mistral_dir, dr
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dropout,backward", [(0.0, False), (0.1, False), (0.1, True)])
-def test_cuda_graphs_of_the_layer_forwards_give_the_eager_steps_on_gpu(deep_mistral_dir, dropout, backward):
+@pytest.mark.parametrize(
+    "dropout,backward,seqs", [(0.0, False, (512,)), (0.1, False, (512,)), (0.1, True, (512,)), (0.1, True, (512, 192))]
+)
+def test_cuda_graphs_of_the_layer_forwards_give_the_eager_steps_on_gpu(deep_mistral_dir, dropout, backward, seqs):
     """Four steps (eager, captured, replayed twice) with the layer forwards as CUDA graphs (and with backward=True the
     recomputes and backwards too) give the eager path's losses and LoRA gradients, drawing new dropout masks at every
-    step as the eager path does."""
-    ids = batch(2048, bs=2, seq=512, device="cuda")
+    step as the eager path does. With two lengths the batches take turns, four steps each: the two shapes' graphs
+    share one memory pool and one arena of buffers."""
+    batches = [batch(2048, bs=2, seq=seq, device="cuda") for seq in seqs]
     runs = []
     for graphs in (False, True):
         model = build(deep_mistral_dir, True, "nf4", "bfloat16", dropout=dropout, graphs=graphs)
         fastpath.set_options(model, cuda_graph_backward=graphs and backward)
         torch.manual_seed(5)  # the layers draw their dropout seeds from torch's CUDA generator
         steps = []
-        for _ in range(4):
-            steps.append(loss_and_grads(model, ids, True))
+        for step in range(4 * len(seqs)):
+            steps.append(loss_and_grads(model, batches[step % len(seqs)], True))
             model.zero_grad(set_to_none=True)
         graphs_of = fastpath.layer_graphs(model)
         runs.append((steps, (graphs_of.captured(), graphs_of.captured_backward(), graphs_of.failed_backward)))
     (eager, eager_graphs), (graphed, graph_count) = runs
     layers = model.config.num_hidden_layers
-    assert eager_graphs == (0, 0, "") and graph_count == (layers, layers if backward else 0, "")
+    shapes = len(seqs)
+    assert eager_graphs == (0, 0, "") and graph_count == (shapes * layers, shapes * layers if backward else 0, "")
     for (want_loss, want), (got_loss, got) in zip(eager, graphed, strict=True):
         err, cos = grad_error(got, want)
         assert abs(got_loss - want_loss) < 1e-4 and err < 1e-2 and cos > 0.999, (got_loss, want_loss, err, cos)
     if dropout:
-        assert len({loss for loss, _ in eager}) == 4  # a new mask at every step
+        assert len({loss for loss, _ in eager}) == 4 * shapes  # a new mask at every step
 
 
 @pytest.mark.gpu

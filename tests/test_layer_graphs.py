@@ -68,11 +68,13 @@ class CPUGraphs(AnyDevice):
         return Replayed(work)
 
 
-@pytest.mark.parametrize("backward", [False, True])
-def test_replays_through_the_ring_give_the_eager_losses_and_grads(tmp_path, backward):
+@pytest.mark.parametrize(("backward", "lengths"), [(False, (24,)), (True, (24,)), (True, (24, 16, 8))])
+def test_replays_through_the_ring_give_the_eager_losses_and_grads(tmp_path, backward, lengths):
     """Four layers (more than the ring's three buffers), dropout, positions that shift, step 1 eager, 2 captured, 3
     and 4 replayed (the forwards, and with backward=True the recomputes and backwards too): the same losses and LoRA
-    gradients as the eager layers, bit for bit, and a new mask at every step."""
+    gradients as the eager layers, bit for bit, and a new mask at every step. With several lengths the batches take
+    turns (each length eager, captured, replayed twice): the shapes' graphs share one pool, their buffers one arena
+    and the layers' gradient buffers, and no shape's replay spoils another's."""
     from peft import LoraConfig, get_peft_model
 
     from conftest import build_model
@@ -90,9 +92,10 @@ def test_replays_through_the_ring_give_the_eager_losses_and_grads(tmp_path, back
         model = get_peft_model(model, lora)
         model.train()
         torch.manual_seed(5)  # the layers draw their dropout seeds from torch's generator
-        ids = torch.randint(0, model.config.vocab_size, (2, 24))
+        batches = [torch.randint(0, model.config.vocab_size, (2, n)) for n in lengths]
         steps = []
-        for step in range(4):
+        for step in range(4 * len(lengths)):
+            ids = batches[step % len(lengths)]
             # positions shift each step, so the rotary tables differ: a graph that kept the capture step's tables
             # (not its own buffers, refilled at each replay) would give other gradients
             positions = (torch.arange(ids.shape[1]) + 5 * step).expand_as(ids)
@@ -102,10 +105,10 @@ def test_replays_through_the_ring_give_the_eager_losses_and_grads(tmp_path, back
             model.zero_grad(set_to_none=True)
         runs.append((steps, (graphs.captured(), graphs.captured_backward()) if graphs is not None else None))
     (eager, _), (replayed, captured) = runs
-    assert captured == (4, 4 if backward else 0)
+    assert captured == (4 * len(lengths), 4 * len(lengths) if backward else 0)
     for (want_loss, want), (got_loss, got) in zip(eager, replayed, strict=True):
         assert got_loss == want_loss and all(torch.equal(got[n], want[n]) for n in want)
-    assert len({loss for loss, _ in eager}) == 4
+    assert len({loss for loss, _ in eager}) == 4 * len(lengths)
 
 
 def test_a_failed_capture_is_named_by_the_operation_that_failed_first():
@@ -147,11 +150,15 @@ def test_captured_shapes_stay_and_other_shapes_run_eagerly():
     graphs, cos = AnyDevice(), torch.zeros(1, 8, 4)
     shapes = [torch.zeros(b, 8, 16) for b in range(1, MAX_SHAPES + 3)]
     kept = [entries(graphs, 2, h, cos) for h in shapes[:MAX_SHAPES]]
-    for entry in kept[0]:
-        entry.graph = "captured"  # the first shape's graphs are captured; the others' are not yet
+    for entry in [e for es in kept[:-2] for e in es]:
+        entry.graph = "captured"  # every shape's graphs are captured but the last two shapes'
     later = entries(graphs, 2, shapes[MAX_SHAPES], cos)  # makes way: the oldest shape with no graph goes
     assert all(e is not None for e in later)
     assert all(a is b for a, b in zip(entries(graphs, 2, shapes[0], cos), kept[0], strict=True))
+    kept_shapes = {shape[0] for _, shape in graphs._entries}
+    assert tuple(shapes[MAX_SHAPES - 2].shape) not in kept_shapes and len(kept_shapes) == MAX_SHAPES  # it went
+    for entry in kept[-1]:
+        entry.graph = "captured"
     for entry in later:
         entry.backward_graph = "captured"
     assert entries(graphs, 2, shapes[MAX_SHAPES + 1], cos) == [None, None]  # every kept shape is captured

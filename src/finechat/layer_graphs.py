@@ -12,9 +12,15 @@ How it is kept exact and small:
   once on a side stream (after one more eager run there, as CUDA graphs require) and replayed from then on;
 - inputs are copied into the graph's own buffers before each replay, and the seeds are drawn anew into its seed
   buffer, which the recompute in backward reads too, so forward and recompute agree as in eager mode;
-- the layers of one shape share one memory pool and three hidden-state buffers in a ring (layer i reads slot i % 3
-  and writes slot (i + 1) % 3, so layer i + 1 reads its input where layer i wrote it); a slot is overwritten only
-  after the offload copy that reads it is done (its event);
+- the layers of one shape share three hidden-state buffers in a ring (layer i reads slot i % 3 and writes slot
+  (i + 1) % 3, so layer i + 1 reads its input where layer i wrote it); a slot is overwritten only after the offload
+  copy that reads it is done (its event);
+- every graph, of every shape, allocates in one memory pool, and nothing a graph leaves for later stays there (its
+  outputs are copied into buffers outside it), so the pool holds one layer's intermediates at the largest shape, not
+  one set per shape. The shapes' hidden-state buffers are views of one arena (sized to a power of two of tokens, a
+  new one only for a larger shape), and the layers' parameter-gradient buffers and the rotary tables are shared
+  likewise: a shape more costs little memory, so chat data, whose batches come in one shape per padded length,
+  graphs its batches of up to `MAX_SHAPES` shapes;
 - only batches of at most `max_tokens` tokens are graphed (the pool holds a layer's intermediates for good; above
   that the GPU is the bottleneck anyway), and graphs of at most `MAX_SHAPES` shapes are kept: the first shapes
   captured stay, and batches of other shapes run eagerly;
@@ -39,8 +45,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
-MAX_SHAPES = 2  # shapes whose graphs are kept (packed training has one; the last partial batch a second)
+# shapes whose graphs are kept: packed text has one (the last partial batch a second); chat data padded to multiples
+# of 64 tokens has one per multiple up to max_seq_length (finechat.train.pad_multiple), each batch size its own
+MAX_SHAPES = 32
 _RING = 3  # hidden-state buffers per shape
+_BUFFERS = _RING + 3  # and the backward graph's input, output gradient and input gradient
 
 LayerFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (hidden, cos, sin) -> layer output
 # (hidden, stand-ins for the parameters, in their order) -> the layer's output, computed with the stand-ins
@@ -75,10 +84,12 @@ class LayerGraphs:
     failed: str = ""  # why capturing failed (graphs are then off)
     failed_backward: str = ""  # why capturing a backward failed (backward graphs are then off)
     _entries: dict[tuple, Entry] = field(default_factory=dict)  # (layer index, shape) -> entry
-    _rings: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)
-    _pools: dict[tuple, Any] = field(default_factory=dict)
+    _views: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)  # shape -> ring slots, h, g, dh
+    _arena: torch.Tensor | None = None  # the latest (largest) memory the views are made in
+    _rotary: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # shape -> cos, sin
+    _grads: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)  # a layer's parameter-gradient buffers
+    _pool: Any = None  # the memory pool of every graph
     _busy: dict[int, torch.cuda.Event] = field(default_factory=dict)  # ring slot address -> copy reading it
-    _backward_buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _stream: torch.cuda.Stream | None = None
 
     def entry(
@@ -124,10 +135,11 @@ class LayerGraphs:
             self._wait(h_in)
             h_in.copy_(hidden)
         if entry.cos is None or entry.sin is None:
-            entry.cos, entry.sin = cos.clone(), sin.clone()
-        else:
-            entry.cos.copy_(cos)
-            entry.sin.copy_(sin)
+            if entry.shape not in self._rotary:  # one pair per shape: every layer's step reads the same tables
+                self._rotary[entry.shape] = (torch.empty_like(cos), torch.empty_like(sin))
+            entry.cos, entry.sin = self._rotary[entry.shape]
+        entry.cos.copy_(cos)
+        entry.sin.copy_(sin)
         if entry.graph is None:
             try:
                 cos_, sin_ = entry.cos, entry.sin
@@ -161,10 +173,7 @@ class LayerGraphs:
         entry.backward_calls += 1
         if entry.backward_graph is None and entry.backward_calls < 2:
             return None
-        if entry.shape not in self._backward_buffers:
-            buffers = (torch.empty_like(hidden).requires_grad_(True), torch.empty_like(grad), torch.empty_like(hidden))
-            self._backward_buffers[entry.shape] = buffers
-        h, g, dh = self._backward_buffers[entry.shape]
+        h, g, dh = self._buffers(entry.shape, hidden)[_RING:]
         with torch.no_grad():
             h.copy_(hidden)
             g.copy_(grad)
@@ -182,10 +191,12 @@ class LayerGraphs:
     def clear(self) -> None:
         """Drop every graph (their memory returns to the allocator's cache)."""
         self._entries.clear()
-        self._rings.clear()
-        self._pools.clear()
+        self._views.clear()
+        self._arena = None
+        self._rotary.clear()
+        self._grads.clear()
+        self._pool = None
         self._busy.clear()
-        self._backward_buffers.clear()
 
     def captured(self) -> int:
         """How many layer forward graphs are captured (for tests and the bench)."""
@@ -196,11 +207,32 @@ class LayerGraphs:
         return sum(entry.backward_graph is not None for entry in self._entries.values())
 
     def _slots(self, entry: Entry, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ring buffers entry's layer reads and writes (the ring made at its shape's first use)."""
-        ring = self._rings.get(entry.shape)
-        if ring is None:
-            ring = self._rings[entry.shape] = [torch.empty_like(hidden) for _ in range(_RING)]
+        """The ring buffers entry's layer reads and writes."""
+        ring = self._buffers(entry.shape, hidden)
         return ring[entry.index % _RING], ring[(entry.index + 1) % _RING]
+
+    def _buffers(self, shape: tuple, like: torch.Tensor) -> list[torch.Tensor]:
+        """shape's hidden-state buffers, like `like`: the ring's slots, then the backward graph's input (a leaf that
+        requires grad), output gradient and input gradient. Every shape's buffers are views of one arena, buffer i
+        of every shape at the start of the arena's region i: at most one step runs at a time, and a slot's pending
+        offload copy is waited for by the slot's address, which the same slot of every shape shares. A shape larger
+        than the arena's regions gets a new arena (regions of the next power of two tokens); the shapes made in the
+        old one keep it."""
+        views = self._views.get(shape)
+        if views is None:
+            n, width, arena = like.numel(), like.shape[-1], self._arena
+            if (
+                arena is None
+                or arena.numel() < _BUFFERS * n
+                or (arena.dtype, arena.device) != (like.dtype, like.device)
+            ):
+                tokens = 1 << (n // width - 1).bit_length()
+                arena = self._arena = torch.empty(_BUFFERS * tokens * width, dtype=like.dtype, device=like.device)
+            region = arena.numel() // _BUFFERS
+            views = [arena[i * region : i * region + n].view(like.shape) for i in range(_BUFFERS)]
+            views[_RING].requires_grad_(True)
+            self._views[shape] = views
+        return views
 
     def _wait(self, slot: torch.Tensor) -> None:
         """The current stream waits until the copy reading slot (if any) is done."""
@@ -222,16 +254,18 @@ class LayerGraphs:
             return False
         oldest = loose[0]
         self._entries = {k: e for k, e in self._entries.items() if k[1] != oldest}
-        ring = self._rings.pop(oldest, [])
-        for slot in ring:
-            self._busy.pop(slot.data_ptr(), None)
-        self._pools.pop(oldest, None)
-        self._backward_buffers.pop(oldest, None)
+        self._views.pop(oldest, None)  # (its slots' pending copies stay waited for: other shapes share the addresses)
+        self._rotary.pop(oldest, None)
         return True
 
     def _capture_backward(self, entry: Entry, fn: RecomputeFn, params: tuple[torch.Tensor, ...]) -> None:
-        h, g, dh = self._backward_buffers[entry.shape]
-        grads = [torch.empty_like(p) for p in params]  # outside the pool: they outlive the graph's run
+        h, g, dh = self._views[entry.shape][_RING:]
+        # outside the pool: they outlive the graph's run; one set per layer, whatever the shape (each replay's are
+        # copied out at once)
+        key = (entry.index, *((p.shape, p.dtype, p.device) for p in params))
+        grads = self._grads.get(key)
+        if grads is None:
+            grads = self._grads[key] = [torch.empty_like(p) for p in params]
 
         def work() -> None:
             # The parameters' gradients are taken at stand-ins: new leaves over the same memory, made here on the
@@ -254,11 +288,12 @@ class LayerGraphs:
         entry.grads = grads
 
     def _record(self, work: Callable[[], Any], shape: tuple, device: torch.device) -> Any:
-        """work() captured as a CUDA graph on the side stream, in the memory pool of shape's graphs, after one run
-        there (its cuBLAS workspace, lazy state); returns the graph (its replay() runs work on the current stream)."""
-        pool = self._pools.get(shape)
-        if pool is None:
-            pool = self._pools[shape] = torch.cuda.graph_pool_handle()
+        """work() captured as a CUDA graph on the side stream, in the graphs' memory pool, after one run there (its
+        cuBLAS workspace, lazy state); returns the graph (its replay() runs work on the current stream). work must
+        leave nothing in the pool that a later graph could overwrite: what it keeps, it copies out."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        pool = self._pool
         current = torch.cuda.current_stream(device)
         if self._stream is None:
             self._stream = torch.cuda.Stream(device)
