@@ -389,3 +389,54 @@ def test_right_padded_batches_graph_and_train_as_their_real_tokens_on_gpu(deep_m
         assert loss_u == pytest.approx(loss_m, rel=2e-3)
         err, cos = grad_error(grads_u, grads_m)
         assert err < 0.05 and cos > 0.99
+
+
+@pytest.mark.gpu
+def test_finechat_train_graphs_chat_batches_of_many_lengths_on_gpu(tiny_mistral_dir, tmp_path, monkeypatch):
+    """`finechat train` on chat records of many lengths: the batches come padded to several shapes (multiples of 64
+    tokens), train without their padding mask, and are graphed, several shapes at once; the run gives the loss of
+    the same run without graphs."""
+    import json
+
+    from conftest import wiki_texts
+    from finechat import config as cfg
+    from finechat import layer_graphs
+    from finechat.train import train
+
+    chats = tmp_path / "chats.jsonl"
+    with chats.open("w") as f:
+        for i, text in enumerate(wiki_texts(60)):
+            words = text.split()
+            ask, answer = 4 + 7 * i % 40, 3 + 11 * i % 60  # every few records another padded length
+            messages = [
+                {"role": "user", "content": " ".join(words[:ask])},
+                {"role": "assistant", "content": " ".join(words[ask : ask + answer]) or "yes"},
+            ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    captured: list[tuple] = []
+    record = layer_graphs.LayerGraphs._record
+
+    def spy(self, work, shape, device):  # instrumentation only: the capture itself runs as it is
+        captured.append(shape)
+        return record(self, work, shape, device)
+
+    monkeypatch.setattr(layer_graphs.LayerGraphs, "_record", spy)
+    losses = {}
+    for graphs in (True, False):
+        values = dict(
+            model=str(tiny_mistral_dir),
+            data=str(chats),
+            run_dir=str(tmp_path / f"graphs{graphs}"),
+            max_steps=12,
+            batch_size=2,
+            max_seq_length=256,
+            quantize="nf4",
+            lora_dropout=0.0,
+            max_eval_docs=2,
+            cuda_graphs=graphs,
+        )
+        losses[graphs] = train(cfg.load_config(None, values)).train_loss
+        if graphs:
+            shapes = {shape[0] for shape in captured}
+            assert len(shapes) >= 2 and all(s[1] % 64 == 0 for s in shapes), shapes
+    assert abs(losses[True] - losses[False]) < 1e-2 * abs(losses[False]), losses
