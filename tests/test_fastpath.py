@@ -296,28 +296,26 @@ def test_fast_path_is_on_with_cuda(mid_mistral_dir):
     assert fastpath.supported(models.load_base(str(mid_mistral_dir), quantize="nf4", compute_dtype="bfloat16"))
 
 
+# conftest.tiny_config's overrides for the GPU runs of `finechat train`: NF4 in bf16 (the defaults), dropout 0
+# (so that the runs compared give the same loss), as the config file ships them otherwise
+GPU_RUN = dict(
+    quantize="nf4", compute_dtype="bfloat16", lora_dropout=0.0, max_eval_docs=2, eval_fraction=0.02, save_steps=50
+)
+
+
 @pytest.mark.gpu
 def test_finechat_train_takes_the_fast_path_on_gpu(tiny_mistral_dir, text_file, tmp_path, caplog):
     """`finechat train` through SFTTrainer: the fast path is taken and reaches the plain path's loss (dropout 0)."""
-    from finechat import config as cfg
+    from conftest import tiny_config
     from finechat.train import train
 
     losses = {}
     for fast in (True, False):
-        values = dict(
-            model=str(tiny_mistral_dir),
-            data=str(text_file),
-            run_dir=str(tmp_path / f"fast{fast}"),
-            max_steps=3,
-            batch_size=2,
-            max_seq_length=64,
-            quantize="nf4",
-            lora_dropout=0.0,
-            max_eval_docs=2,
-            fast_path=fast,
+        config = tiny_config(
+            tiny_mistral_dir, text_file, tmp_path / f"fast{fast}", max_steps=3, fast_path=fast, **GPU_RUN
         )
         with caplog.at_level("INFO", logger="finechat.fastpath"):
-            losses[fast] = train(cfg.load_config(None, values)).train_loss
+            losses[fast] = train(config).train_loss
         assert ("fast training path" in caplog.text) == fast
         caplog.clear()
     assert abs(losses[True] - losses[False]) < 2e-2 * abs(losses[False])
@@ -398,8 +396,7 @@ def test_finechat_train_graphs_chat_batches_of_many_lengths_on_gpu(tiny_mistral_
     the same run without graphs."""
     import json
 
-    from conftest import wiki_texts
-    from finechat import config as cfg
+    from conftest import tiny_config, wiki_texts
     from finechat import layer_graphs
     from finechat.train import train
 
@@ -423,19 +420,11 @@ def test_finechat_train_graphs_chat_batches_of_many_lengths_on_gpu(tiny_mistral_
     monkeypatch.setattr(layer_graphs.LayerGraphs, "_record", spy)
     losses = {}
     for graphs in (True, False):
-        values = dict(
-            model=str(tiny_mistral_dir),
-            data=str(chats),
-            run_dir=str(tmp_path / f"graphs{graphs}"),
-            max_steps=12,
-            batch_size=2,
-            max_seq_length=256,
-            quantize="nf4",
-            lora_dropout=0.0,
-            max_eval_docs=2,
-            cuda_graphs=graphs,
+        run = tmp_path / f"graphs{graphs}"
+        config = tiny_config(
+            tiny_mistral_dir, chats, run, max_steps=12, max_seq_length=256, cuda_graphs=graphs, **GPU_RUN
         )
-        losses[graphs] = train(cfg.load_config(None, values)).train_loss
+        losses[graphs] = train(config).train_loss
         if graphs:
             shapes = {shape[0] for shape in captured}
             assert len(shapes) >= 2 and all(s[1] % 64 == 0 for s in shapes), shapes
