@@ -73,7 +73,8 @@ def test_bad_input_through_the_real_console_script(tmp_path):
         ({"--max-seq-length": "-1"}, r"--max-seq-length must be a positive number"),
         ({"--lora-r": "0"}, r"--lora-r must be a positive number"),
         ({"--max-steps": "0"}, r"--max-steps must be a positive number"),
-        ({"--batch-size": "two"}, r"batch_size: expected int, got 'two'"),
+        ({"--batch-size": "two"}, r"--batch-size \(batch_size in a config file\): expected a whole number, got 'two'"),
+        ({"--lr": "abc"}, r"--lr \(learning_rate in a config file\): expected a number, got 'abc'"),
         ({"--quantize": "int2"}, r"--quantize must be one of nf4, none"),
     ],
 )

@@ -59,7 +59,7 @@ def test_non_positive_sizes_name_the_flag(key, value, flag):
 
 
 def test_bad_type_and_bad_choice():
-    with pytest.raises(UserError, match="batch_size: expected int"):
+    with pytest.raises(UserError, match="batch_size in a config file\\): expected a whole number"):
         cfg.load_config(None, {"batch_size": "four"})
     with pytest.raises(UserError, match="--quantize must be one of nf4, none"):
         cfg.load_config(None, {"quantize": "int3"})

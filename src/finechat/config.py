@@ -185,7 +185,11 @@ def coerce(name: str, value: Any) -> Any:
             return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
         return t(value)
     except (TypeError, ValueError):
-        raise UserError(f"{name}: expected {t.__name__}, got {value!r}") from None
+        kind = _KINDS.get(t, t.__name__)
+        raise UserError(f"--{flag_for(name)} ({name} in a config file): expected {kind}, got {value!r}") from None
+
+
+_KINDS = {int: "a whole number", float: "a number", bool: "true or false"}
 
 
 def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
