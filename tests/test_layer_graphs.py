@@ -163,3 +163,21 @@ def test_captured_shapes_stay_and_other_shapes_run_eagerly():
         entry.backward_graph = "captured"
     assert entries(graphs, 2, shapes[MAX_SHAPES + 1], cos) == [None, None]  # every kept shape is captured
     assert all(a is b for a, b in zip(entries(graphs, 2, shapes[MAX_SHAPES], cos), later, strict=True))
+
+
+def test_the_shape_limit_comes_from_the_config(tmp_path):
+    """TrainConfig.cuda_graph_shapes (`--cuda-graph-shapes`) reaches the model's LayerGraphs, and must be positive."""
+    from conftest import build_model
+    from finechat import config as cfg
+    from finechat import fastpath, models
+    from finechat.errors import UserError
+
+    assert cfg.load_config(None, {}).cuda_graph_shapes == MAX_SHAPES
+    with pytest.raises(UserError, match="--cuda-graph-shapes must be a positive number, got 0"):
+        cfg.load_config(None, {"cuda_graph_shapes": 0})
+    model = models.load_base(str(build_model(tmp_path / "m", "mistral", layers=2)), quantize="none")
+    model = fastpath.prepare(model, require_cuda=False, cuda_graph_shapes=3)
+    graphs = fastpath.layer_graphs(model)
+    assert graphs is not None and graphs.max_shapes == 3
+    fastpath.set_options(model, cuda_graph_shapes=5)
+    assert graphs.max_shapes == 5

@@ -10,9 +10,9 @@ docs/benchmarks.md, run on an H100/H200:
 Batches of 4 rows, padded lengths 64, 128, ..., 1024 (16 shapes, 256 to 4,096 tokens), each row right-padded as
 `finechat bench train --padding 0.25` pads it. The same shuffled order of batches runs under each policy, on one
 model: layer graphs off; graphs kept for at most 2 shapes (finechat's limit before session 11); graphs kept for up to
-finechat.layer_graphs.MAX_SHAPES shapes (now). Two passes over the 16 shapes warm up (every shape eager, then
-captured), two more are timed. Reported per policy: tokens/s (pads counted, as the steps compute them), the graphs
-held, peak memory allocated and reserved."""
+finechat.layer_graphs.MAX_SHAPES shapes (now; `finechat train --cuda-graph-shapes`). Two passes over the 16 shapes
+warm up (every shape eager, then captured), two more are timed. Reported per policy: tokens/s (pads counted, as the
+steps compute them), the graphs held, peak memory allocated and reserved."""
 
 import json
 import os
@@ -51,9 +51,7 @@ def main() -> None:
         "rows": [],
     }
     for name, shapes in POLICIES.items():
-        graphs.clear()
-        graphs.enabled = shapes > 0
-        layer_graphs.MAX_SHAPES = max(shapes, 1)
+        fastpath.set_options(model, cuda_graphs=shapes > 0, cuda_graph_shapes=max(shapes, 1))
         bench.free_memory()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -81,7 +79,6 @@ def main() -> None:
         }
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
-    layer_graphs.MAX_SHAPES = POLICIES["all shapes"]
     if len(sys.argv) > 1:
         with open(sys.argv[1], "w") as f:
             json.dump(result, f, indent=1)

@@ -29,7 +29,7 @@ from finechat.kernels.lora_linear import lora_adapter, lora_linear, lora_linears
 from finechat.kernels.rms_norm import rms_norm
 from finechat.kernels.rope import apply_rope
 from finechat.kernels.swiglu import swiglu
-from finechat.layer_graphs import LayerGraphs
+from finechat.layer_graphs import MAX_SHAPES, LayerGraphs
 from finechat.offload import Offloader, Passes, checkpoint
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ def prepare(
     offload: bool = True,
     cuda_graphs: bool = True,
     cuda_graph_backward: bool = True,
+    cuda_graph_shapes: int = MAX_SHAPES,
 ) -> nn.Module:
     """Make a freshly loaded base model ready for LoRA training on the fast path (in place; returns it).
 
@@ -100,7 +101,8 @@ def prepare(
     prepare_model_for_kbit_training. require_cuda=False runs it on CPU, for tests of the arithmetic; offload=False
     keeps the checkpoints on the GPU; cuda_graphs=False runs the checkpointed forwards eagerly instead of replaying
     them as CUDA graphs at small batches (finechat.layer_graphs); cuda_graph_backward=False replays only
-    the forwards, leaving each layer's recompute and backward to autograd op by op."""
+    the forwards, leaving each layer's recompute and backward to autograd op by op; cuda_graph_shapes: the most
+    batch shapes whose graphs are kept."""
     reason = unsupported_reason(model, require_cuda=require_cuda)
     if reason is not None:
         raise ValueError(f"finechat fast path: unsupported {reason}; train with --no-fast-path")
@@ -111,7 +113,7 @@ def prepare(
     layers = _decoder_layers(model)
     assert layers is not None
     offloader = Offloader(enabled=offload)
-    graphs = LayerGraphs(enabled=cuda_graphs, backward_enabled=cuda_graph_backward)
+    graphs = LayerGraphs(enabled=cuda_graphs, backward_enabled=cuda_graph_backward, max_shapes=cuda_graph_shapes)
     for i, layer in enumerate(layers):
         fast = layer if isinstance(layer, FastDecoderLayer) else FastDecoderLayer(layer, i, offloader, graphs)
         fast.gradient_checkpointing = gradient_checkpointing
@@ -131,6 +133,7 @@ def set_options(
     gradient_checkpointing: bool | None = None,
     cuda_graphs: bool | None = None,
     cuda_graph_backward: bool | None = None,
+    cuda_graph_shapes: int | None = None,
 ) -> None:
     """Switch offloading, checkpointing or CUDA graphs of a prepared model's fast layers (None leaves a setting)."""
     for layer in _decoder_layers(model) or []:
@@ -144,6 +147,9 @@ def set_options(
                 layer._graphs.clear()
             if cuda_graph_backward is not None:
                 layer._graphs.backward_enabled = cuda_graph_backward
+                layer._graphs.clear()
+            if cuda_graph_shapes is not None:
+                layer._graphs.max_shapes = cuda_graph_shapes
                 layer._graphs.clear()
 
 

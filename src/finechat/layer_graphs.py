@@ -81,6 +81,7 @@ class LayerGraphs:
     enabled: bool = True
     backward_enabled: bool = False  # the recompute and backward as a graph too (see backward)
     max_tokens: int = 4096
+    max_shapes: int = MAX_SHAPES  # shapes whose graphs are kept (TrainConfig.cuda_graph_shapes)
     failed: str = ""  # why capturing failed (graphs are then off)
     failed_backward: str = ""  # why capturing a backward failed (backward graphs are then off)
     _entries: dict[tuple, Entry] = field(default_factory=dict)  # (layer index, shape) -> entry
@@ -241,12 +242,12 @@ class LayerGraphs:
             torch.cuda.current_stream(slot.device).wait_event(event)
 
     def _make_room(self, shape: tuple) -> bool:
-        """Whether shape may have entries: the shapes kept are at most MAX_SHAPES. A shape with no graph captured
+        """Whether shape may have entries: the shapes kept are at most max_shapes. A shape with no graph captured
         yet makes way for a new one (the oldest first); a captured one stays, and a batch of yet another shape then
         runs eagerly. (Batches of ever-changing shapes, chat records padded to their lengths, would otherwise
         capture graphs and drop them again without end.)"""
         shapes = list(dict.fromkeys(s for _, s in self._entries))
-        if shape in shapes or len(shapes) < MAX_SHAPES:
+        if shape in shapes or len(shapes) < self.max_shapes:
             return True
         captured = {s for (_, s), e in self._entries.items() if e.graph is not None or e.backward_graph is not None}
         loose = [s for s in shapes if s not in captured]
