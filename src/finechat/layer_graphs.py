@@ -20,10 +20,11 @@ How it is kept exact and small:
   one set per shape. The shapes' hidden-state buffers are views of one arena (sized to a power of two of tokens, a
   new one only for a larger shape), and the layers' parameter-gradient buffers and the rotary tables are shared
   likewise: a shape more costs little memory, so chat data, whose batches come in one shape per padded length,
-  graphs its batches of up to `MAX_SHAPES` shapes;
+  graphs its batches too;
 - only batches of at most `max_tokens` tokens are graphed (the pool holds a layer's intermediates for good; above
-  that the GPU is the bottleneck anyway), and graphs of at most `MAX_SHAPES` shapes are kept: the first shapes
-  captured stay, and batches of other shapes run eagerly;
+  that the GPU is the bottleneck anyway), and graphs of at most `max_shapes` shapes are kept (`MAX_SHAPES` unless
+  `finechat train --cuda-graph-shapes` says otherwise): the first shapes captured stay, and batches of other shapes
+  run eagerly;
 - a failed capture (an operation that cannot be captured) switches graphs off for the process with a warning, and the
   layers run eagerly as before.
 With `backward_enabled` (the default; `finechat train --no-cuda-graph-backward` turns it off) each layer's recompute
