@@ -170,8 +170,8 @@ class LayerGraphs:
         or None when this call runs eagerly (backward graphs off, the first call at a shape, a failed capture).
         Every tensor fn reads besides its argument must outlive the graph (the graph keeps addresses, not tensors):
         parameters, entry's seeds and its forward graph's rotary buffers."""
-        if not self.backward_enabled or self.failed_backward:
-            return None
+        if not self.backward_enabled or self.failed_backward or grad.dtype != hidden.dtype:
+            return None  # (the output gradient's buffer has the hidden state's dtype)
         entry.backward_calls += 1
         if entry.backward_graph is None and entry.backward_calls < 2:
             return None
