@@ -4,7 +4,9 @@ DDP options, on its half of a batch for three SGD steps, and saves the gradients
 The test compares them with one process on the whole batch (build, batch and train below, shared by both). With
 "graphs" as third argument the layers go through finechat.layer_graphs' bookkeeping with forward and backward
 "graphs" that CPU replays (tests/test_layer_graphs.CPUGraphs): the backward's parameter gradients then reach DDP as
-the checkpoint's outputs. With "accumulate" each step is two micro-batches, the first without the all-reduce."""
+the checkpoint's outputs. With "accumulate" each step is two micro-batches, the first without the all-reduce. With
+"shapes" the steps take turns between two sequence lengths (LENGTHS), so the graphs of two shapes share their memory
+(finechat.layer_graphs)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from finechat import distributed, fastpath
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ROWS, SEQ, STEPS = 4, 32, 3  # steps: eager, captured, replayed
+LENGTHS = (SEQ, 24)  # with "shapes": step i trains on the first LENGTHS[i % 2] tokens of each row, 2 x STEPS steps
 
 
 def build(model_dir: str, graphs: bool = False):
@@ -46,17 +49,19 @@ def batch(vocab_size: int) -> torch.Tensor:
     return torch.randint(3, vocab_size, (ROWS, SEQ), generator=torch.Generator().manual_seed(1))
 
 
-def train(model, step_model, ids: torch.Tensor, micro: int = 1) -> list[dict[str, torch.Tensor]]:
-    """STEPS SGD steps of step_model (the model, or its DDP wrapper) on ids, each accumulated over `micro` equal
-    micro-batches (under DDP all but the last without the all-reduce, as the Trainer does); the adapter gradients of
-    each step."""
+def train(
+    model, step_model, ids: torch.Tensor, micro: int = 1, lengths: tuple[int, ...] = (SEQ,)
+) -> list[dict[str, torch.Tensor]]:
+    """STEPS SGD steps per length of step_model (the model, or its DDP wrapper) on ids cut to the lengths in turn,
+    each accumulated over `micro` equal micro-batches (under DDP all but the last without the all-reduce, as the
+    Trainer does); the adapter gradients of each step."""
     from contextlib import nullcontext
 
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     sgd = torch.optim.SGD(params.values(), lr=0.5)
     grads = []
-    for _ in range(STEPS):
-        for i, part in enumerate(ids.chunk(micro)):
+    for step in range(STEPS * len(lengths)):
+        for i, part in enumerate(ids[:, : lengths[step % len(lengths)]].chunk(micro)):
             last = i == micro - 1
             with nullcontext() if last or not hasattr(step_model, "no_sync") else step_model.no_sync():
                 (step_model(input_ids=part, labels=part).loss / micro).backward()
@@ -66,7 +71,7 @@ def train(model, step_model, ids: torch.Tensor, micro: int = 1) -> list[dict[str
     return grads
 
 
-def main(model_dir: str, out: Path, graphs: bool = False, micro: int = 1) -> None:
+def main(model_dir: str, out: Path, graphs: bool = False, micro: int = 1, lengths: tuple[int, ...] = (SEQ,)) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -80,13 +85,18 @@ def main(model_dir: str, out: Path, graphs: bool = False, micro: int = 1) -> Non
     ddp = DistributedDataParallel(model, **distributed.DDP_OPTIONS)
     rows = ROWS // world
     ids = batch(model.config.vocab_size)[rank * rows : (rank + 1) * rows]
-    grads = train(model, ddp, ids, micro)
+    grads = train(model, ddp, ids, micro, lengths)
     replayed = layers[0]._graphs.captured_backward() if graphs else 0
     torch.save({"grads": grads, "recomputed": recomputed, "backward_graphs": replayed}, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
+    flags = sys.argv[3:]
     main(
-        sys.argv[1], Path(sys.argv[2]), graphs="graphs" in sys.argv[3:], micro=2 if "accumulate" in sys.argv[3:] else 1
+        sys.argv[1],
+        Path(sys.argv[2]),
+        graphs="graphs" in flags,
+        micro=2 if "accumulate" in flags else 1,
+        lengths=LENGTHS if "shapes" in flags else (SEQ,),
     )

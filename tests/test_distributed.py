@@ -147,29 +147,36 @@ def test_bad_input_under_the_launcher_is_one_line_and_exit_2(tiny_model_dir, tmp
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="gloo on CPU; GPUs: benchmarks/run_multigpu_bench.sh")
-@pytest.mark.parametrize("graphs,accumulate", [(False, False), (True, False), (True, True)])
-def test_fast_path_under_ddp_gives_the_whole_batch_gradients(tiny_model_dir, tmp_path, graphs, accumulate):
+@pytest.mark.parametrize(
+    "graphs,accumulate,shapes", [(False, False, False), (True, False, False), (True, True, False), (True, True, True)]
+)
+def test_fast_path_under_ddp_gives_the_whole_batch_gradients(tiny_model_dir, tmp_path, graphs, accumulate, shapes):
     """finechat's fast path recomputes each layer inside backward (finechat.offload), where DDP's gradient hooks
     fire: 2 processes x 2 rows under DDP with finechat's options get, in each of three steps, the gradients of 1
     process x 4 rows (so every hook fired once, and DDP averaged every bucket). graphs: the layers' forwards and
     backwards through finechat.layer_graphs (CPU stand-ins for the CUDA graphs), whose backward hands the parameters'
     gradients to autograd as the checkpoint's outputs. accumulate: each process's step is two micro-batches of one
-    row, the first without the all-reduce (DDP's no_sync, as the Trainer runs gradient accumulation)."""
+    row, the first without the all-reduce (DDP's no_sync, as the Trainer runs gradient accumulation). shapes: the
+    steps take turns between two sequence lengths, whose graphs share one memory pool and one arena of buffers."""
     import ddp_fastpath_worker as worker
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += [worker.__file__, str(tiny_model_dir), str(tmp_path)] + (["graphs"] if graphs else [])
     command += ["accumulate"] if accumulate else []
+    command += ["shapes"] if shapes else []
     done = subprocess.run(command, capture_output=True, text=True, env=cpu_env(), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
     model = worker.build(str(tiny_model_dir))
-    expected = worker.train(model, model, worker.batch(model.config.vocab_size))
-    assert len(expected) == worker.STEPS and len(expected[0]) == 2 * 7 * 2  # A and B of 7 projections, 2 layers
+    lengths = worker.LENGTHS if shapes else (worker.SEQ,)
+    expected = worker.train(model, model, worker.batch(model.config.vocab_size), lengths=lengths)
+    assert (
+        len(expected) == worker.STEPS * len(lengths) and len(expected[0]) == 2 * 7 * 2
+    )  # A, B of 7 projections, 2 layers
     for rank in (0, 1):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
         assert set(saved["recomputed"]) == {"_CheckpointBackward"}, saved["recomputed"]
-        assert saved["backward_graphs"] == (2 if graphs else 0)  # both layers, replayed at the third step
+        assert saved["backward_graphs"] == (2 * len(lengths) if graphs else 0)  # both layers, every length
         for step, (got, want) in enumerate(zip(saved["grads"], expected, strict=True)):
             assert got.keys() == want.keys(), step
             for name in want:
