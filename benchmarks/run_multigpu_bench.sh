@@ -22,7 +22,9 @@
 # FSDP_WARMUP (3), ABLATE_OPTIMIZER (unset: a phase 1b that repeats phase 1 with this optimizer), ABLATE_OFFLOAD
 # (unset; 1: a phase 1c that repeats phase 1 without activation offloading), ABLATE_NUMA (unset; 1: a phase 1e
 # that repeats phase 1 with every process pinned to its GPU's NUMA node), ACCUM (unset; N: a phase 1d that repeats
-# phase 1 with N micro-batches per optimizer step, ACCUM_STEPS (12) steps, ACCUM_WARMUP (2)), ARCH (mistral-7b),
+# phase 1 with N micro-batches per optimizer step, ACCUM_STEPS (12) steps, ACCUM_WARMUP (2)), CHAT (unset; 1: a
+# phase 1f on chat records of many lengths, with and without layer graphs, CHAT_STEPS (48), CHAT_WARMUP (24)),
+# ARCH (mistral-7b),
 # SMOKE=0 to skip the tiny run, BENCH=0 to stop after it, FAST=0 / FSDP=0 / PLAIN=0 to skip a phase, PLAIN_MIN
 # (seconds that must be left for phase 3, 150). A warm machine keeps wheels, the random model and earlier rows of
 # the same day in /tmp, so a second call can run what the first skipped (e.g. `SMOKE=0 FAST=0 FSDP=0`).
@@ -126,6 +128,17 @@ fi
 if [ -n "${ACCUM:-}" ] && phase "1d. single and DDP, fast path, $ACCUM micro-batches a step" 150; then
   bench "$(($(left) - 10))" "${common[@]}" --steps "${ACCUM_STEPS:-12}" --warmup "${ACCUM_WARMUP:-2}" \
     --modes single,ddp --fast-path --grad-accum "$ACCUM" 2>&1 | tee -a "$OUT/bench.log"
+fi
+# 1f. chat records of many lengths (padded batches of one shape per 64 tokens, as `finechat train` gets them from
+# chat data): CHAT=1 runs single and DDP on the fast path, then single without the layer graphs (rows kept beside).
+# The first steps of each new shape run eagerly and capture its graphs, hence more warm-up steps.
+if [ -n "${CHAT:-}" ] && phase "1f. single and DDP, fast path, chat records" 200; then
+  bench "$(($(left) - 10))" "${common[@]}" --steps "${CHAT_STEPS:-48}" --warmup "${CHAT_WARMUP:-24}" \
+    --modes single,ddp --fast-path --chat 2>&1 | tee -a "$OUT/bench.log"
+  if phase "1f. single, fast path, chat records, no layer graphs" 90; then
+    bench "$(($(left) - 10))" "${common[@]}" --steps "${CHAT_STEPS:-48}" --warmup "${CHAT_WARMUP:-24}" \
+      --modes single --fast-path --chat --no-cuda-graphs 2>&1 | tee -a "$OUT/bench.log"
+  fi
 fi
 plain() {
   if [ "${PLAIN:-1}" = 1 ] && phase "3. single and DDP, plain layers" "${PLAIN_MIN:-150}"; then

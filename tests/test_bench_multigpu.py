@@ -173,3 +173,25 @@ def test_numa_binding_reaches_finechat_train_as_an_ablation(tmp_path):
     row = {"mode": "ddp", "gpus": 2, "fast_path": True, "numa_ablation": "bound"}  # "no-op" on one NUMA node
     assert multigpu._ablation_name(row) == "numa_bound"
     assert multigpu._row_key(row) != multigpu._row_key({k: v for k, v in row.items() if k != "numa_ablation"})
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU dry run; GPUs: benchmarks/run_multigpu_bench.sh")
+def test_cpu_dry_run_on_chat_records(tmp_path):
+    """--chat: `finechat train` on chat records of many lengths (a word tokenizer with a chat template of its own, in a
+    folder of links to the shared model's files); the row says so and is kept beside packed text's."""
+    argv = ["--arch", "tiny", "--device", "cpu", "--modes", "single", "--batch-size", "2", "--seq", "128", "--chat"]
+    argv += ["--steps", "4", "--warmup", "1", "--workdir", str(tmp_path / "work"), "--no-profile"]
+    argv += ["--model-dir", str(tmp_path / "model"), "--output", f"{tmp_path}/results/"]
+    assert multigpu.main(argv) == 0
+    (path,) = (tmp_path / "results").glob("multigpu-cpu-*.json")
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["data"] == "chat" and row["tok_s"] > 0 and row["steps"] == 4 and "error" not in row, row
+    chats = [json.loads(line) for line in (tmp_path / "work/chats.jsonl").read_text().splitlines()]
+    lengths = {len(c["messages"][0]["content"].split()) for c in chats}
+    assert len(chats) == 4 * 2 * 2 * 5 // 4 + 20 and min(lengths) >= 8 and max(lengths) <= 64 and len(lengths) > 10
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path / "model").chat_template is None  # the shared folder as it was
+    assert AutoTokenizer.from_pretrained(tmp_path / "work/model-chat").chat_template == multigpu.CHAT_TEMPLATE
+    assert json.loads((tmp_path / "work/runs/single-plain-data_chat/finechat.json").read_text())

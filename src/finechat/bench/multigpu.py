@@ -8,7 +8,9 @@ data. The numbers come from the run's metrics.jsonl: tokens/s is rank 0's rate o
 GPUs) averaged over the steps after the warm-up, peak_gib rank 0's peak allocated memory during training. Results
 go to benchmarks/results/multigpu-<card>-<date>.json after every mode, so a later failure keeps what was measured;
 rows are keyed by mode and path (finechat's fast path or the plain Hugging Face layers), so a run of the other path
-adds rows to the same file.
+adds rows to the same file. `--chat` trains on chat records of many lengths instead (the tokenizer gets a chat
+template in a folder of its own), so the padded batches come in many shapes as with real chat data; its rows, like
+those of the other ablations (`--no-cuda-graphs`, `--no-offload`, ...), are kept beside the default's.
 
 To explain a gap, every run is traced (finechat.steptrace): each process's wall time per step goes into the row
 (`step_s`, `period_s` and their medians per rank) and the last step is profiled on every rank (`profile`: rank 0's
@@ -46,7 +48,13 @@ NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "N
 DEFAULT_OPTIMIZER = "paged_adamw_32bit"  # finechat's default, as train() picks it
 # Row fields that set a run apart from the default's rows. grad_accum: micro-batches per optimizer step, as the
 # shipped Mistral config has (4): DDP then all-reduces once per 4 micro-batches, and the ranks wait for each other once.
-ABLATIONS = ("optimizer_ablation", "offload_ablation", "numa_ablation", "grad_accum")
+ABLATIONS = ("optimizer_ablation", "offload_ablation", "numa_ablation", "grad_accum", "data", "graphs_ablation")
+# --chat: every row is a chat record of user and assistant turns of random words, 8 words to half of --seq each, so
+# that the padded batches come in many shapes (one per 64 tokens), as real chat data gives them
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}assistant {% endif %}"
+)
 
 
 @dataclass
@@ -74,6 +82,8 @@ class Settings:
     optimizer: str = DEFAULT_OPTIMIZER  # another one gives rows of their own, beside the default's (an ablation)
     offload: bool = True  # the fast path's activation offloading; off gives rows of their own (an ablation)
     numa_binding: bool = False  # each process pinned to its GPU's NUMA node (train's --numa-binding): an ablation
+    chat: bool = False  # chat records of many lengths instead of packed text (rows of their own, data "chat")
+    cuda_graphs: bool = True  # the fast path's layer graphs; off gives rows of their own (an ablation)
 
 
 def run(settings: Settings, command: str) -> dict[str, Any]:
@@ -103,7 +113,12 @@ def run(settings: Settings, command: str) -> dict[str, Any]:
     }
     workdir = Path(settings.workdir)
     model_dir = prepare_model(settings.arch, Path(settings.model_dir or f"/tmp/finechat-bench-{settings.arch}"))
-    data = prepare_data(workdir / "data.jsonl", ARCHS[settings.arch]["vocab_size"], _tokens_needed(settings))
+    vocab = ARCHS[settings.arch]["vocab_size"]
+    if settings.chat:
+        model_dir = with_chat_template(model_dir, workdir / "model-chat")
+        data = prepare_chats(workdir / "chats.jsonl", vocab, _rows_needed(settings), settings.seq)
+    else:
+        data = prepare_data(workdir / "data.jsonl", vocab, _tokens_needed(settings))
 
     for mode in settings.modes:
         row = train_mode(mode, settings, model_dir, data, workdir)
@@ -145,6 +160,43 @@ def prepare_data(path: Path, vocab_size: int, tokens: int) -> Path:
     return path
 
 
+def with_chat_template(model_dir: Path, folder: Path) -> Path:
+    """folder: model_dir's files as links, and its word tokenizer with a chat template (CHAT_TEMPLATE) of its own, so
+    that the shared model folder stays as `finechat bench generate` and `train` expect it."""
+    from transformers import AutoTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    for f in model_dir.iterdir():
+        link = folder / f.name
+        if f.is_file() and "token" not in f.name and not link.exists():
+            link.symlink_to(f.resolve())
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def prepare_chats(path: Path, vocab_size: int, rows: int, seq: int) -> Path:
+    """A .jsonl of `rows` chat records (plus held-out ones): a user and an assistant turn of 8 to seq / 2 random words
+    each (written once per size)."""
+    records = rows + 20
+    marker = f"{vocab_size}:{records}:{seq}"
+    if path.is_file() and path.with_suffix(".size").read_text() == marker:
+        return path
+    rng = random.Random(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def turn() -> str:
+        return " ".join(f"w{rng.randrange(3, vocab_size)}" for _ in range(rng.randint(8, max(8, seq // 2))))
+
+    with path.open("w") as f:
+        for _ in range(records):
+            messages = [{"role": "user", "content": turn()}, {"role": "assistant", "content": turn()}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    path.with_suffix(".size").write_text(marker)
+    return path
+
+
 def train_flags(settings: Settings, model_dir: Path, data: Path, run_dir: Path) -> list[str]:
     """The `finechat train` flags every mode shares."""
     dtype = "bfloat16" if settings.device == "cuda" else "float32"
@@ -171,6 +223,7 @@ def train_flags(settings: Settings, model_dir: Path, data: Path, run_dir: Path) 
         "--fast-path" if settings.fast_path else "--no-fast-path",
         "--offload-activations" if settings.offload else "--no-offload-activations",
         "--numa-binding" if settings.numa_binding else "--no-numa-binding",
+        "--cuda-graphs" if settings.cuda_graphs else "--no-cuda-graphs",
         "--logging-steps",
         str(settings.logging_steps),
         "--optimizer",
@@ -224,6 +277,10 @@ def train_mode(mode: str, settings: Settings, model_dir: Path, data: Path, workd
         row["numa_ablation"] = "bound" if _numa_binds(settings) else "no-op"
     if settings.grad_accum > 1:
         row["grad_accum"] = settings.grad_accum
+    if settings.chat:
+        row["data"] = "chat"
+    if not settings.cuda_graphs:
+        row["graphs_ablation"] = "off"
     if mode == "fsdp" and settings.device != "cuda":
         return {**row, "error": "FSDP needs CUDA GPUs (skipped on CPU)"}
     name = mode if fast or mode == "fsdp" else f"{mode}-plain"
@@ -447,6 +504,8 @@ def format_table(result: dict[str, Any]) -> str:
         note = f"activation offload off (ablation); {note}" if r.get("offload_ablation") else note
         note = f"NUMA-bound processes (ablation); {note}" if r.get("numa_ablation") else note
         note = f"{r['grad_accum']} micro-batches a step; {note}" if r.get("grad_accum") else note
+        note = f"layer graphs off (ablation); {note}" if r.get("graphs_ablation") else note
+        note = f"chat records; {note}" if r.get("data") == "chat" else note
         lines.append(f"{r['mode']:<8}{path:>6}{r['gpus']:>5}{tok:>12}{peak:>14}{steps:>22}  {note}")
     summary = result.get("summary", {})
     for fast in ("fast", "plain"):
@@ -493,7 +552,11 @@ def card_name(device: str) -> str:
 
 
 def _tokens_needed(settings: Settings) -> int:
-    return settings.steps * settings.batch_size * settings.grad_accum * settings.seq * settings.gpus * 5 // 4
+    return _rows_needed(settings) * settings.seq
+
+
+def _rows_needed(settings: Settings) -> int:
+    return settings.steps * settings.batch_size * settings.grad_accum * settings.gpus * 5 // 4
 
 
 def _check(settings: Settings, archs: dict[str, Any]) -> None:
@@ -578,6 +641,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m finechat.bench.mu
         action="store_true",
         help="every process pinned to the CPUs of its GPU's NUMA node, measured as an ablation (rows kept beside)",
     )
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="chat records of many lengths (padded batches of many shapes) instead of packed text (rows kept beside)",
+    )
+    p.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="the fast path without its layer graphs, measured as an ablation (rows kept beside)",
+    )
     a = p.parse_args(argv)
     settings = Settings(
         arch=a.arch,
@@ -601,6 +674,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m finechat.bench.mu
         optimizer=a.optimizer,
         offload=not a.no_offload,
         numa_binding=a.numa_binding,
+        chat=a.chat,
+        cuda_graphs=not a.no_cuda_graphs,
     )
     try:
         run(
