@@ -136,6 +136,28 @@ def test_the_recompute_without_the_last_product_gives_the_same_grads(tiny_mistra
     assert skipped_loss == full_loss and all(torch.equal(skipped[n], full[n]) for n in full)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_keeping_the_attention_half_gives_the_recomputes_grads(tiny_mistral_dir, monkeypatch, dropout):
+    """The first pass keeps each layer's rotary embedding and attention as a graph (their saved tensors) and the
+    hidden state after attention; the recompute skips them and the q, k, v and o products: the same loss and
+    gradients, bit for bit, as recomputing them. Over the host budget the layers recompute as before."""
+    results = []
+    for keep, budget in ((False, None), (True, None), (True, 0)):
+        monkeypatch.setitem(fastpath.ENABLED, "keep_attention", keep)
+        model = build(tiny_mistral_dir, fast=True, dropout=dropout)
+        layers = fastpath._decoder_layers(model)
+        offloader = layers[0]._offloader
+        if budget is not None:
+            offloader.host_budget = budget
+        ids = batch(model.config.vocab_size)
+        torch.manual_seed(5)
+        results.append(loss_and_grads(model, ids, True))
+        assert sorted(offloader._kept) == ([0, 1] if keep and budget is None else [])
+    (recomputed_loss, recomputed), (kept_loss, kept), (over_loss, over) = results
+    assert kept_loss == recomputed_loss == over_loss
+    assert all(torch.equal(kept[n], recomputed[n]) and torch.equal(over[n], recomputed[n]) for n in recomputed)
+
+
 def test_prepare_keeps_parameter_names_and_eval_uses_the_original_layers(tiny_mistral_dir):
     plain = models.load_base(str(tiny_mistral_dir))
     fast = fastpath.prepare(models.load_base(str(tiny_mistral_dir)), require_cuda=False)
@@ -289,6 +311,37 @@ def test_cuda_graphs_of_the_layer_forwards_give_the_eager_steps_on_gpu(deep_mist
         assert abs(got_loss - want_loss) < 1e-4 and err < 1e-2 and cos > 0.999, (got_loss, want_loss, err, cos)
     if dropout:
         assert len({loss for loss, _ in eager}) == 4 * shapes  # a new mask at every step
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_the_attention_half_kept_in_host_memory_gives_the_recomputes_grads_on_gpu(
+    deep_mistral_dir, monkeypatch, dropout
+):
+    """At 8,192 tokens (eager layers) the first pass sends each layer's kept attention tensors to pinned host memory
+    (the last layer's stay on the GPU) and backward fetches them back: the loss and LoRA gradients of recomputing
+    the attention, in no more GPU memory than a few layers' kept tensors more."""
+    ids = batch(2048, bs=4, seq=2048, device="cuda")
+    results, peaks, pinned = [], [], []
+    for keep in (False, True):
+        monkeypatch.setitem(fastpath.ENABLED, "keep_attention", keep)
+        model = build(deep_mistral_dir, True, "nf4", "bfloat16", dropout=dropout)
+        torch.manual_seed(5)
+        loss_and_grads(model, ids, True)  # the first step allocates the host buffers
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        torch.manual_seed(6)
+        results.append(loss_and_grads(model, ids, True))
+        peaks.append(torch.cuda.max_memory_allocated())
+        pinned.append(len(fastpath._decoder_layers(model)[0]._offloader._kept_buffers))
+        del model
+    (recomputed_loss, recomputed), (kept_loss, kept) = results
+    layers, per_layer = 5, 8192 * (2 * 1024 + 2 * 256 + 1024) * 2
+    err, cos = grad_error(kept, recomputed)
+    assert abs(kept_loss - recomputed_loss) < 1e-4 and err < 1e-2 and cos > 0.999, (kept_loss, recomputed_loss, err)
+    assert pinned[0] == 0 and pinned[1] >= 3 * (layers - 1), pinned
+    assert peaks[1] <= peaks[0] + 3 * per_layer, [p / 2**20 for p in peaks]
 
 
 @pytest.mark.gpu

@@ -43,3 +43,56 @@ def test_an_input_whose_buffer_is_reused_is_kept_as_a_copy():
     buffer.zero_()  # the next replay writes the buffer again
     assert torch.equal(saved.kept, kept) and saved.kept.data_ptr() != buffer.data_ptr()
     assert Offloader().save(0, buffer).kept is buffer  # not reused: kept as it is
+
+
+def zero_valued(t):
+    """Zeros with t's gradient path (as lora_linear's output=False gives)."""
+    return t - t.detach()
+
+
+def test_a_kept_part_is_not_recomputed_and_gives_the_recomputes_gradients():
+    """A checkpointed function whose middle part (here sin(a * b)) the first pass keeps as a graph: the recompute
+    runs the parts around it only, takes the kept output and value, and every gradient is the plain function's."""
+    w1 = torch.randn(8, 8, requires_grad=True)
+    w2 = torch.randn(8, 8, requires_grad=True)
+    x = torch.randn(4, 8, requires_grad=True)
+    calls = {"middle": 0}
+
+    def middle(a, b):
+        calls["middle"] += 1
+        return torch.sin(a * b)
+
+    def plain(h):
+        a, b = h @ w1, h @ w2
+        m = h + middle(a, b)
+        return torch.tanh(m @ w2)
+
+    want = torch.autograd.grad(plain(x).sum(), [x, w1, w2])
+    calls["middle"] = 0
+    offloader = Offloader()
+    kept = offloader.kept(0, x.device)
+
+    def first(h):
+        a, b = h @ w1, h @ w2
+        m = h + kept.record(middle, a, b)
+        kept.keep("m", m)
+        return torch.tanh(m @ w2)
+
+    def again(h):  # a and b's values are not read: zeros stand in for them, with their gradients' paths
+        a, b = (zero_valued(h @ w) for w in (w1, w2))
+        m = kept.value("m", h, kept.replay(a, b))
+        return torch.tanh(m @ w2)
+
+    out = checkpoint(first, x, offloader, 0, Passes(again=again, kept=kept))
+    assert calls["middle"] == 1
+    out.sum().backward()
+    assert calls["middle"] == 1  # the backward ran the kept graph, not middle again
+    for got, expected in zip((x.grad, w1.grad, w2.grad), want, strict=True):
+        assert torch.allclose(got, expected, atol=1e-6)
+    assert kept._items == [] and kept._edges is None  # released after the layer's backward
+
+
+def test_kept_tensors_count_against_the_host_budget():
+    offloader = Offloader()
+    offloader.layers, offloader.host_budget = 32, 32 << 20
+    assert offloader.may_keep(1 << 20) and not offloader.may_keep((1 << 20) + 1)

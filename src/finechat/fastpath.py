@@ -30,14 +30,15 @@ from finechat.kernels.rms_norm import rms_norm
 from finechat.kernels.rope import apply_rope
 from finechat.kernels.swiglu import swiglu
 from finechat.layer_graphs import MAX_SHAPES, LayerGraphs
-from finechat.offload import Offloader, Passes, checkpoint
+from finechat.offload import Kept, Offloader, Passes, checkpoint
 
 log = logging.getLogger(__name__)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
-# The recompute skips the down projection's product (FastDecoderLayer._layer's output=False); switched off by
-# `finechat bench train` (finechat-fullrecompute) to measure what that buys.
-ENABLED = {"skip_last_product": True}
+# The recompute skips the down projection's product (FastDecoderLayer._layer's output=False), and keeps the attention
+# half of the first pass where host memory allows instead of recomputing it (keep_attention); switched off by
+# `finechat bench train` (finechat-fullrecompute, finechat-recomputeattention) to measure what they buy.
+ENABLED = {"skip_last_product": True, "keep_attention": True}
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -113,6 +114,7 @@ def prepare(
     layers = _decoder_layers(model)
     assert layers is not None
     offloader = Offloader(enabled=offload)
+    offloader.layers = len(layers)
     graphs = LayerGraphs(enabled=cuda_graphs, backward_enabled=cuda_graph_backward, max_shapes=cuda_graph_shapes)
     for i, layer in enumerate(layers):
         fast = layer if isinstance(layer, FastDecoderLayer) else FastDecoderLayer(layer, i, offloader, graphs)
@@ -178,6 +180,10 @@ class FastDecoderLayer(nn.Module):
         self._head_dim: int = attn.head_dim
         self._kv_groups: int = attn.num_key_value_groups
         self._scaling: float = attn.scaling
+        config = getattr(attn, "config", None)
+        heads = getattr(config, "num_attention_heads", 0)
+        # the widths of q, k and v, for what keeping the attention costs in host memory (_keeps)
+        self._widths = (heads * self._head_dim, 2 * heads // max(self._kv_groups, 1) * self._head_dim)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -226,16 +232,22 @@ class FastDecoderLayer(nn.Module):
         elif dropout:
             seeds = dropout_ops.new_seeds(len(_ATTN + _MLP), hidden_states.device)
 
+        kept = None
+        if self.gradient_checkpointing and graphed is None and self._keeps(hidden_states, attention_mask):
+            kept = self._offloader.kept(self.layer_index, hidden_states.device)
+
         def run(h: torch.Tensor) -> torch.Tensor:
-            return self._layer(h, cos, sin, attention_mask, seeds, found)
+            return self._layer(h, cos, sin, attention_mask, seeds, found, kept=kept)
 
         def again(h: torch.Tensor) -> torch.Tensor:  # the recompute: its result only carries gradients
-            return self._layer(h, cos, sin, attention_mask, seeds, found, output=not ENABLED["skip_last_product"])
+            output = not ENABLED["skip_last_product"]
+            return self._layer(h, cos, sin, attention_mask, seeds, found, output, kept=kept, restore=True)
 
         if not self.gradient_checkpointing:
             return run(hidden_states)
         if graphed is None:
-            return checkpoint(run, hidden_states, self._offloader, self.layer_index, Passes(again=again))
+            passes = Passes(again=again, kept=kept)
+            return checkpoint(run, hidden_states, self._offloader, self.layer_index, passes)
         entry, graphs = graphed, self._graphs
 
         def layer(h: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -261,6 +273,16 @@ class FastDecoderLayer(nn.Module):
 
             passes = Passes(first=first, again=again, backward=backward, params=params)
         return checkpoint(run, hidden_states, self._offloader, self.layer_index, passes)
+
+    def _keeps(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> bool:
+        """Whether this (eager, checkpointed) call keeps its attention half from the first pass instead of
+        recomputing it: without an attention mask, and where every layer's kept tensors fit the host's budget
+        (rotated q and k, v, the attention's output and the hidden state after it)."""
+        if not ENABLED["keep_attention"] or mask is not None or not self._widths[0]:
+            return False
+        tokens = hidden.numel() // hidden.shape[-1]
+        per_layer = tokens * (2 * self._widths[0] + self._widths[1] + hidden.shape[-1]) * hidden.element_size()
+        return self._offloader.may_keep(per_layer)
 
     @staticmethod
     def _graph_key(found: dict[str, Any]) -> tuple:
@@ -290,13 +312,22 @@ class FastDecoderLayer(nn.Module):
         seeds: torch.Tensor | None,
         found: dict[str, Any],
         output: bool = True,
+        kept: Kept | None = None,
+        restore: bool = False,
     ) -> torch.Tensor:
         """The layer on h. output=False (the recompute in backward, whose result is never read, only differentiated):
         the down projection skips its weight's decoding and GEMM (lora_linear's output=False), the last GEMM of
-        the layer, whose product nothing in the layer reads; every gradient stays the same."""
+        the layer, whose product nothing in the layer reads; every gradient stays the same.
+
+        kept (a checkpointed call that keeps its attention half): the first pass (restore=False) keeps rotary
+        embedding and attention as a graph (Kept.record) and the hidden state after attention; the recompute
+        (restore=True) then skips the q, k, v and o products (their adapters' parts still run: their backward
+        needs them), the rotary embedding and the attention, and takes the kept values instead. Same gradients: the
+        kept graph's backward is the one the recompute would have built, on the same values."""
         attn: Any = self.self_attn
         mlp: Any = self.mlp
         batch, seq, _ = h.shape
+        restoring = kept is not None and restore
 
         def seed(i: int) -> Any:
             return 0 if seeds is None else seeds[i]  # seeds[i]: a view, the kernels read its value on the device
@@ -308,7 +339,11 @@ class FastDecoderLayer(nn.Module):
             """Projections of the same x in one fused function where they allow it (lora_linears)."""
             layers = [getattr(parent, name) for name in names]
             seeds_ = [seed(offset + i) for i in range(len(names))]
-            return lora_linears(x, layers, seeds_, [found[name] for name in names])
+            return lora_linears(x, layers, seeds_, [found[name] for name in names], output=not restoring)
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            q, k = apply_rope(q, k, cos.to(q.dtype), sin.to(q.dtype))
+            return _attention(q, k, v, mask, self._scaling, self._kv_groups)
 
         # Autocast off: every tensor here is already in the model dtype, so this is the arithmetic autocast would pick,
         # and the recompute in backward cannot differ from the first pass.
@@ -317,10 +352,17 @@ class FastDecoderLayer(nn.Module):
             # Grouped, q, k and v are column slices of one product. Rope makes q and k dense; v is made dense here
             # (a small copy), so that attention sees the layout it always saw.
             q, k, v = linears(x, attn, _ATTN[:3], 0)
-            q, k, v = (t.view(batch, seq, -1, self._head_dim).transpose(1, 2) for t in (q, k, v.contiguous()))
-            q, k = apply_rope(q, k, cos.to(q.dtype), sin.to(q.dtype))
-            o = _attention(q, k, v, mask, self._scaling, self._kv_groups)
-            h = h + linear(o.transpose(1, 2).reshape(batch, seq, -1), attn, "o_proj", 3)
+            if restoring:  # q, k and v are placeholders here (only their gradients count)
+                assert kept is not None
+                q, k, v = (t.view(batch, seq, -1, self._head_dim).transpose(1, 2) for t in (q, k, v))
+                o = kept.replay(q, k, v)
+                h = kept.value("h", h, linear(o.transpose(1, 2).reshape(batch, seq, -1), attn, "o_proj", 3, False))
+            else:
+                q, k, v = (t.view(batch, seq, -1, self._head_dim).transpose(1, 2) for t in (q, k, v.contiguous()))
+                o = attend(q, k, v) if kept is None else kept.record(attend, q, k, v)
+                h = h + linear(o.transpose(1, 2).reshape(batch, seq, -1), attn, "o_proj", 3)
+                if kept is not None:
+                    kept.keep("h", h)
             x = rms_norm(h, self.post_attention_layernorm.weight, self.post_attention_layernorm.variance_epsilon)
             # gate and up stay two products: Liger's SwiGLU takes one row stride for both and its output, so column
             # slices of one joined product would need copies first

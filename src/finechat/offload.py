@@ -4,14 +4,27 @@ Each decoder layer runs forward without keeping its activations; only its input 
 on a side CUDA stream while the layer computes. Backward copies it back (the next layer's input is prefetched while
 the current one recomputes), reruns the layer with autograd on, and back-propagates through it. GPU memory then holds
 one layer's activations at a time instead of one hidden-state tensor per layer: at 8x1024 on Mistral-7B that is
-32 x 64 MiB = 2 GiB less, at 131,072 tokens 32 GiB less. Without CUDA the inputs simply stay where they are."""
+32 x 64 MiB = 2 GiB less, at 131,072 tokens 32 GiB less. Without CUDA the inputs simply stay where they are.
+
+A layer may also keep a part of its first pass for backward instead of recomputing it (Kept): that part's autograd
+graph, built in the first pass with its saved tensors sent to pinned host memory through saved-tensor hooks, and
+named values such as an intermediate hidden state. The recompute then stands in for the part with Kept.replay,
+whose backward runs the kept graph, and takes the named values as they were. The fast path keeps each decoder
+layer's attention this way where host memory allows (finechat.fastpath)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.graph import GradientEdge, get_gradient_edge, saved_tensors_hooks
+
+# Kept tensors smaller than this stay where they are (the rotary tables every layer shares, log-sum-exps).
+KEEP_ON_DEVICE_BYTES = 4 << 20
+# Of the machine's physical memory, the share that kept tensors may pin in all (Offloader.may_keep).
+HOST_SHARE = 0.25
 
 
 @dataclass
@@ -35,6 +48,10 @@ class Offloader:
         self._latest: dict[int, _Saved] = {}
         self._prefetched: dict[int, tuple[_Saved, torch.Tensor, torch.cuda.Event]] = {}
         self._stream: torch.cuda.Stream | None = None
+        self.layers = 0  # how many layers save here (set by the fast path): the last one keeps its Kept on the GPU
+        self.host_budget = int(HOST_SHARE * _physical_memory())  # bytes that Kept tensors may pin in all
+        self._kept: dict[int, Kept] = {}  # layer key -> its latest Kept, for the prefetch in backward
+        self._kept_buffers: dict[tuple[int, int], torch.Tensor] = {}  # (layer key, slot) -> pinned host buffer
 
     def save(self, key: int, x: torch.Tensor, reused: bool = False) -> _Saved:
         """Start copying x to the host (returns at once); keep x on its device when that is not possible (a copy of
@@ -67,7 +84,71 @@ class Offloader:
         previous = self._latest.get(saved.key - 1)
         if previous is not None and previous.key not in self._prefetched:
             self._prefetched[previous.key] = (previous, *self._fetch(previous, device))
+        kept = self._kept.pop(saved.key, None)
+        if kept is not None:
+            kept.fetch()
+        kept = self._kept.get(saved.key - 1)
+        if kept is not None:
+            kept.fetch()
         return x
+
+    def kept(self, key: int, device: torch.device) -> Kept:
+        """A new Kept for layer key's first pass (the latest one of that key, which backward prefetches)."""
+        on_host = self.enabled and device.type == "cuda" and key < self.layers - 1
+        kept = Kept(self, key, device, on_host)
+        self._kept[key] = kept
+        return kept
+
+    def may_keep(self, layer_bytes: int) -> bool:
+        """Whether every layer may keep layer_bytes in pinned host memory (within host_budget); always on CPU, where
+        nothing is pinned."""
+        return layer_bytes * max(self.layers, 1) <= self.host_budget
+
+    def put(self, key: int, slot: int, x: torch.Tensor) -> _Item:
+        """Start copying x (one of layer key's kept tensors) to its pinned host buffer; x stays where it is when it
+        is small, not dense, or no pinned memory is to be had."""
+        if x.numel() * x.element_size() < KEEP_ON_DEVICE_BYTES or not _dense(x):
+            return _Item(kept=x)
+        buf = self._kept_buffers.get((key, slot))
+        if buf is None or (buf.shape, buf.stride(), buf.dtype) != (x.shape, x.stride(), x.dtype):
+            self._kept_buffers.pop((key, slot), None)
+            try:
+                buf = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, pin_memory=True)
+            except RuntimeError:  # host memory exhausted or pinning refused
+                return _Item(kept=x)
+            self._kept_buffers[(key, slot)] = buf
+        stream = self._copy_stream(x.device)
+        stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(stream):
+            buf.copy_(x, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(stream)
+        x.record_stream(stream)
+        return _Item(host=buf, copied=copied, device=x.device)
+
+    def get(self, item: _Item) -> torch.Tensor:
+        """item's tensor on its device, fetched if it is not yet (the current stream waits for it)."""
+        if item.kept is not None:
+            return item.kept
+        self.fetch(item)
+        assert item.fetched is not None and item.ready is not None and item.device is not None
+        torch.cuda.current_stream(item.device).wait_event(item.ready)
+        return item.fetched
+
+    def fetch(self, item: _Item) -> None:
+        """Start copying item back to its device (nothing when it is there or on its way)."""
+        if item.kept is not None or item.fetched is not None:
+            return
+        assert item.host is not None and item.device is not None
+        host = item.host
+        x = torch.empty_strided(host.shape, host.stride(), dtype=host.dtype, device=item.device)
+        stream = self._copy_stream(item.device)
+        stream.wait_stream(torch.cuda.current_stream(item.device))
+        with torch.cuda.stream(stream):
+            x.copy_(host, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        item.fetched, item.ready = x, ready
 
     def _fetch(self, saved: _Saved, device: torch.device) -> tuple[torch.Tensor, torch.cuda.Event]:
         x = torch.empty(saved.shape, dtype=saved.dtype, device=device)
@@ -96,6 +177,168 @@ class Offloader:
         return buf[: x.numel()].view(x.shape)
 
 
+@dataclass
+class _Item:
+    """One kept tensor: where it stays (kept), or its pinned host copy (host, copied) and, once fetched back, its
+    device copy (fetched, ready)."""
+
+    kept: torch.Tensor | None = None
+    host: torch.Tensor | None = None
+    copied: torch.cuda.Event | None = None
+    device: torch.device | None = None
+    fetched: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None
+
+
+class Kept:
+    """What one checkpointed layer call keeps from its first pass so that its recompute can skip a part of it.
+
+    First pass: record(fn, *inputs) runs fn with autograd on (inputs as stand-ins that require grad) under
+    saved-tensor hooks that send what autograd saves to pinned host memory, and keeps the graph's ends; keep(name, t)
+    keeps a value. Recompute: replay(*inputs) gives fn's output as it was, and its backward runs the kept graph, so
+    the inputs get the gradients fn's recompute would have given them; value(name, *parts) gives the kept value as
+    if it were recomputed as the sum of parts (which get its gradient). Backward prefetches the tensors (Offloader);
+    release() drops them after the layer's backward. On CPU, and for the last layer, the tensors stay where they are."""
+
+    def __init__(self, offloader: Offloader, key: int, device: torch.device, on_host: bool) -> None:
+        self.offloader, self.key, self.device, self.on_host = offloader, key, device, on_host
+        self._items: list[_Item] = []
+        self._slots: dict[tuple, int] = {}  # a tensor's (address, shape, strides, dtype) -> its slot in _items
+        self._sources: list[torch.Tensor] = []  # the first pass's tensors, held until close() (addresses stay unique)
+        self._named: dict[str, int] = {}
+        self._output: int | None = None
+        self._edges: tuple[GradientEdge, list[GradientEdge]] | None = None
+
+    def record(self, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+        """fn(*inputs), with its graph and saved tensors kept for replay's backward (first pass)."""
+        anchor = torch.empty(0, device=inputs[0].device, requires_grad=True)
+        with torch.enable_grad(), saved_tensors_hooks(self._pack, self._unpack):
+            stand_ins = _Source.apply(anchor, *inputs)
+            out = fn(*stand_ins)
+        self._edges = (get_gradient_edge(out), [get_gradient_edge(t) for t in stand_ins])
+        self._output = self._pack(out)
+        return out.detach()
+
+    def keep(self, name: str, value: torch.Tensor) -> None:
+        """Keep value under name (first pass)."""
+        self._named[name] = self._pack(value.detach())
+
+    def close(self) -> None:
+        """The first pass is over: its tensors are no longer held here (their copies are on their way)."""
+        self._sources.clear()
+        self._slots.clear()
+
+    def replay(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """record's fn output, standing in for fn(*inputs) in the recompute (inputs' values are not read)."""
+        return _Replayed.apply(self, *inputs)
+
+    def value(self, name: str, *parts: torch.Tensor) -> torch.Tensor:
+        """The value kept under name, standing in for sum(parts) in the recompute (parts' values are not read)."""
+        return _Valued.apply(self, name, *parts)
+
+    def fetch(self) -> None:
+        """Start copying every kept tensor back to the device."""
+        for item in self._items:
+            self.offloader.fetch(item)
+
+    def release(self) -> None:
+        """Drop everything (after the layer's backward)."""
+        self._items.clear()
+        self._named.clear()
+        self._edges = None
+        self.close()
+
+    def tensor(self, slot: int) -> torch.Tensor:
+        return self.offloader.get(self._items[slot])
+
+    def named(self, name: str) -> torch.Tensor:
+        return self.tensor(self._named[name])
+
+    def output(self) -> torch.Tensor:
+        assert self._output is not None, "Kept.replay before record"
+        return self.tensor(self._output)
+
+    def grads(self, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The gradients of record's inputs from its output's gradient, through the kept graph (once)."""
+        assert self._edges is not None, "Kept.replay's backward ran twice, or before record"
+        out, ins = self._edges
+        self._edges = None
+        return torch.autograd.grad([out], ins, [grad], allow_unused=True)
+
+    def _pack(self, t: torch.Tensor) -> int:
+        address = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
+        slot = self._slots.get(address)
+        if slot is None:
+            slot = len(self._items)
+            on_host = self.on_host and t.is_cuda
+            self._items.append(self.offloader.put(self.key, slot, t) if on_host else _Item(kept=t))
+            self._slots[address] = slot
+            self._sources.append(t)
+        return slot
+
+    def _unpack(self, slot: int) -> torch.Tensor:
+        return self.tensor(slot)
+
+
+class _Source(torch.autograd.Function):
+    """Stand-ins for a kept graph's inputs: the same values, requiring grad through a tensor that holds nothing, so
+    that the kept graph holds none of its inputs' memory (a leaf's gradient node would hold the leaf)."""
+
+    @staticmethod
+    def forward(ctx, anchor, *inputs):  # type: ignore[override]
+        return tuple(t.view_as(t) for t in inputs)
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        return (None, *(None for _ in grads))
+
+
+class _Replayed(torch.autograd.Function):
+    """A kept graph's output in the recompute; backward runs the kept graph (Kept.replay)."""
+
+    @staticmethod
+    def forward(ctx, kept, *inputs):  # type: ignore[override]
+        ctx.kept = kept
+        out = kept.output()
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return (None, *ctx.kept.grads(grad))
+
+
+class _Valued(torch.autograd.Function):
+    """A kept value in the recompute, standing for the sum of the parts that get its gradient (Kept.value)."""
+
+    @staticmethod
+    def forward(ctx, kept, name, *parts):  # type: ignore[override]
+        ctx.parts = len(parts)
+        value = kept.named(name)
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return (None, None, *(grad for _ in range(ctx.parts)))
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """Whether x's elements fill its memory span exactly, in some order of its dimensions (then a buffer with x's
+    strides holds it with nothing around it)."""
+    expected = 1
+    for size, stride in sorted(zip(x.shape, x.stride(), strict=True), key=lambda d: d[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 << 30
+
+
 @dataclass(frozen=True)
 class Passes:
     """How a checkpointed function's passes run, where not as run itself (every field optional):
@@ -108,7 +351,8 @@ class Passes:
       of params (in order), or None to run them eagerly this time;
     - params: every parameter the function's gradients reach. Given, their gradients become the checkpoint's own
       outputs in every backward, eager or not (an eager backward that accumulated them itself would make autograd
-      run their accumulation hooks twice, and DDP refuses a parameter marked ready twice)."""
+      run their accumulation hooks twice, and DDP refuses a parameter marked ready twice);
+    - kept: what the first pass keeps for the recompute (Kept), released after backward."""
 
     first: Callable[[torch.Tensor, torch.cuda.Event | None], torch.Tensor] | None = None
     again: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -116,6 +360,7 @@ class Passes:
         None
     )
     params: tuple[torch.Tensor, ...] = ()
+    kept: Kept | None = None
 
 
 class _Checkpoint(torch.autograd.Function):
@@ -125,10 +370,21 @@ class _Checkpoint(torch.autograd.Function):
         ctx.passes = passes
         ctx.saved = offloader.save(key, hidden.detach(), reused=passes.first is not None)
         with torch.no_grad():
-            return run(hidden) if passes.first is None else passes.first(hidden, ctx.saved.copied)
+            out = run(hidden) if passes.first is None else passes.first(hidden, ctx.saved.copied)
+        if passes.kept is not None:
+            passes.kept.close()
+        return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
+        try:
+            return _Checkpoint._backward(ctx, grad)
+        finally:
+            if ctx.passes.kept is not None:
+                ctx.passes.kept.release()
+
+    @staticmethod
+    def _backward(ctx, grad):
         hidden = ctx.offloader.load(ctx.saved, ctx.device).detach()
         done = ctx.passes.backward(hidden, grad) if ctx.passes.backward is not None else None
         if done is not None:  # the params' gradients go back through autograd (DDP's hooks see them)

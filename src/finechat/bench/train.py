@@ -17,6 +17,8 @@ batches: `warmup` steps, then `steps` timed steps, as ../shared/baselines/seed_s
   functions, each with its own mask, decoding and GEMM, instead of one group), finechat-nographs (the layer
   forwards launched op by op instead of replayed as CUDA graphs, at batches of at most 4096 tokens),
   finechat-fullrecompute (the recompute computes the down projection's product too, which nothing reads),
+  finechat-recomputeattention (the recompute computes each layer's attention half again, instead of taking it
+  from the first pass, kept in host memory, at batches the layer graphs leave eager),
   finechat-eagerbackward (the layers' recomputes and backwards run by autograd op by op instead of replayed as CUDA
   graphs; only the forwards are graphed), finechat-paddingmask (with --padding: the batches' padding mask passed to
   the model, where `finechat train` leaves it out of right-padded batches; the seed stack always passes it).
@@ -83,6 +85,7 @@ ABLATIONS = (
     "finechat-qkvapart",
     "finechat-nographs",
     "finechat-fullrecompute",
+    "finechat-recomputeattention",
     "finechat-eagerbackward",
     "finechat-paddingmask",
 )
@@ -396,6 +399,8 @@ def _ablate(model, step: _Step, system: str, on: bool) -> None:
         fastpath.set_options(model, cuda_graphs=not on)
     elif system == "finechat-fullrecompute":
         fastpath.ENABLED["skip_last_product"] = not on  # read at each recompute (each row starts without graphs)
+    elif system == "finechat-recomputeattention":
+        fastpath.ENABLED["keep_attention"] = not on  # read at each layer call
     elif system == "finechat-eagerbackward":
         fastpath.set_options(model, cuda_graph_backward=not on)
     elif system == "finechat-paddingmask":

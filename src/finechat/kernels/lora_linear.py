@@ -88,7 +88,11 @@ def lora_linear(
 
 
 def lora_linears(
-    x: torch.Tensor, layers: list[nn.Module], seeds: Sequence[Seed], found: list[Any] | None = None
+    x: torch.Tensor,
+    layers: list[nn.Module],
+    seeds: Sequence[Seed],
+    found: list[Any] | None = None,
+    output: bool = True,
 ) -> list[Any]:
     """[layer(x) for layer in layers] for linear layers that read the same x, e.g. a decoder layer's q, k and v. When
     they are all peft LoRA linears whose adapters share dropout and scale over frozen weights of one kind (all NF4 or
@@ -97,15 +101,16 @@ def lora_linears(
     instead of one per layer and the adds between them. Their adapters then see one dropout mask (peft draws one per
     adapter; each adapter's dropout is still p, so only the masks' correlation between the layers differs).
     Otherwise each layer through lora_linear with its own seed of seeds (the group takes the first); found is
-    [lora_adapter(layer) ...] when the caller has it already."""
+    [lora_adapter(layer) ...] when the caller has it already; output=False as for lora_linear (each result is then
+    zeros broadcast to its shape)."""
     found = [lora_adapter(layer) for layer in layers] if found is None else found
     if not (ENABLED["groups"] and _groupable(layers, found)):
-        return [lora_linear(x, layer, seed, f) for layer, seed, f in zip(layers, seeds, found, strict=True)]
+        return [lora_linear(x, layer, seed, f, output) for layer, seed, f in zip(layers, seeds, found, strict=True)]
     bases = tuple(f[0] for f in found)
     adapters = [f[1] for f in found]
     p = adapters[0].dropout if layers[0].training else 0.0
     params = [t for a in adapters for t in (a.A, a.B)]
-    y = _LoRALinear.apply(x, bases, adapters[0].scale, p, seeds[0], True, *params)
+    y = _LoRALinear.apply(x, bases, adapters[0].scale, p, seeds[0], output, *params)
     return list(y.split([a.B.shape[0] for a in adapters], dim=-1))
 
 
