@@ -53,6 +53,16 @@ def test_help_is_instant():
     assert time.perf_counter() - t < 10  # no torch import for --help
 
 
+def test_every_command_prints_its_help():
+    from finechat import cli
+
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for name, sub in commands.items():
+        assert "usage:" in sub.format_help(), name
+    assert "--no-keep-attention" in commands["train"].format_help()
+
+
 def test_bad_input_through_the_real_console_script(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "finechat", "train", "--data", str(tmp_path / "none.jsonl")],

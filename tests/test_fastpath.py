@@ -137,14 +137,14 @@ def test_the_recompute_without_the_last_product_gives_the_same_grads(tiny_mistra
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_keeping_the_attention_half_gives_the_recomputes_grads(tiny_mistral_dir, monkeypatch, dropout):
+def test_keeping_the_attention_half_gives_the_recomputes_grads(tiny_mistral_dir, dropout):
     """The first pass keeps each layer's rotary embedding and attention as a graph (their saved tensors) and the
     hidden state after attention; the recompute skips them and the q, k, v and o products: the same loss and
     gradients, bit for bit, as recomputing them. Over the host budget the layers recompute as before."""
     results = []
     for keep, budget in ((False, None), (True, None), (True, 0)):
-        monkeypatch.setitem(fastpath.ENABLED, "keep_attention", keep)
         model = build(tiny_mistral_dir, fast=True, dropout=dropout)
+        fastpath.set_options(model, keep_attention=keep)
         layers = fastpath._decoder_layers(model)
         offloader = layers[0]._offloader
         if budget is not None:
@@ -156,6 +156,19 @@ def test_keeping_the_attention_half_gives_the_recomputes_grads(tiny_mistral_dir,
     (recomputed_loss, recomputed), (kept_loss, kept), (over_loss, over) = results
     assert kept_loss == recomputed_loss == over_loss
     assert all(torch.equal(kept[n], recomputed[n]) and torch.equal(over[n], recomputed[n]) for n in recomputed)
+
+
+def test_keep_attention_is_a_train_setting(tiny_mistral_dir):
+    """TrainConfig.keep_attention (`finechat train --no-keep-attention`) reaches the fast layers' offloader."""
+    from finechat import config as cfg
+
+    assert cfg.load_config(None, {}).keep_attention
+    assert not cfg.load_config(None, {"keep_attention": False}).keep_attention
+    model = models.load_base(str(tiny_mistral_dir))
+    offloader = fastpath.prepare(model, require_cuda=False, keep_attention=False).model.layers[0]._offloader
+    assert not offloader.keeping
+    fastpath.set_options(model, keep_attention=True)
+    assert offloader.keeping
 
 
 def test_prepare_keeps_parameter_names_and_eval_uses_the_original_layers(tiny_mistral_dir):
@@ -315,17 +328,15 @@ def test_cuda_graphs_of_the_layer_forwards_give_the_eager_steps_on_gpu(deep_mist
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_the_attention_half_kept_in_host_memory_gives_the_recomputes_grads_on_gpu(
-    deep_mistral_dir, monkeypatch, dropout
-):
+def test_the_attention_half_kept_in_host_memory_gives_the_recomputes_grads_on_gpu(deep_mistral_dir, dropout):
     """At 8,192 tokens (eager layers) the first pass sends each layer's kept attention tensors to pinned host memory
     (the last layer's stay on the GPU) and backward fetches them back: the loss and LoRA gradients of recomputing
     the attention, in no more GPU memory than a few layers' kept tensors more."""
     ids = batch(2048, bs=4, seq=2048, device="cuda")
     results, peaks, pinned = [], [], []
     for keep in (False, True):
-        monkeypatch.setitem(fastpath.ENABLED, "keep_attention", keep)
         model = build(deep_mistral_dir, True, "nf4", "bfloat16", dropout=dropout)
+        fastpath.set_options(model, keep_attention=keep)
         torch.manual_seed(5)
         loss_and_grads(model, ids, True)  # the first step allocates the host buffers
         model.zero_grad(set_to_none=True)

@@ -92,7 +92,11 @@ def test_a_kept_part_is_not_recomputed_and_gives_the_recomputes_gradients():
     assert kept._items == [] and kept._edges is None  # released after the layer's backward
 
 
-def test_kept_tensors_count_against_the_host_budget():
+def test_kept_tensors_count_against_the_host_budget(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    alone = Offloader().host_budget
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's processes of one machine share it
+    assert Offloader().host_budget == alone // 4
     offloader = Offloader()
     offloader.layers, offloader.host_budget = 32, 32 << 20
     assert offloader.may_keep(1 << 20) and not offloader.may_keep((1 << 20) + 1)

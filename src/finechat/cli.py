@@ -35,7 +35,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
             f"{f.metadata['help']} (default: {f.default if f.default is not None else 'none'})"
             if not isinstance(f.default, type(cfg.dataclasses.MISSING))
             else f.metadata["help"]
-        )
+        ).replace("%", "%%")  # argparse formats help strings with %
         if t is bool:
             p.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:

@@ -35,10 +35,9 @@ from finechat.offload import Kept, Offloader, Passes, checkpoint
 log = logging.getLogger(__name__)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
-# The recompute skips the down projection's product (FastDecoderLayer._layer's output=False), and keeps the attention
-# half of the first pass where host memory allows instead of recomputing it (keep_attention); switched off by
-# `finechat bench train` (finechat-fullrecompute, finechat-recomputeattention) to measure what they buy.
-ENABLED = {"skip_last_product": True, "keep_attention": True}
+# The recompute skips the down projection's product (FastDecoderLayer._layer's output=False); switched off by
+# `finechat bench train` (finechat-fullrecompute) to measure what that buys.
+ENABLED = {"skip_last_product": True}
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -94,6 +93,7 @@ def prepare(
     cuda_graphs: bool = True,
     cuda_graph_backward: bool = True,
     cuda_graph_shapes: int = MAX_SHAPES,
+    keep_attention: bool = True,
 ) -> nn.Module:
     """Make a freshly loaded base model ready for LoRA training on the fast path (in place; returns it).
 
@@ -103,7 +103,8 @@ def prepare(
     keeps the checkpoints on the GPU; cuda_graphs=False runs the checkpointed forwards eagerly instead of replaying
     them as CUDA graphs at small batches (finechat.layer_graphs); cuda_graph_backward=False replays only
     the forwards, leaving each layer's recompute and backward to autograd op by op; cuda_graph_shapes: the most
-    batch shapes whose graphs are kept."""
+    batch shapes whose graphs are kept; keep_attention: the eager layers keep their attention half from the first pass
+    in pinned host memory (within Offloader.host_budget) instead of recomputing it in backward."""
     reason = unsupported_reason(model, require_cuda=require_cuda)
     if reason is not None:
         raise ValueError(f"finechat fast path: unsupported {reason}; train with --no-fast-path")
@@ -114,7 +115,7 @@ def prepare(
     layers = _decoder_layers(model)
     assert layers is not None
     offloader = Offloader(enabled=offload)
-    offloader.layers = len(layers)
+    offloader.layers, offloader.keeping = len(layers), keep_attention
     graphs = LayerGraphs(enabled=cuda_graphs, backward_enabled=cuda_graph_backward, max_shapes=cuda_graph_shapes)
     for i, layer in enumerate(layers):
         fast = layer if isinstance(layer, FastDecoderLayer) else FastDecoderLayer(layer, i, offloader, graphs)
@@ -136,12 +137,16 @@ def set_options(
     cuda_graphs: bool | None = None,
     cuda_graph_backward: bool | None = None,
     cuda_graph_shapes: int | None = None,
+    keep_attention: bool | None = None,
 ) -> None:
-    """Switch offloading, checkpointing or CUDA graphs of a prepared model's fast layers (None leaves a setting)."""
+    """Switch offloading, checkpointing, CUDA graphs or the kept attention of a prepared model's fast layers (None
+    leaves a setting)."""
     for layer in _decoder_layers(model) or []:
         if isinstance(layer, FastDecoderLayer):
             if offload is not None:
                 layer._offloader.enabled = offload
+            if keep_attention is not None:
+                layer._offloader.keeping = keep_attention
             if gradient_checkpointing is not None:
                 layer.gradient_checkpointing = gradient_checkpointing
             if cuda_graphs is not None:
@@ -278,7 +283,7 @@ class FastDecoderLayer(nn.Module):
         """Whether this (eager, checkpointed) call keeps its attention half from the first pass instead of
         recomputing it: without an attention mask, and where every layer's kept tensors fit the host's budget
         (rotated q and k, v, the attention's output and the hidden state after it)."""
-        if not ENABLED["keep_attention"] or mask is not None or not self._widths[0]:
+        if not self._offloader.keeping or mask is not None or not self._widths[0]:
             return False
         tokens = hidden.numel() // hidden.shape[-1]
         per_layer = tokens * (2 * self._widths[0] + self._widths[1] + hidden.shape[-1]) * hidden.element_size()

@@ -23,7 +23,8 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge, saved_tensors_
 
 # Kept tensors smaller than this stay where they are (the rotary tables every layer shares, log-sum-exps).
 KEEP_ON_DEVICE_BYTES = 4 << 20
-# Of the machine's physical memory, the share that kept tensors may pin in all (Offloader.may_keep).
+# Of the machine's physical memory, the share that kept tensors may pin in all, over the processes of the machine
+# (Offloader.may_keep).
 HOST_SHARE = 0.25
 
 
@@ -49,7 +50,8 @@ class Offloader:
         self._prefetched: dict[int, tuple[_Saved, torch.Tensor, torch.cuda.Event]] = {}
         self._stream: torch.cuda.Stream | None = None
         self.layers = 0  # how many layers save here (set by the fast path): the last one keeps its Kept on the GPU
-        self.host_budget = int(HOST_SHARE * _physical_memory())  # bytes that Kept tensors may pin in all
+        self.keeping = False  # whether the layers keep parts of their first pass (Kept; the fast path's setting)
+        self.host_budget = _host_budget()  # bytes that this process's Kept tensors may pin in all
         self._kept: dict[int, Kept] = {}  # layer key -> its latest Kept, for the prefetch in backward
         self._kept_buffers: dict[tuple[int, int], torch.Tensor] = {}  # (layer key, slot) -> pinned host buffer
 
@@ -332,11 +334,15 @@ def _dense(x: torch.Tensor) -> bool:
     return True
 
 
-def _physical_memory() -> int:
+def _host_budget() -> int:
+    """HOST_SHARE of the machine's physical memory, shared by the processes of this machine (torchrun's
+    LOCAL_WORLD_SIZE: one per GPU)."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
-        return 16 << 30
+        memory = 16 << 30
+    processes = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
+    return int(HOST_SHARE * memory / processes)
 
 
 @dataclass(frozen=True)

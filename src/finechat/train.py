@@ -201,6 +201,7 @@ def _build_trainer(
             cuda_graphs=config.cuda_graphs,
             cuda_graph_backward=config.cuda_graph_backward,
             cuda_graph_shapes=config.cuda_graph_shapes,
+            keep_attention=config.keep_attention,
         )
     elif config.quantize == "nf4" and not fsdp:
         model = prepare_model_for_kbit_training(

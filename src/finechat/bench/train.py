@@ -400,7 +400,7 @@ def _ablate(model, step: _Step, system: str, on: bool) -> None:
     elif system == "finechat-fullrecompute":
         fastpath.ENABLED["skip_last_product"] = not on  # read at each recompute (each row starts without graphs)
     elif system == "finechat-recomputeattention":
-        fastpath.ENABLED["keep_attention"] = not on  # read at each layer call
+        fastpath.set_options(model, keep_attention=not on)
     elif system == "finechat-eagerbackward":
         fastpath.set_options(model, cuda_graph_backward=not on)
     elif system == "finechat-paddingmask":
