@@ -63,7 +63,8 @@ def test_fast_path_matches_plain_loss_and_lora_grads(tiny_mistral_dir, quantize,
 
 
 def test_q_k_and_v_share_one_lora_function(tiny_mistral_dir, monkeypatch):
-    """Each layer's q, k and v go through one call of the LoRA function in forward and recompute (the others alone)."""
+    """Each layer's q, k and v go through one call of the LoRA function in forward and recompute, gate and up through
+    another (each with its own output), o and down alone."""
     from finechat.kernels import lora_linear as ll
 
     widths: list[int] = []  # how many layers each call multiplies at once
@@ -72,8 +73,8 @@ def test_q_k_and_v_share_one_lora_function(tiny_mistral_dir, monkeypatch):
     model = build(tiny_mistral_dir, fast=True, dropout=0.1)
     loss_and_grads(model, batch(model.config.vocab_size), fast=True)
     layers = model.config.num_hidden_layers
-    # forward and recompute, per layer: q/k/v together; o, gate, up and down alone
-    assert sorted(widths) == sorted([3] * 2 * layers + [1] * 2 * 4 * layers)
+    # forward and recompute, per layer: q/k/v together, gate/up together; o and down alone
+    assert sorted(widths) == sorted([3] * 2 * layers + [2] * 2 * layers + [1] * 2 * 2 * layers)
 
 
 @pytest.fixture(scope="module")
@@ -137,12 +138,19 @@ def test_the_recompute_without_the_last_product_gives_the_same_grads(tiny_mistra
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_keeping_the_attention_half_gives_the_recomputes_grads(tiny_mistral_dir, dropout):
-    """The first pass keeps each layer's rotary embedding and attention as a graph (their saved tensors) and the
-    hidden state after attention; the recompute skips them and the q, k, v and o products: the same loss and
-    gradients, bit for bit, as recomputing them. Over the host budget the layers recompute as before."""
-    results = []
+def test_keeping_the_attention_half_gives_the_recomputes_grads(tiny_mistral_dir, monkeypatch, dropout):
+    """The first pass keeps each layer's rotary embedding and attention as a graph (their saved tensors), the hidden
+    state after attention and the attention adapters' products; the recompute skips them and the q, k, v and o
+    products: the same loss and gradients, bit for bit, as recomputing them. Over the host budget the layers
+    recompute as before."""
+    from finechat.kernels import lora_linear as ll
+
+    passes = []  # the adapters' passes over their inputs (with dropout, one lora_a kernel each)
+    lora_a = ll.lora_a
+    monkeypatch.setattr(ll, "lora_a", lambda *a: passes.append(1) or lora_a(*a))
+    results, counts = [], []
     for keep, budget in ((False, None), (True, None), (True, 0)):
+        passes.clear()
         model = build(tiny_mistral_dir, fast=True, dropout=dropout)
         fastpath.set_options(model, keep_attention=keep)
         layers = fastpath._decoder_layers(model)
@@ -153,6 +161,9 @@ def test_keeping_the_attention_half_gives_the_recomputes_grads(tiny_mistral_dir,
         torch.manual_seed(5)
         results.append(loss_and_grads(model, ids, True))
         assert sorted(offloader._kept) == ([0, 1] if keep and budget is None else [])
+        counts.append(len(passes))
+    if dropout:  # per layer: q/k/v, o, gate/up and down in forward; the recompute all four, or the last two
+        assert counts == [2 * 8, 2 * 6, 2 * 8]
     (recomputed_loss, recomputed), (kept_loss, kept), (over_loss, over) = results
     assert kept_loss == recomputed_loss == over_loss
     assert all(torch.equal(kept[n], recomputed[n]) and torch.equal(over[n], recomputed[n]) for n in recomputed)

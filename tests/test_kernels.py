@@ -78,10 +78,17 @@ def test_lora_linear_matches_reference_over_nf4_on_cpu():
 
 
 def check_lora_linears(
-    dropout: float, nf4: bool = False, bias: bool = False, device="cpu", dtype=torch.float32, tol=1e-5
+    dropout: float,
+    nf4: bool = False,
+    bias: bool = False,
+    device="cpu",
+    dtype=torch.float32,
+    tol=1e-5,
+    apart: bool = False,
 ):
     """q/k/v-like layers (same input, different widths) through one _LoRALinear: outputs and gradients of x, every A
-    and every B as each layer's own reference computes them, with the one dropout mask they share."""
+    and every B as each layer's own reference computes them, with the one dropout mask they share. apart (gate and
+    up): each output a dense tensor of its own."""
     gen = torch.Generator().manual_seed(3)
     layers = [lora_layer(256, out, dropout, device, dtype, nf4=nf4, bias=bias) for out in (192, 64, 64)]
     for layer in layers:  # distinct adapters (lora_layer seeds each alike)
@@ -93,8 +100,9 @@ def check_lora_linears(
     assert ll._groupable(layers, found)
     x = torch.randn(3, 17, 256, generator=gen).to(device, dtype).requires_grad_(True)
     seed = 99
-    ys = ll.lora_linears(x, layers, [seed, seed + 1, seed + 2], found)
+    ys = ll.lora_linears(x, layers, [seed, seed + 1, seed + 2], found, apart=apart)
     assert [y.shape[-1] for y in ys] == [192, 64, 64]
+    assert all(y.is_contiguous() for y in ys) == apart
     gs = [torch.randn(y.shape, generator=gen).to(device, dtype) for y in ys]
     params = [t for _, a in found for t in (a.A, a.B)]
     got = torch.autograd.grad(ys, [x, *params], gs)
@@ -119,14 +127,21 @@ def test_lora_linears_share_one_pass_and_one_mask(dropout):
     check_lora_linears(dropout)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("nf4", [False, True])
+def test_lora_linears_apart_share_the_adapters_pass_with_outputs_of_their_own(dropout, nf4):
+    check_lora_linears(dropout, nf4=nf4, bias=nf4, apart=True)
+
+
 def test_lora_linears_over_nf4_with_bias():
     check_lora_linears(0.0, nf4=True, bias=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_lora_linears_over_nf4_share_one_pass_on_gpu(dropout):
-    check_lora_linears(dropout, nf4=True, device="cuda", dtype=torch.bfloat16, tol=2e-2)
+@pytest.mark.parametrize("apart", [False, True])
+def test_lora_linears_over_nf4_share_one_pass_on_gpu(dropout, apart):
+    check_lora_linears(dropout, nf4=True, device="cuda", dtype=torch.bfloat16, tol=2e-2, apart=apart)
 
 
 def test_lora_linears_that_cannot_share_run_one_by_one():

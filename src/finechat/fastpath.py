@@ -25,7 +25,7 @@ from finechat import kernels
 from finechat.kernels import dropout as dropout_ops
 from finechat.kernels import lora_linear as lora_ops
 from finechat.kernels import nf4
-from finechat.kernels.lora_linear import lora_adapter, lora_linear, lora_linears
+from finechat.kernels.lora_linear import AdapterProduct, lora_adapter, lora_linear, lora_linears
 from finechat.kernels.rms_norm import rms_norm
 from finechat.kernels.rope import apply_rope
 from finechat.kernels.swiglu import swiglu
@@ -337,14 +337,35 @@ class FastDecoderLayer(nn.Module):
         def seed(i: int) -> Any:
             return 0 if seeds is None else seeds[i]  # seeds[i]: a view, the kernels read its value on the device
 
-        def linear(x: torch.Tensor, parent: Any, name: str, offset: int, output: bool = True) -> torch.Tensor:
-            return lora_linear(x, getattr(parent, name), seed(offset), found[name], output)
+        def product(name: str) -> AdapterProduct | None:
+            """With kept: the adapter product kept under name for the recompute, or an empty one for the first pass
+            to fill (and keep, after the call)."""
+            if kept is None:
+                return None
+            return AdapterProduct(kept.named(name) if restoring and kept.has(name) else None)
 
-        def linears(x: torch.Tensor, parent: Any, names: tuple[str, ...], offset: int) -> list[torch.Tensor]:
+        def keep(name: str, made: AdapterProduct | None) -> None:
+            if kept is not None and not restoring and made is not None and made.xa is not None:
+                kept.keep(name, made.xa)
+
+        def linear(
+            x: torch.Tensor, parent: Any, name: str, offset: int, output: bool = True, made: Any = None
+        ) -> torch.Tensor:
+            return lora_linear(x, getattr(parent, name), seed(offset), found[name], output, made)
+
+        def linears(
+            x: torch.Tensor,
+            parent: Any,
+            names: tuple[str, ...],
+            offset: int,
+            output: bool = True,
+            apart: bool = False,
+            made: Any = None,
+        ) -> list[torch.Tensor]:
             """Projections of the same x in one fused function where they allow it (lora_linears)."""
             layers = [getattr(parent, name) for name in names]
             seeds_ = [seed(offset + i) for i in range(len(names))]
-            return lora_linears(x, layers, seeds_, [found[name] for name in names], output=not restoring)
+            return lora_linears(x, layers, seeds_, [found[name] for name in names], output, apart, made)
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             q, k = apply_rope(q, k, cos.to(q.dtype), sin.to(q.dtype))
@@ -356,22 +377,29 @@ class FastDecoderLayer(nn.Module):
             x = rms_norm(h, self.input_layernorm.weight, self.input_layernorm.variance_epsilon)
             # Grouped, q, k and v are column slices of one product. Rope makes q and k dense; v is made dense here
             # (a small copy), so that attention sees the layout it always saw.
-            q, k, v = linears(x, attn, _ATTN[:3], 0)
+            # With kept, the adapters' products over x and over o are kept too (a few MiB), so that the recompute
+            # skips their passes as well.
+            made = product("qkv")
+            q, k, v = linears(x, attn, _ATTN[:3], 0, output=not restoring, made=made)
+            keep("qkv", made)
+            made = product("o")
             if restoring:  # q, k and v are placeholders here (only their gradients count)
                 assert kept is not None
                 q, k, v = (t.view(batch, seq, -1, self._head_dim).transpose(1, 2) for t in (q, k, v))
                 o = kept.replay(q, k, v)
-                h = kept.value("h", h, linear(o.transpose(1, 2).reshape(batch, seq, -1), attn, "o_proj", 3, False))
+                o_out = linear(o.transpose(1, 2).reshape(batch, seq, -1), attn, "o_proj", 3, False, made)
+                h = kept.value("h", h, o_out)
             else:
                 q, k, v = (t.view(batch, seq, -1, self._head_dim).transpose(1, 2) for t in (q, k, v.contiguous()))
                 o = attend(q, k, v) if kept is None else kept.record(attend, q, k, v)
-                h = h + linear(o.transpose(1, 2).reshape(batch, seq, -1), attn, "o_proj", 3)
+                h = h + linear(o.transpose(1, 2).reshape(batch, seq, -1), attn, "o_proj", 3, made=made)
+                keep("o", made)
                 if kept is not None:
                     kept.keep("h", h)
             x = rms_norm(h, self.post_attention_layernorm.weight, self.post_attention_layernorm.variance_epsilon)
-            # gate and up stay two products: Liger's SwiGLU takes one row stride for both and its output, so column
-            # slices of one joined product would need copies first
-            a = swiglu(linear(x, mlp, "gate_proj", 4), linear(x, mlp, "up_proj", 5))
+            # gate and up share their adapters' pass over x (one mask) but stay two products (apart): Liger's SwiGLU
+            # takes one row stride for both and its output, so column slices of one joined product would need copies
+            a = swiglu(*linears(x, mlp, _MLP[:2], 4, apart=True))
             return h + linear(a, mlp, "down_proj", 6, output)
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.graph import GradientEdge, get_gradient_edge, saved_tensors_hooks
 
+# The last layers whose checkpoints and kept tensors stay on the GPU (Offloader.resident).
+RESIDENT_LAYERS = 1
 # Kept tensors smaller than this stay where they are (the rotary tables every layer shares, log-sum-exps).
 KEEP_ON_DEVICE_BYTES = 4 << 20
 # Of the machine's physical memory, the share that kept tensors may pin in all, over the processes of the machine
@@ -49,7 +51,8 @@ class Offloader:
         self._latest: dict[int, _Saved] = {}
         self._prefetched: dict[int, tuple[_Saved, torch.Tensor, torch.cuda.Event]] = {}
         self._stream: torch.cuda.Stream | None = None
-        self.layers = 0  # how many layers save here (set by the fast path): the last one keeps its Kept on the GPU
+        self.layers = 0  # how many layers save here (set by the fast path)
+        self.resident = RESIDENT_LAYERS  # the last layers, whose checkpoints and Kept stay on the GPU
         self.keeping = False  # whether the layers keep parts of their first pass (Kept; the fast path's setting)
         self.host_budget = _host_budget()  # bytes that this process's Kept tensors may pin in all
         self._kept: dict[int, Kept] = {}  # layer key -> its latest Kept, for the prefetch in backward
@@ -58,7 +61,7 @@ class Offloader:
     def save(self, key: int, x: torch.Tensor, reused: bool = False) -> _Saved:
         """Start copying x to the host (returns at once); keep x on its device when that is not possible (a copy of
         it when reused: its buffer is written again before backward, as a CUDA graph's input is)."""
-        if not (x.is_cuda and self.enabled) or (host := self._buffer(key, x)) is None:
+        if not (x.is_cuda and self.enabled) or self._resident(key) or (host := self._buffer(key, x)) is None:
             return _Saved(key, x.shape, x.dtype, kept=x.clone() if reused else x)
         stream = self._copy_stream(x.device)
         stream.wait_stream(torch.cuda.current_stream(x.device))
@@ -96,10 +99,15 @@ class Offloader:
 
     def kept(self, key: int, device: torch.device) -> Kept:
         """A new Kept for layer key's first pass (the latest one of that key, which backward prefetches)."""
-        on_host = self.enabled and device.type == "cuda" and key < self.layers - 1
+        on_host = self.enabled and device.type == "cuda" and not self._resident(key)
         kept = Kept(self, key, device, on_host)
         self._kept[key] = kept
         return kept
+
+    def _resident(self, key: int) -> bool:
+        """Whether layer key is one of the last `resident`: backward needs their tensors first, right after forward,
+        when the copies to the host may still be queued, so they stay on the GPU."""
+        return self.layers > 0 and key >= self.layers - self.resident
 
     def may_keep(self, layer_bytes: int) -> bool:
         """Whether every layer may keep layer_bytes in pinned host memory (within host_budget); always on CPU, where
@@ -255,6 +263,9 @@ class Kept:
 
     def named(self, name: str) -> torch.Tensor:
         return self.tensor(self._named[name])
+
+    def has(self, name: str) -> bool:
+        return name in self._named
 
     def output(self) -> torch.Tensor:
         assert self._output is not None, "Kept.replay before record"

@@ -27,6 +27,28 @@ from finechat.kernels.dropout import Seed, lora_a, lora_a_grad, lora_dx
 ENABLED = {"groups": True}  # switched off by `finechat bench train` to measure what lora_linears' groups buy
 
 
+@dataclass
+class AdapterProduct:
+    """The adapters' product x A^T (dropout applied, without the scale) of one call: when given (xa), the call takes it
+    instead of computing it; else the call leaves its own here. A checkpointed layer's first pass keeps it for the
+    recompute, which then skips the pass over x (finechat.fastpath's kept attention)."""
+
+    xa: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class _Mode:
+    """_LoRALinear's settings: scale, dropout p, seed, output (False: y is not computed, see lora_linear), apart (one
+    output per layer, see lora_linears), product (an AdapterProduct, or None)."""
+
+    scale: float
+    p: float
+    seed: Any
+    output: bool = True
+    apart: bool = False
+    product: AdapterProduct | None = None
+
+
 @dataclass(frozen=True)
 class Adapter:
     """One active LoRA adapter of a layer: A [rank, in], B [out, rank], scale (alpha/rank) and dropout probability."""
@@ -68,7 +90,12 @@ _LOOK_UP = object()
 
 
 def lora_linear(
-    x: torch.Tensor, layer: nn.Module, seed: Seed = 0, found: Any = _LOOK_UP, output: bool = True
+    x: torch.Tensor,
+    layer: nn.Module,
+    seed: Seed = 0,
+    found: Any = _LOOK_UP,
+    output: bool = True,
+    product: AdapterProduct | None = None,
 ) -> torch.Tensor:
     """layer(x) for a peft LoRA linear through the fused function; any other layer (or adapter setup) is called as
     is. seed (an int or a one-element int64 tensor, finechat.kernels.dropout) picks the dropout mask when the adapter
@@ -77,14 +104,13 @@ def lora_linear(
     output=False is for a recompute whose result only carries gradients (the last projection of a checkpointed
     layer): the function then saves what its backward needs (x and the adapter's x A^T) but skips the weight's
     decoding and both products of y, and returns zeros broadcast to y's shape; its gradients are unchanged, since
-    backward never reads y."""
+    backward never reads y. product: the adapter's product x A^T, given or to be left there (AdapterProduct; a layer
+    without a plain adapter leaves it empty)."""
     if found is _LOOK_UP:
         found = lora_adapter(layer)
     if found is None:
         return layer(x)
-    base, adapter = found
-    p = adapter.dropout if layer.training else 0.0
-    return _LoRALinear.apply(x, (base,), adapter.scale, p, seed, output, adapter.A, adapter.B)
+    return _group(x, [found], seed, layer.training, output, False, product)[0]
 
 
 def lora_linears(
@@ -93,6 +119,8 @@ def lora_linears(
     seeds: Sequence[Seed],
     found: list[Any] | None = None,
     output: bool = True,
+    apart: bool = False,
+    product: AdapterProduct | None = None,
 ) -> list[Any]:
     """[layer(x) for layer in layers] for linear layers that read the same x, e.g. a decoder layer's q, k and v. When
     they are all peft LoRA linears whose adapters share dropout and scale over frozen weights of one kind (all NF4 or
@@ -102,16 +130,34 @@ def lora_linears(
     adapter; each adapter's dropout is still p, so only the masks' correlation between the layers differs).
     Otherwise each layer through lora_linear with its own seed of seeds (the group takes the first); found is
     [lora_adapter(layer) ...] when the caller has it already; output=False as for lora_linear (each result is then
-    zeros broadcast to its shape)."""
+    zeros broadcast to its shape). apart=True: the frozen weights are decoded and multiplied one by one, each into
+    an output of its own (a decoder layer's gate and up, which SwiGLU reads as two dense tensors), while the
+    adapters still share one product over x, one mask, and in backward one pass for A's gradients and x's.
+    product: the group's adapter product, given or to be left there (AdapterProduct; without a group, None)."""
     found = [lora_adapter(layer) for layer in layers] if found is None else found
     if not (ENABLED["groups"] and _groupable(layers, found)):
         return [lora_linear(x, layer, seed, f, output) for layer, seed, f in zip(layers, seeds, found, strict=True)]
+    return _group(x, found, seeds[0], layers[0].training, output, apart, product)
+
+
+def _group(
+    x: torch.Tensor,
+    found: list[Any],
+    seed: Seed,
+    training: bool,
+    output: bool,
+    apart: bool,
+    product: AdapterProduct | None,
+) -> list[Any]:
     bases = tuple(f[0] for f in found)
     adapters = [f[1] for f in found]
-    p = adapters[0].dropout if layers[0].training else 0.0
+    p = adapters[0].dropout if training else 0.0
     params = [t for a in adapters for t in (a.A, a.B)]
-    y = _LoRALinear.apply(x, bases, adapters[0].scale, p, seeds[0], output, *params)
-    return list(y.split([a.B.shape[0] for a in adapters], dim=-1))
+    mode = _Mode(adapters[0].scale, p, seed, output, apart, product)
+    y = _LoRALinear.apply(x, bases, mode, *params)
+    if apart:
+        return list(y)
+    return [y] if len(adapters) == 1 else list(y.split([a.B.shape[0] for a in adapters], dim=-1))
 
 
 def _groupable(layers: list[nn.Module], found: list[Any]) -> bool:
@@ -133,6 +179,12 @@ def _groupable(layers: list[nn.Module], found: list[Any]) -> bool:
 
 def _nf4(base: nn.Module) -> bool:
     return getattr(base.weight, "quant_state", None) is not None
+
+
+def _width(base: nn.Module) -> int:
+    """A linear layer's out-features (an NF4 weight is stored packed)."""
+    weight: Any = base.weight
+    return int(weight.quant_state.shape[0]) if _nf4(base) else int(weight.shape[0])
 
 
 def dense_weights(bases: tuple[nn.Module, ...]) -> torch.Tensor:
@@ -159,23 +211,35 @@ def _joined(tensors: list[torch.Tensor], join: Any, dtype: torch.dtype) -> torch
 class _LoRALinear(torch.autograd.Function):
     """y = x W^T + s * (drop(x) A^T) B^T for one linear layer, or for several that read the same x: then W is their
     frozen weights stacked, A their adapters' A stacked and B their B's block-diagonal, so that y's columns are each
-    layer's output side by side. Arguments: x, the base layers, scale, dropout p, seed, output (False: y is not
-    computed, see lora_linear), then A1, B1, A2, B2, ..."""
+    layer's output side by side. Arguments: x, the base layers, the settings (_Mode), then A1, B1, A2, B2, ..."""
 
     @staticmethod
-    def forward(ctx, x, bases, scale, p, seed, output, *params):  # type: ignore[override]
+    def forward(ctx, x, bases, mode, *params):  # type: ignore[override]
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         a = _joined(list(params[0::2]), lambda *t: torch.cat(t), dtype)  # [sum rank, in]
         b = _joined(list(params[1::2]), torch.block_diag, dtype)  # [sum out, sum rank]
+        p, seed, output, apart, product = mode.p, mode.seed, mode.output, mode.apart, mode.product
         # [tokens, rank], without the scale; dropout's keep-mask (without its 1/(1-p)) applied as x is read
-        xa = lora_a(x2, a, p, seed) if p > 0 else x2 @ a.t()
-        scale = scale / (1.0 - p)  # inverted dropout's 1/(1-p), applied to the small product instead of to x
-        ctx.bases, ctx.scale, ctx.p, ctx.seed = bases, scale, p, seed
+        if product is not None and product.xa is not None:
+            xa = product.xa
+        else:
+            xa = lora_a(x2, a, p, seed) if p > 0 else x2 @ a.t()
+            if product is not None:
+                product.xa = xa
+        scale = mode.scale / (1.0 - p)  # inverted dropout's 1/(1-p), applied to the small product instead of to x
+        ctx.bases, ctx.scale, ctx.p, ctx.seed, ctx.apart = bases, scale, p, seed, apart
         if not output:  # a recompute whose result only carries gradients: what backward reads, no y
             ctx.save_for_backward(x, xa, *params)
-            width = sum(int(b.weight.quant_state.shape[0]) if _nf4(b) else b.weight.shape[0] for b in bases)
-            return x.new_zeros(()).expand(*x.shape[:-1], width)
+            zeros = x.new_zeros(())
+            if apart:
+                return tuple(zeros.expand(*x.shape[:-1], _width(b)) for b in bases)
+            return zeros.expand(*x.shape[:-1], sum(_width(b) for b in bases))
+        if apart:
+            ctx.save_for_backward(x, xa, *params)
+            return tuple(
+                _base_product(x2, xa, b, B, scale, col).view(*x.shape[:-1], -1) for b, B, col in _parts(bases, params)
+            )
         # The adapter's term is written first and the base GEMM adds onto it (beta=1): the add then happens in the
         # epilogue of a compute-bound GEMM instead of in a memory-bound pass over y of its own (the adapter addmm_
         # after the base GEMM took 35 ms of the profiled 8x1024 step).
@@ -190,22 +254,28 @@ class _LoRALinear(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx, dy):  # type: ignore[override]
+    def backward(ctx, *dys):  # type: ignore[override]
         x, xa, *params = ctx.saved_tensors
         scale, p, dtype = ctx.scale, ctx.p, x.dtype
         As, Bs = params[0::2], params[1::2]
         x2 = x.reshape(-1, x.shape[-1])
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
-        b = _joined(Bs, torch.block_diag, dtype)
-        dyb = dy2 @ b  # [tokens, sum rank]
+        parts = [dy.reshape(-1, dy.shape[-1]).to(dtype) for dy in dys]  # one per output
+        if ctx.apart:
+            dyb = torch.cat([d @ B.to(dtype) for d, B in zip(parts, Bs, strict=True)], dim=1)  # [tokens, sum rank]
+        else:
+            dyb = parts[0] @ _joined(Bs, torch.block_diag, dtype)
         grads: list[torch.Tensor | None] = [None] * len(params)
-        if any(ctx.needs_input_grad[7::2]):  # B's: the diagonal blocks of dy^T (x A^T)
-            full = (dy2.t() @ xa).mul_(scale)
+        if any(ctx.needs_input_grad[4::2]):  # B's: the diagonal blocks of dy^T (x A^T)
+            full = None if ctx.apart else (parts[0].t() @ xa).mul_(scale)
             row = col = 0
             for i, B in enumerate(Bs):
-                grads[2 * i + 1] = full[row : row + B.shape[0], col : col + B.shape[1]].to(B.dtype)
+                if full is None:
+                    block = (parts[i].t() @ xa[:, col : col + B.shape[1]]).mul_(scale)
+                else:
+                    block = full[row : row + B.shape[0], col : col + B.shape[1]]
+                grads[2 * i + 1] = block.to(B.dtype)
                 row, col = row + B.shape[0], col + B.shape[1]
-        if any(ctx.needs_input_grad[6::2]):  # A's: the forward's mask, regenerated from its seed
+        if any(ctx.needs_input_grad[3::2]):  # A's: the forward's mask, regenerated from its seed
             dA = lora_a_grad(dyb, x2, p, ctx.seed, scale) if p > 0 else (dyb.t() @ x2).mul_(scale)
             row = 0
             for i, A in enumerate(As):
@@ -220,11 +290,35 @@ class _LoRALinear(torch.autograd.Function):
             else:
                 dx = torch.empty_like(x2)
                 dx.addmm_(dyb, a, beta=0, alpha=scale)
-            w = dense_weights(ctx.bases).to(dtype)
-            dx.addmm_(dy2, w)
-            del w
+            for bases, dy2 in zip([[b] for b in ctx.bases] if ctx.apart else [ctx.bases], parts, strict=True):
+                w = dense_weights(tuple(bases)).to(dtype)
+                dx.addmm_(dy2, w)
+                del w
             dx = dx.view(x.shape)
-        return dx, None, None, None, None, None, *grads
+        return dx, None, None, *grads
+
+
+def _parts(bases: tuple[nn.Module, ...], params: tuple[torch.Tensor, ...]) -> list[tuple[nn.Module, torch.Tensor, int]]:
+    """(base layer, its B, its first column in x A^T) for each layer of a group."""
+    out, col = [], 0
+    for base, B in zip(bases, params[1::2], strict=True):
+        out.append((base, B, col))
+        col += B.shape[1]
+    return out
+
+
+def _base_product(x2: torch.Tensor, xa: torch.Tensor, base: nn.Module, B: torch.Tensor, scale: float, col: int):
+    """One layer's y = x W^T + s (x A^T) B^T (+ bias) from the group's x A^T (its columns col:col + rank)."""
+    dtype = x2.dtype
+    y = torch.empty(x2.shape[0], B.shape[0], device=x2.device, dtype=dtype)
+    y.addmm_(xa[:, col : col + B.shape[1]], B.to(dtype).t(), beta=0, alpha=scale)
+    w = dense_weight(base).to(dtype)
+    y.addmm_(x2, w.t())
+    del w
+    bias: Any = base.bias
+    if bias is not None:
+        y += bias.to(dtype)
+    return y
 
 
 def lora_linear_reference(
