@@ -3,8 +3,10 @@
 `prepare(model)` replaces each decoder layer of a loaded base model by a FastDecoderLayer that holds the same
 submodules under the same names (state dicts, peft targeting and saving are unchanged) and, when training, computes
 the layer with fused operations from finechat.kernels and checkpoints it with its input offloaded to host memory
-(finechat.offload). In eval mode, or with a KV cache, it calls the original layer. Nothing is patched: no class or
-third-party function is modified, and the model stays a plain transformers model.
+(finechat.offload); at batches the layer graphs leave eager it keeps the attention half of the first pass in host
+memory too, instead of recomputing it (offload.Kept). In eval mode, or with a KV cache, it calls the original
+layer. Nothing is patched: no class or third-party function is modified, and the model stays a plain transformers
+model.
 
 What it leaves out against the seed recipe (prepare_model_for_kbit_training + HF gradient checkpointing + peft):
 the float32 upcast of norms, embeddings and head; the float32 LoRA detour; peft's clone and elementwise adds;
