@@ -14,12 +14,15 @@ layer's attention this way where host memory allows (finechat.fastpath)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch.autograd.graph import GradientEdge, get_gradient_edge, saved_tensors_hooks
+
+log = logging.getLogger(__name__)
 
 # The last layers whose checkpoints and kept tensors stay on the GPU (Offloader.resident).
 RESIDENT_LAYERS = 1
@@ -63,13 +66,8 @@ class Offloader:
         it when reused: its buffer is written again before backward, as a CUDA graph's input is)."""
         if not (x.is_cuda and self.enabled) or self._resident(key) or (host := self._buffer(key, x)) is None:
             return _Saved(key, x.shape, x.dtype, kept=x.clone() if reused else x)
-        stream = self._copy_stream(x.device)
-        stream.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(stream):
-            host.copy_(x, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record(stream)
-        x.record_stream(stream)  # its memory is not reused before the copy has read it
+        copied = self._copy(host, x, x.device)
+        x.record_stream(self._copy_stream(x.device))  # its memory is not reused before the copy has read it
         saved = _Saved(key, x.shape, x.dtype, host=host, copied=copied)
         self._latest[key] = saved
         return saved
@@ -124,16 +122,13 @@ class Offloader:
             self._kept_buffers.pop((key, slot), None)
             try:
                 buf = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, pin_memory=True)
-            except RuntimeError:  # host memory exhausted or pinning refused
+            except RuntimeError as e:  # host memory exhausted or pinning refused: stop keeping (GPU memory would grow)
+                log.warning("keeping the attention in host memory stopped: no pinned memory (%s)", str(e)[:200])
+                self.keeping = False
                 return _Item(kept=x)
             self._kept_buffers[(key, slot)] = buf
-        stream = self._copy_stream(x.device)
-        stream.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(stream):
-            buf.copy_(x, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record(stream)
-        x.record_stream(stream)
+        copied = self._copy(buf, x, x.device)
+        x.record_stream(self._copy_stream(x.device))
         return _Item(host=buf, copied=copied, device=x.device)
 
     def get(self, item: _Item) -> torch.Tensor:
@@ -152,23 +147,23 @@ class Offloader:
         assert item.host is not None and item.device is not None
         host = item.host
         x = torch.empty_strided(host.shape, host.stride(), dtype=host.dtype, device=item.device)
-        stream = self._copy_stream(item.device)
-        stream.wait_stream(torch.cuda.current_stream(item.device))
-        with torch.cuda.stream(stream):
-            x.copy_(host, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record(stream)
-        item.fetched, item.ready = x, ready
+        item.fetched, item.ready = x, self._copy(x, host, item.device)
 
     def _fetch(self, saved: _Saved, device: torch.device) -> tuple[torch.Tensor, torch.cuda.Event]:
         x = torch.empty(saved.shape, dtype=saved.dtype, device=device)
+        assert saved.host is not None
+        return x, self._copy(x, saved.host, device)
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor, device: torch.device) -> torch.cuda.Event:
+        """dst.copy_(src) on the copy stream, after the work queued so far on the current stream (which may still use
+        dst's memory, or write src); returns the copy's event."""
         stream = self._copy_stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))  # x's memory may have been in use on the main stream
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            x.copy_(saved.host, non_blocking=True)  # type: ignore[arg-type]
-            ready = torch.cuda.Event()
-            ready.record(stream)
-        return x, ready
+            dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return done
 
     def _copy_stream(self, device: torch.device) -> torch.cuda.Stream:
         if self._stream is None:
