@@ -141,18 +141,18 @@ def test_the_recompute_without_the_last_product_gives_the_same_grads(tiny_mistra
 def test_keeping_the_attention_half_gives_the_recomputes_grads(tiny_mistral_dir, monkeypatch, dropout):
     """The first pass keeps each layer's rotary embedding and attention as a graph (their saved tensors), the hidden
     state after attention and the attention adapters' products; the recompute skips them and the q, k, v and o
-    products: the same loss and gradients, bit for bit, as recomputing them. Over the host budget the layers
-    recompute as before."""
+    products: the same loss and gradients, bit for bit, as recomputing them. Over the host budget, and with the
+    checkpoints kept on the GPU, the layers recompute as before."""
     from finechat.kernels import lora_linear as ll
 
     passes = []  # the adapters' passes over their inputs (with dropout, one lora_a kernel each)
     lora_a = ll.lora_a
     monkeypatch.setattr(ll, "lora_a", lambda *a: passes.append(1) or lora_a(*a))
     results, counts = [], []
-    for keep, budget in ((False, None), (True, None), (True, 0)):
+    for keep, budget in ((False, None), (True, None), (True, 0), ("offload off", None)):
         passes.clear()
         model = build(tiny_mistral_dir, fast=True, dropout=dropout)
-        fastpath.set_options(model, keep_attention=keep)
+        fastpath.set_options(model, keep_attention=bool(keep), offload=keep != "offload off")
         layers = fastpath._decoder_layers(model)
         offloader = layers[0]._offloader
         if budget is not None:
@@ -160,13 +160,13 @@ def test_keeping_the_attention_half_gives_the_recomputes_grads(tiny_mistral_dir,
         ids = batch(model.config.vocab_size)
         torch.manual_seed(5)
         results.append(loss_and_grads(model, ids, True))
-        assert sorted(offloader._kept) == ([0, 1] if keep and budget is None else [])
+        assert sorted(offloader._kept) == ([0, 1] if keep is True and budget is None else [])
         counts.append(len(passes))
     if dropout:  # per layer: q/k/v, o, gate/up and down in forward; the recompute all four, or the last two
-        assert counts == [2 * 8, 2 * 6, 2 * 8]
-    (recomputed_loss, recomputed), (kept_loss, kept), (over_loss, over) = results
-    assert kept_loss == recomputed_loss == over_loss
-    assert all(torch.equal(kept[n], recomputed[n]) and torch.equal(over[n], recomputed[n]) for n in recomputed)
+        assert counts == [2 * 8, 2 * 6, 2 * 8, 2 * 8]
+    (recomputed_loss, recomputed), *others = results
+    for loss, grads in others:  # kept; over the budget; with the checkpoints on the GPU (nothing kept)
+        assert loss == recomputed_loss and all(torch.equal(grads[n], recomputed[n]) for n in recomputed)
 
 
 def test_keep_attention_is_a_train_setting(tiny_mistral_dir):

@@ -91,7 +91,7 @@ class TrainConfig:
     )
     keep_attention: bool = _f(
         True,
-        "on the fast path with gradient checkpointing, at batches of more than 4096 tokens: keep each layer's "
+        "on the fast path with offloaded checkpoints, at batches of more than 4096 tokens: keep each layer's "
         "attention (rotated q and k, v, its output, the hidden state after it) from the forward in pinned host memory "
         "instead of recomputing it in backward, where every layer's fits in a quarter of the machine's memory (on an "
         "H200, Mistral-7B at 8x1024 tokens: 9 GiB pinned, +7.8% tokens/s)",

@@ -284,12 +284,14 @@ class FastDecoderLayer(nn.Module):
     def _keeps(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> bool:
         """Whether this (eager, checkpointed) call keeps its attention half from the first pass instead of
         recomputing it: without an attention mask, and where every layer's kept tensors fit the host's budget
-        (rotated q and k, v, the attention's output and the hidden state after it)."""
-        if not self._offloader.keeping or mask is not None or not self._widths[0]:
+        (rotated q and k, v, the attention's output and the hidden state after it). Not with the checkpoints kept on
+        the GPU (offload off): the kept tensors would stay there too, every layer's at once."""
+        offloader = self._offloader
+        if not (offloader.keeping and offloader.enabled) or mask is not None or not self._widths[0]:
             return False
         tokens = hidden.numel() // hidden.shape[-1]
         per_layer = tokens * (2 * self._widths[0] + self._widths[1] + hidden.shape[-1]) * hidden.element_size()
-        return self._offloader.may_keep(per_layer)
+        return offloader.may_keep(per_layer)
 
     @staticmethod
     def _graph_key(found: dict[str, Any]) -> tuple:
