@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from finechat.bench import train as bench
 from finechat.bench.train import _paired, format_table, parse_lengths, parse_shapes
 from finechat.cli import main
 
@@ -29,6 +30,11 @@ def test_tiny_dry_run_writes_rows_for_both_systems(tmp_path, capsys):
     assert all(0 < r["step_ms_min"] <= r["step_ms_median"] and r["host_cpu_s"] > 0 for r in rows.values())
     assert all(r["process_cpu_s"] >= r["host_cpu_s"] for r in rows.values())
     assert result["longest_sequence"]["largest_trained"] == 64
+    layers = bench.ARCHS["tiny"]["num_hidden_layers"]  # on CPU every layer keeps its attention half
+    assert (
+        rows[("finechat", "2x32")]["kept_attention_layers"] == layers
+        and "kept_attention_layers" not in rows[("seed", "2x32")]
+    )
     assert "2x32" in capsys.readouterr().out
 
 

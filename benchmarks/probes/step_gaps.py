@@ -35,9 +35,8 @@ def main() -> None:
     settings = bench.BenchSettings(arch=arch)
     path = bench.make_random_model(arch, Path(f"/tmp/finechat-bench-{arch}"))
     model, step = bench._finechat(path, settings)
-    layers = fastpath._decoder_layers(model)
-    assert layers is not None
-    offloader = layers[0]._offloader
+    offloader = fastpath.offloader(model)
+    assert offloader is not None
     batch = bench._batch(bs, seq, model.config.vocab_size, 0.0, "cuda" if cuda else "cpu")
     result: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "arch": arch, "shape": f"{bs}x{seq}"}
     for _ in range(3):

@@ -162,6 +162,12 @@ def set_options(
                 layer._graphs.clear()
 
 
+def offloader(model: nn.Module) -> Offloader | None:
+    """The checkpoint offloader of a prepared model's fast layers (None when it has none)."""
+    layers = [layer for layer in _decoder_layers(model) or [] if isinstance(layer, FastDecoderLayer)]
+    return layers[0]._offloader if layers else None
+
+
 def layer_graphs(model: nn.Module) -> LayerGraphs | None:
     """The CUDA graphs of a prepared model's fast layers (None when it has none)."""
     layers = [layer for layer in _decoder_layers(model) or [] if isinstance(layer, FastDecoderLayer)]

@@ -59,6 +59,7 @@ class Offloader:
         self.keeping = False  # whether the layers keep parts of their first pass (Kept; the fast path's setting)
         self.host_budget = _host_budget()  # bytes that this process's Kept tensors may pin in all
         self._kept: dict[int, Kept] = {}  # layer key -> its latest Kept, for the prefetch in backward
+        self.kept_calls = 0  # layer calls that kept a part of their first pass (for the bench's rows)
         self._kept_buffers: dict[tuple[int, int], torch.Tensor] = {}  # (layer key, slot) -> pinned host buffer
 
     def save(self, key: int, x: torch.Tensor, reused: bool = False) -> _Saved:
@@ -100,6 +101,7 @@ class Offloader:
         on_host = self.enabled and device.type == "cuda" and not self._resident(key)
         kept = Kept(self, key, device, on_host)
         self._kept[key] = kept
+        self.kept_calls += 1
         return kept
 
     def _resident(self, key: int) -> bool:

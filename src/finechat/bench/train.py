@@ -364,7 +364,11 @@ def _with_graphs(model, system: str, step, bs: int, seq: int, settings: BenchSet
     if graphs is None:
         return _measure(system, step, bs, seq, settings, vocab)
     graphs.clear()
+    offloader = fastpath.offloader(model)
+    kept_before = offloader.kept_calls if offloader is not None else 0
     row = _measure(system, step, bs, seq, settings, vocab)
+    if offloader is not None:  # layers a step that kept their attention half (finechat.offload.Kept)
+        row["kept_attention_layers"] = round((offloader.kept_calls - kept_before) / (settings.warmup + settings.steps))
     row["layer_graphs"] = graphs.captured()
     if graphs.backward_enabled:
         row["layer_backward_graphs"] = graphs.captured_backward()
