@@ -92,11 +92,17 @@ def test_a_kept_part_is_not_recomputed_and_gives_the_recomputes_gradients():
     assert kept._items == [] and kept._edges is None  # released after the layer's backward
 
 
-def test_kept_tensors_count_against_the_host_budget(monkeypatch):
+def test_kept_tensors_count_against_the_host_budget(monkeypatch, caplog):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     alone = Offloader().host_budget
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's processes of one machine share it
     assert Offloader().host_budget == alone // 4
     offloader = Offloader()
-    offloader.layers, offloader.host_budget = 32, 32 << 20
-    assert offloader.may_keep(1 << 20) and not offloader.may_keep((1 << 20) + 1)
+    offloader.layers, offloader.host_budget = 32, 16 << 30
+    with caplog.at_level("INFO", logger="finechat.offload"):
+        assert offloader.may_keep(512 << 20) and not offloader.may_keep(768 << 20)
+        offloader.may_keep(512 << 20)  # said once per size
+    assert [r.getMessage() for r in caplog.records] == [
+        "keeping each layer's attention in host memory: 16.0 GiB (budget 16.0 GiB)",
+        "recomputing the attention: keeping it would take 24.0 GiB, over 16.0 GiB",
+    ]

@@ -60,6 +60,7 @@ class Offloader:
         self.host_budget = _host_budget()  # bytes that this process's Kept tensors may pin in all
         self._kept: dict[int, Kept] = {}  # layer key -> its latest Kept, for the prefetch in backward
         self.kept_calls = 0  # layer calls that kept a part of their first pass (for the bench's rows)
+        self._told: set[int] = set()  # the sizes may_keep has logged its answer for
         self._kept_buffers: dict[tuple[int, int], torch.Tensor] = {}  # (layer key, slot) -> pinned host buffer
 
     def save(self, key: int, x: torch.Tensor, reused: bool = False) -> _Saved:
@@ -110,9 +111,17 @@ class Offloader:
         return self.layers > 0 and key >= self.layers - self.resident
 
     def may_keep(self, layer_bytes: int) -> bool:
-        """Whether every layer may keep layer_bytes in pinned host memory (within host_budget); always on CPU, where
-        nothing is pinned."""
-        return layer_bytes * max(self.layers, 1) <= self.host_budget
+        """Whether every layer may keep layer_bytes in host memory (within host_budget); says which, once per size."""
+        total = layer_bytes * max(self.layers, 1)
+        fits = total <= self.host_budget
+        if layer_bytes not in self._told:
+            self._told.add(layer_bytes)
+            gib, budget = total / 2**30, self.host_budget / 2**30
+            if fits:
+                log.info("keeping each layer's attention in host memory: %.1f GiB (budget %.1f GiB)", gib, budget)
+            else:
+                log.info("recomputing the attention: keeping it would take %.1f GiB, over %.1f GiB", gib, budget)
+        return fits
 
     def put(self, key: int, slot: int, x: torch.Tensor) -> _Item:
         """Start copying x (one of layer key's kept tensors) to its pinned host buffer; x stays where it is when it
