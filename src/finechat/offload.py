@@ -75,23 +75,26 @@ class Offloader:
         return saved
 
     def load(self, saved: _Saved, device: torch.device) -> torch.Tensor:
-        """The saved tensor back on device (waits for its copy); starts fetching the previous layer's input."""
+        """The saved tensor back on device (waits for its copy). Starts fetching this layer's kept tensors (unless they
+        are on their way), then the previous layer's input and kept tensors, also when this layer's input stayed on
+        the device (the last layer's, Offloader.resident): its backward is where the chain of prefetches begins."""
+        kept = self._kept.pop(saved.key, None)
         if saved.kept is not None:
-            return saved.kept
-        pre = self._prefetched.pop(saved.key, None)
-        if pre is not None and pre[0] is saved:
-            x, ready = pre[1], pre[2]
+            x = saved.kept
         else:
-            x, ready = self._fetch(saved, device)
-        torch.cuda.current_stream(device).wait_event(ready)
-        if self._latest.get(saved.key) is saved:
-            del self._latest[saved.key]
+            pre = self._prefetched.pop(saved.key, None)
+            if pre is not None and pre[0] is saved:
+                x, ready = pre[1], pre[2]
+            else:
+                x, ready = self._fetch(saved, device)
+            torch.cuda.current_stream(device).wait_event(ready)
+            if self._latest.get(saved.key) is saved:
+                del self._latest[saved.key]
+        if kept is not None:
+            kept.fetch()
         previous = self._latest.get(saved.key - 1)
         if previous is not None and previous.key not in self._prefetched:
             self._prefetched[previous.key] = (previous, *self._fetch(previous, device))
-        kept = self._kept.pop(saved.key, None)
-        if kept is not None:
-            kept.fetch()
         kept = self._kept.get(saved.key - 1)
         if kept is not None:
             kept.fetch()
