@@ -359,7 +359,12 @@ class FastDecoderLayer(nn.Module):
                 kept.keep(name, made.xa)
 
         def linear(
-            x: torch.Tensor, parent: Any, name: str, offset: int, output: bool = True, made: Any = None
+            x: torch.Tensor,
+            parent: Any,
+            name: str,
+            offset: int,
+            output: bool = True,
+            made: AdapterProduct | None = None,
         ) -> torch.Tensor:
             return lora_linear(x, getattr(parent, name), seed(offset), found[name], output, made)
 
@@ -370,7 +375,7 @@ class FastDecoderLayer(nn.Module):
             offset: int,
             output: bool = True,
             apart: bool = False,
-            made: Any = None,
+            made: AdapterProduct | None = None,
         ) -> list[torch.Tensor]:
             """Projections of the same x in one fused function where they allow it (lora_linears)."""
             layers = [getattr(parent, name) for name in names]
