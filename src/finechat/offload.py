@@ -103,7 +103,7 @@ class Offloader:
     def kept(self, key: int, device: torch.device) -> Kept:
         """A new Kept for layer key's first pass (the latest one of that key, which backward prefetches)."""
         on_host = self.enabled and device.type == "cuda" and not self._resident(key)
-        kept = Kept(self, key, device, on_host)
+        kept = Kept(self, key, on_host)
         self._kept[key] = kept
         self.kept_calls += 1
         return kept
@@ -217,10 +217,11 @@ class Kept:
     keeps a value. Recompute: replay(*inputs) gives fn's output as it was, and its backward runs the kept graph, so
     the inputs get the gradients fn's recompute would have given them; value(name, *parts) gives the kept value as
     if it were recomputed as the sum of parts (which get its gradient). Backward prefetches the tensors (Offloader);
-    release() drops them after the layer's backward. On CPU, and for the last layer, the tensors stay where they are."""
+    release() drops them after the layer's backward. On CPU, and for the last layers (Offloader.resident), the tensors
+    stay where they are."""
 
-    def __init__(self, offloader: Offloader, key: int, device: torch.device, on_host: bool) -> None:
-        self.offloader, self.key, self.device, self.on_host = offloader, key, device, on_host
+    def __init__(self, offloader: Offloader, key: int, on_host: bool) -> None:
+        self.offloader, self.key, self.on_host = offloader, key, on_host
         self._items: list[_Item] = []
         self._slots: dict[tuple, int] = {}  # a tensor's (address, shape, strides, dtype) -> its slot in _items
         self._sources: list[torch.Tensor] = []  # the first pass's tensors, held until close() (addresses stay unique)
