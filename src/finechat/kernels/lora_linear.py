@@ -229,29 +229,20 @@ class _LoRALinear(torch.autograd.Function):
                 product.xa = xa
         scale = mode.scale / (1.0 - p)  # inverted dropout's 1/(1-p), applied to the small product instead of to x
         ctx.bases, ctx.scale, ctx.p, ctx.seed, ctx.apart = bases, scale, p, seed, apart
+        ctx.save_for_backward(x, xa, *params)
         if not output:  # a recompute whose result only carries gradients: what backward reads, no y
-            ctx.save_for_backward(x, xa, *params)
             zeros = x.new_zeros(())
             if apart:
                 return tuple(zeros.expand(*x.shape[:-1], _width(b)) for b in bases)
             return zeros.expand(*x.shape[:-1], sum(_width(b) for b in bases))
-        if apart:
-            ctx.save_for_backward(x, xa, *params)
-            return tuple(
-                _base_product(x2, xa, b, B, scale, col).view(*x.shape[:-1], -1) for b, B, col in _parts(bases, params)
-            )
-        # The adapter's term is written first and the base GEMM adds onto it (beta=1): the add then happens in the
-        # epilogue of a compute-bound GEMM instead of in a memory-bound pass over y of its own (the adapter addmm_
-        # after the base GEMM took 35 ms of the profiled 8x1024 step).
-        y = torch.empty(x2.shape[0], b.shape[0], device=x.device, dtype=dtype)
-        y.addmm_(xa, b.t(), beta=0, alpha=scale)
-        w = dense_weights(bases).to(dtype)
-        y.addmm_(x2, w.t())
-        del w
-        if bases[0].bias is not None:
-            y += _joined([base.bias for base in bases], lambda *t: torch.cat(t), dtype)
-        ctx.save_for_backward(x, xa, *params)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        if apart:  # each layer's product from its columns of x A^T
+            outs, col = [], 0
+            for base, B in zip(bases, params[1::2], strict=True):
+                y = _product(x2, xa[:, col : col + B.shape[1]], B.to(dtype), (base,), scale)
+                outs.append(y.view(*x.shape[:-1], -1))
+                col += B.shape[1]
+            return tuple(outs)
+        return _product(x2, xa, b, bases, scale).view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, *dys):  # type: ignore[override]
@@ -298,26 +289,22 @@ class _LoRALinear(torch.autograd.Function):
         return dx, None, None, *grads
 
 
-def _parts(bases: tuple[nn.Module, ...], params: tuple[torch.Tensor, ...]) -> list[tuple[nn.Module, torch.Tensor, int]]:
-    """(base layer, its B, its first column in x A^T) for each layer of a group."""
-    out, col = [], 0
-    for base, B in zip(bases, params[1::2], strict=True):
-        out.append((base, B, col))
-        col += B.shape[1]
-    return out
-
-
-def _base_product(x2: torch.Tensor, xa: torch.Tensor, base: nn.Module, B: torch.Tensor, scale: float, col: int):
-    """One layer's y = x W^T + s (x A^T) B^T (+ bias) from the group's x A^T (its columns col:col + rank)."""
+def _product(
+    x2: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, bases: tuple[nn.Module, ...], scale: float
+) -> torch.Tensor:
+    """y = x W^T + s (x A^T) B^T (+ bias), W the frozen weights of bases stacked, b their adapters' B (block-diagonal
+    for several). The adapter's term is written first and the base GEMM adds onto it (beta=1): the add then happens in
+    the epilogue of a compute-bound GEMM instead of in a memory-bound pass over y of its own (the adapter addmm_ after
+    the base GEMM took 35 ms of the profiled 8x1024 step)."""
     dtype = x2.dtype
-    y = torch.empty(x2.shape[0], B.shape[0], device=x2.device, dtype=dtype)
-    y.addmm_(xa[:, col : col + B.shape[1]], B.to(dtype).t(), beta=0, alpha=scale)
-    w = dense_weight(base).to(dtype)
+    y = torch.empty(x2.shape[0], b.shape[0], device=x2.device, dtype=dtype)
+    y.addmm_(xa, b.t(), beta=0, alpha=scale)
+    w = dense_weights(bases).to(dtype)
     y.addmm_(x2, w.t())
     del w
-    bias: Any = base.bias
-    if bias is not None:
-        y += bias.to(dtype)
+    biases: list[Any] = [base.bias for base in bases]
+    if biases[0] is not None:
+        y += _joined(biases, lambda *t: torch.cat(t), dtype)
     return y
 
 
