@@ -218,7 +218,6 @@ class _LoRALinear(torch.autograd.Function):
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         a = _joined(list(params[0::2]), lambda *t: torch.cat(t), dtype)  # [sum rank, in]
-        b = _joined(list(params[1::2]), torch.block_diag, dtype)  # [sum out, sum rank]
         p, seed, output, apart, product = mode.p, mode.seed, mode.output, mode.apart, mode.product
         # [tokens, rank], without the scale; dropout's keep-mask (without its 1/(1-p)) applied as x is read
         if product is not None and product.xa is not None:
@@ -242,6 +241,7 @@ class _LoRALinear(torch.autograd.Function):
                 outs.append(y.view(*x.shape[:-1], -1))
                 col += B.shape[1]
             return tuple(outs)
+        b = _joined(list(params[1::2]), torch.block_diag, dtype)  # [sum out, sum rank]
         return _product(x2, xa, b, bases, scale).view(*x.shape[:-1], -1)
 
     @staticmethod
