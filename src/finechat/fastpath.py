@@ -164,14 +164,19 @@ def set_options(
 
 def offloader(model: nn.Module) -> Offloader | None:
     """The checkpoint offloader of a prepared model's fast layers (None when it has none)."""
-    layers = [layer for layer in _decoder_layers(model) or [] if isinstance(layer, FastDecoderLayer)]
-    return layers[0]._offloader if layers else None
+    first = _first_fast_layer(model)
+    return first._offloader if first is not None else None
 
 
 def layer_graphs(model: nn.Module) -> LayerGraphs | None:
     """The CUDA graphs of a prepared model's fast layers (None when it has none)."""
-    layers = [layer for layer in _decoder_layers(model) or [] if isinstance(layer, FastDecoderLayer)]
-    return layers[0]._graphs if layers else None
+    first = _first_fast_layer(model)
+    return first._graphs if first is not None else None
+
+
+def _first_fast_layer(model: nn.Module) -> FastDecoderLayer | None:
+    """The first FastDecoderLayer of a prepared model (they share their offloader and graphs), or None."""
+    return next((layer for layer in _decoder_layers(model) or [] if isinstance(layer, FastDecoderLayer)), None)
 
 
 class FastDecoderLayer(nn.Module):
