@@ -106,3 +106,28 @@ def test_kept_tensors_count_against_the_host_budget(monkeypatch, caplog):
         "keeping each layer's attention in host memory: 16.0 GiB (budget 16.0 GiB)",
         "recomputing the attention: keeping it would take 24.0 GiB, over 16.0 GiB",
     ]
+
+
+def test_host_buffers_keep_the_layout_and_are_reused_for_smaller_batches(monkeypatch):
+    """The pinned buffer behind a kept tensor has its strides (a permuted q stays permuted, so backward gets the
+    layout attention saved) and serves every smaller batch after it without pinning memory again. (Pinning needs
+    CUDA: here torch.empty's pin_memory is dropped and the allocations counted.)"""
+    made = []
+    empty = torch.empty
+
+    def pinned_empty(*args, pin_memory=False, **kw):
+        made.append(pin_memory)
+        return empty(*args, **kw)
+
+    monkeypatch.setattr(torch, "empty", pinned_empty)
+    offloader, store = Offloader(), {}
+    q = torch.randn(2, 16, 4, 8).transpose(1, 2)  # [batch, heads, seq, dim] over a [batch, seq, heads, dim] layout
+    buf = offloader._buffer((0, 0), q, store)
+    assert buf.shape == q.shape and buf.stride() == q.stride() and made == [True]
+    smaller = torch.randn(1, 12, 4, 8).transpose(1, 2)
+    again = offloader._buffer((0, 0), smaller, store)
+    assert again.stride() == smaller.stride() and again.data_ptr() == buf.data_ptr() and made == [True]
+    again.copy_(smaller)
+    assert torch.equal(again, smaller)
+    offloader._buffer((0, 0), torch.randn(4, 16, 4, 8), store)  # larger: pinned anew
+    assert made == [True, True]

@@ -18,6 +18,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.autograd.graph import GradientEdge, get_gradient_edge, saved_tensors_hooks
@@ -61,7 +62,7 @@ class Offloader:
         self._kept: dict[int, Kept] = {}  # layer key -> its latest Kept, for the prefetch in backward
         self.kept_calls = 0  # layer calls that kept a part of their first pass (for the bench's rows)
         self._told: set[int] = set()  # the sizes may_keep has logged its answer for
-        self._kept_buffers: dict[tuple[int, int], torch.Tensor] = {}  # (layer key, slot) -> pinned host buffer
+        self._kept_buffers: dict[tuple[int, int], torch.Tensor] = {}  # (layer key, slot) -> pinned host buffer (flat)
 
     def save(self, key: int, x: torch.Tensor, reused: bool = False) -> _Saved:
         """Start copying x to the host (returns at once); keep x on its device when that is not possible (a copy of
@@ -131,19 +132,14 @@ class Offloader:
         is small, not dense, or no pinned memory is to be had."""
         if x.numel() * x.element_size() < KEEP_ON_DEVICE_BYTES or not _dense(x):
             return _Item(kept=x)
-        buf = self._kept_buffers.get((key, slot))
-        if buf is None or (buf.shape, buf.stride(), buf.dtype) != (x.shape, x.stride(), x.dtype):
-            self._kept_buffers.pop((key, slot), None)
-            try:
-                buf = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, pin_memory=True)
-            except RuntimeError as e:  # host memory exhausted or pinning refused: stop keeping (GPU memory would grow)
-                log.warning("keeping the attention in host memory stopped: no pinned memory (%s)", str(e)[:200])
-                self.keeping = False
-                return _Item(kept=x)
-            self._kept_buffers[(key, slot)] = buf
-        copied = self._copy(buf, x, x.device)
+        buf = self._buffer((key, slot), x, self._kept_buffers)
+        if buf is None:  # stop keeping: the kept tensors would pile up on the GPU instead
+            log.warning("keeping the attention in host memory stopped: no pinned memory to be had")
+            self.keeping = False
+            return _Item(kept=x)
+        self._copy(buf, x, x.device)  # (the copy back runs on the same stream, after it)
         x.record_stream(self._copy_stream(x.device))
-        return _Item(host=buf, copied=copied, device=x.device)
+        return _Item(host=buf, device=x.device)
 
     def get(self, item: _Item) -> torch.Tensor:
         """item's tensor on its device, fetched if it is not yet (the current stream waits for it)."""
@@ -184,26 +180,30 @@ class Offloader:
             self._stream = torch.cuda.Stream(device)
         return self._stream
 
-    def _buffer(self, key: int, x: torch.Tensor) -> torch.Tensor | None:
-        buf = self._buffers.get(key)
+    def _buffer(self, key: Any, x: torch.Tensor, buffers: dict | None = None) -> torch.Tensor | None:
+        """A pinned host tensor with x's shape (and strides, when x is dense), in the buffer kept under key in
+        buffers (the checkpoints' by default), reused while it is large enough: batches of other shapes (chat data)
+        do not pin memory again. None when no pinned memory is to be had."""
+        buffers = self._buffers if buffers is None else buffers
+        buf = buffers.get(key)
         if buf is None or buf.dtype != x.dtype or buf.numel() < x.numel():
-            self._buffers.pop(key, None)
+            buffers.pop(key, None)
             try:
                 buf = torch.empty(x.numel(), dtype=x.dtype, pin_memory=True)
-            except RuntimeError:  # host memory exhausted or pinning refused: keep this checkpoint on the GPU
+            except RuntimeError:  # host memory exhausted or pinning refused
                 return None
-            self._buffers[key] = buf
-        return buf[: x.numel()].view(x.shape)
+            buffers[key] = buf
+        part = buf[: x.numel()]
+        return part.as_strided(x.shape, x.stride()) if _dense(x) else part.view(x.shape)
 
 
 @dataclass
 class _Item:
-    """One kept tensor: where it stays (kept), or its pinned host copy (host, copied) and, once fetched back, its
-    device copy (fetched, ready)."""
+    """One kept tensor: where it stays (kept), or its pinned host copy (host) and, once fetched back, its device copy
+    (fetched, ready)."""
 
     kept: torch.Tensor | None = None
     host: torch.Tensor | None = None
-    copied: torch.cuda.Event | None = None
     device: torch.device | None = None
     fetched: torch.Tensor | None = None
     ready: torch.cuda.Event | None = None
