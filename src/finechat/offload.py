@@ -232,7 +232,7 @@ class Kept:
     def record(self, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
         """fn(*inputs), with its graph and saved tensors kept for replay's backward (first pass)."""
         anchor = torch.empty(0, device=inputs[0].device, requires_grad=True)
-        with torch.enable_grad(), saved_tensors_hooks(self._pack, self._unpack):
+        with torch.enable_grad(), saved_tensors_hooks(self._pack, self.tensor):
             stand_ins = _Source.apply(anchor, *inputs)
             out = fn(*stand_ins)
         self._edges = (get_gradient_edge(out), [get_gradient_edge(t) for t in stand_ins])
@@ -269,6 +269,7 @@ class Kept:
         self.close()
 
     def tensor(self, slot: int) -> torch.Tensor:
+        """The kept tensor in slot, on its device (also the saved-tensor hooks' unpack)."""
         return self.offloader.get(self._items[slot])
 
     def named(self, name: str) -> torch.Tensor:
@@ -298,9 +299,6 @@ class Kept:
             self._slots[address] = slot
             self._sources.append(t)
         return slot
-
-    def _unpack(self, slot: int) -> torch.Tensor:
-        return self.tensor(slot)
 
 
 class _Source(torch.autograd.Function):
