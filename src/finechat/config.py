@@ -46,6 +46,12 @@ class TrainConfig:
     batch_size: int = _f(4, "sequences per device per micro-batch")
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
     max_seq_length: int = _f(512, "tokens per training sequence (text is packed into blocks of this length)")
+    packing: bool = _f(
+        False,
+        "pack chat records several to a row (TRL's best-fit-decreasing packing) instead of padding each batch to "
+        "its longest record; each record attends only to itself (on CUDA through flash attention's variable-length "
+        "kernel). Text is packed into blocks either way",
+    )
     max_train_docs: int = _f(0, "use at most this many training documents; 0 means all")
     max_eval_docs: int = _f(0, "use at most this many held-out documents; 0 means all")
     quantize: str = _f("nf4", "base weights: nf4 (QLoRA, bitsandbytes 4-bit) or none (full precision LoRA)")

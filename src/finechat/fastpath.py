@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finechat import kernels
+from finechat import kernels, packing
 from finechat.kernels import dropout as dropout_ops
 from finechat.kernels import lora_linear as lora_ops
 from finechat.kernels import nf4
@@ -33,6 +33,7 @@ from finechat.kernels.rope import apply_rope
 from finechat.kernels.swiglu import swiglu
 from finechat.layer_graphs import MAX_SHAPES, LayerGraphs
 from finechat.offload import Kept, Offloader, Passes, checkpoint
+from finechat.packing import Segments
 
 log = logging.getLogger(__name__)
 
@@ -239,10 +240,22 @@ class FastDecoderLayer(nn.Module):
         found = {name: lora_adapter(module) for name, module in self._projections()}
         dropout = any(f is not None and f[1].dropout > 0 for f in found.values())
         cos, sin = position_embeddings
+        # Packed records (finechat.packing): attention within each record, rotary tables at each token's position in
+        # its record. The trainer passes no position ids then, so transformers builds no mask.
+        segments: Segments | None = kwargs.get("segments")
+        if segments is not None:
+            attention_mask = None
+            cos, sin = segments.rotary(cos, sin)
         graphed = None
         if self.gradient_checkpointing and self._graphs.enabled:  # (the key costs host time: only when it is used)
             graphed = self._graphs.entry(
-                self.layer_index, hidden_states, cos, attention_mask, len(_ATTN + _MLP), self._graph_key(found)
+                self.layer_index,
+                hidden_states,
+                cos,
+                attention_mask,
+                len(_ATTN + _MLP),
+                self._graph_key(found),
+                segments,
             )
         seeds = None
         if dropout and graphed is not None:
@@ -255,11 +268,15 @@ class FastDecoderLayer(nn.Module):
             kept = self._offloader.kept(self.layer_index, hidden_states.device)
 
         def run(h: torch.Tensor) -> torch.Tensor:
-            return self._layer(h, cos, sin, attention_mask, seeds, found, kept=kept)
+            return self._layer(h, cos, sin, attention_mask, seeds, found, kept=kept, segments=segments)
 
         def again(h: torch.Tensor) -> torch.Tensor:  # the recompute: its result only carries gradients
             output = not ENABLED["skip_last_product"]
-            return self._layer(h, cos, sin, attention_mask, seeds, found, output, kept=kept, restore=True)
+            # a graphed layer's recompute reads the boundaries its forward graph read (LayerGraphs.forward)
+            bounds = graphed.segments if graphed is not None and segments is not None else segments
+            return self._layer(
+                h, cos, sin, attention_mask, seeds, found, output, kept=kept, restore=True, segments=bounds
+            )
 
         if not self.gradient_checkpointing:
             return run(hidden_states)
@@ -269,10 +286,11 @@ class FastDecoderLayer(nn.Module):
         entry, graphs = graphed, self._graphs
 
         def layer(h: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-            return self._layer(h, c, s, None, seeds, found)
+            # packed rows: the graph's own copy of the boundaries (LayerGraphs.forward fills it before each replay)
+            return self._layer(h, c, s, None, seeds, found, segments=entry.segments)
 
         def first(h: torch.Tensor, copied: torch.cuda.Event | None) -> torch.Tensor:
-            return graphs.forward(entry, layer, h, cos, sin, copied)
+            return graphs.forward(entry, layer, h, cos, sin, copied, segments)
 
         passes = Passes(first=first, again=again)
         if graphs.backward_enabled:
@@ -284,7 +302,8 @@ class FastDecoderLayer(nn.Module):
                 # leaves stand in for params (the same memory; see LayerGraphs.backward).
                 assert entry.cos is not None and entry.sin is not None
                 output = not ENABLED["skip_last_product"]
-                return self._layer(h, entry.cos, entry.sin, None, seeds, _with_leaves(found, params, leaves), output)
+                leaves_found = _with_leaves(found, params, leaves)
+                return self._layer(h, entry.cos, entry.sin, None, seeds, leaves_found, output, segments=entry.segments)
 
             def backward(h: torch.Tensor, grad: torch.Tensor) -> Any:
                 return graphs.backward(entry, recompute, params, h, grad)
@@ -334,6 +353,7 @@ class FastDecoderLayer(nn.Module):
         output: bool = True,
         kept: Kept | None = None,
         restore: bool = False,
+        segments: Segments | None = None,
     ) -> torch.Tensor:
         """The layer on h. output=False (the recompute in backward, whose result is never read, only differentiated):
         the down projection skips its weight's decoding and GEMM (lora_linear's output=False), the last GEMM of
@@ -343,7 +363,9 @@ class FastDecoderLayer(nn.Module):
         embedding and attention as a graph (Kept.record) and the hidden state after attention; the recompute
         (restore=True) then skips the q, k, v and o products (their adapters' parts still run: their backward
         needs them), the rotary embedding and the attention, and takes the kept values instead. Same gradients: the
-        kept graph's backward is the one the recompute would have built, on the same values."""
+        kept graph's backward is the one the recompute would have built, on the same values.
+
+        segments (packed records, batch 1): attention within each record (finechat.packing.attention)."""
         attn: Any = self.self_attn
         mlp: Any = self.mlp
         batch, seq, _ = h.shape
@@ -389,6 +411,8 @@ class FastDecoderLayer(nn.Module):
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             q, k = apply_rope(q, k, cos.to(q.dtype), sin.to(q.dtype))
+            if segments is not None:
+                return packing.attention(q, k, v, segments, self._scaling, self._kv_groups)
             return _attention(q, k, v, mask, self._scaling, self._kv_groups)
 
         # Autocast off: every tensor here is already in the model dtype, so this is the arithmetic autocast would pick,
@@ -461,17 +485,24 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList | None:
 
 
 def causal_lm_loss(
-    model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    segments: Segments | None = None,
 ) -> torch.Tensor:
     """Mean next-token cross-entropy without materializing the [tokens, vocab] logits.
 
     The same computation SFTTrainer runs in `finechat train` (TRL's fused LM head: chunked log-probabilities through
-    the head weight), called directly on the backbone's hidden states."""
+    the head weight), called directly on the backbone's hidden states. segments: the records of a packed row
+    (finechat.packing; their first tokens' labels must be -100, as TRL's collator sets them)."""
     from trl.kernels import ChunkedLogProbFunction
 
     base = _base(model)
     backbone = getattr(base, base.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]
+    extra = {} if segments is None else {"segments": segments}
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).last_hidden_state
+    hidden = hidden[:, :-1]
     targets = labels[:, 1:].reshape(-1)
     valid = targets != -100
     head = base.get_output_embeddings()

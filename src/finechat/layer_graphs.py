@@ -44,6 +44,8 @@ from typing import Any
 
 import torch
 
+from finechat.packing import Segments
+
 log = logging.getLogger(__name__)
 
 # shapes whose graphs are kept: packed text has one (the last partial batch a second); chat data padded to multiples
@@ -73,6 +75,7 @@ class Entry:
     backward_calls: int = 0
     backward_graph: Any = None
     grads: list[torch.Tensor] = field(default_factory=list)  # the backward graph's parameter gradients
+    segments: Segments | None = None  # packed rows: the graph's boundaries buffer and length bound (forward fills it)
 
 
 @dataclass
@@ -89,22 +92,32 @@ class LayerGraphs:
     _views: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)  # shape -> ring slots, h, g, dh
     _arena: torch.Tensor | None = None  # the latest (largest) memory the views are made in
     _rotary: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # shape -> cos, sin
+    _bounds: dict[tuple, Segments] = field(default_factory=dict)  # shape -> packed rows' boundaries buffer
     _grads: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)  # a layer's parameter-gradient buffers
     _pool: Any = None  # the memory pool of every graph
     _busy: dict[int, torch.cuda.Event] = field(default_factory=dict)  # ring slot address -> copy reading it
     _stream: torch.cuda.Stream | None = None
 
     def entry(
-        self, index: int, hidden: torch.Tensor, cos: torch.Tensor, mask: torch.Tensor | None, seeds: int, key: tuple
+        self,
+        index: int,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        mask: torch.Tensor | None,
+        seeds: int,
+        key: tuple,
+        segments: Segments | None = None,
     ) -> Entry | None:
         """The entry of layer index for this call, or None when the call runs eagerly (CPU, an attention mask,
-        too many tokens, graphs off). key names what else the graph depends on (adapters, kernel switches)."""
+        too many tokens, graphs off). key names what else the graph depends on (adapters, kernel switches).
+        segments (packed rows): their bucket (Segments.bucket) is part of the shape."""
         tokens = hidden.numel() // hidden.shape[-1]
         if not (self.enabled and not self.failed and self._graphable(hidden) and mask is None):
             return None
         if tokens > self.max_tokens:
             return None
-        shape = (tuple(hidden.shape), hidden.dtype, hidden.device, tuple(cos.shape), cos.dtype)
+        bucket = None if segments is None else segments.bucket()
+        shape = (tuple(hidden.shape), hidden.dtype, hidden.device, tuple(cos.shape), cos.dtype, bucket)
         entry = self._entries.get((index, shape))
         if entry is None or entry.key != key:
             if not self._make_room(shape):
@@ -125,10 +138,15 @@ class LayerGraphs:
         cos: torch.Tensor,
         sin: torch.Tensor,
         reading: torch.cuda.Event | None = None,
+        segments: Segments | None = None,
     ) -> torch.Tensor:
         """fn(hidden, cos, sin) without autograd, through entry's graph once it is captured. reading: the event of
-        the (offload) copy that reads hidden, which must be done before hidden's buffer is written again."""
+        the (offload) copy that reads hidden, which must be done before hidden's buffer is written again.
+        segments (packed rows): copied into the shape's boundaries buffer, entry.segments, which fn reads (in the
+        graph and in the eager calls before it, so that both compute alike)."""
         entry.calls += 1
+        if segments is not None:
+            entry.segments = self._fill_bounds(entry.shape, segments, hidden)
         if entry.graph is None and (entry.calls < 2 or self.failed):
             return fn(hidden, cos, sin)
         h_in, h_out = self._slots(entry, hidden)
@@ -196,6 +214,7 @@ class LayerGraphs:
         self._views.clear()
         self._arena = None
         self._rotary.clear()
+        self._bounds.clear()
         self._grads.clear()
         self._pool = None
         self._busy.clear()
@@ -207,6 +226,20 @@ class LayerGraphs:
     def captured_backward(self) -> int:
         """How many layer backward graphs are captured."""
         return sum(entry.backward_graph is not None for entry in self._entries.values())
+
+    def _fill_bounds(self, shape: tuple, segments: Segments, hidden: torch.Tensor) -> Segments:
+        """shape's boundaries buffer (one per shape, shared by its layers, like the rotary tables) holding segments'
+        boundaries, padded with empty segments at the row's end to the bucket's capacity; its length bound is the
+        bucket's. The flash kernel's grid is sized by these, and skips the empty segments' blocks."""
+        capacity, bound = shape[-1]
+        kept = self._bounds.get(shape)
+        if kept is None:
+            cu = torch.empty(capacity + 1, dtype=torch.int32, device=hidden.device)
+            kept = self._bounds[shape] = Segments(cu=cu, longest=bound)
+        n = segments.cu.numel()
+        kept.cu[:n].copy_(segments.cu)
+        kept.cu[n:].fill_(hidden.numel() // hidden.shape[-1])
+        return kept
 
     def _slots(self, entry: Entry, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The ring buffers entry's layer reads and writes."""
@@ -258,6 +291,7 @@ class LayerGraphs:
         self._entries = {k: e for k, e in self._entries.items() if k[1] != oldest}
         self._views.pop(oldest, None)  # (its slots' pending copies stay waited for: other shapes share the addresses)
         self._rotary.pop(oldest, None)
+        self._bounds.pop(oldest, None)
         return True
 
     def _capture_backward(self, entry: Entry, fn: RecomputeFn, params: tuple[torch.Tensor, ...]) -> None:

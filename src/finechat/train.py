@@ -165,12 +165,20 @@ def _frozen_heap() -> Iterator[None]:
 PAD_MULTIPLE = 64
 
 
-def pad_multiple(max_seq_length: int, on_gpu: bool) -> int | None:
+def pad_multiple(max_seq_length: int, on_gpu: bool, packed: bool = False) -> int | None:
     """What batches are padded to a multiple of: on a GPU, PAD_MULTIPLE where max_seq_length is one, so that chat
     data of every length makes at most max_seq_length / 64 batch shapes. A batch of a new shape compiles kernel
     variants and plans attention in its first step (a 3.9-4.3 s step on an H200, from text's short last block:
-    docs/benchmarks.md, multi-GPU rounds 4-7); the cost per new chat length was not measured."""
-    return PAD_MULTIPLE if on_gpu and max_seq_length % PAD_MULTIPLE == 0 else None
+    docs/benchmarks.md, multi-GPU rounds 4-7); the cost per new chat length was not measured.
+
+    Packed (a batch is one flattened row of packed rows, each nearly max_seq_length long): max_seq_length, so that a
+    batch is one row of batch size x max_seq_length tokens unless its rows leave a whole row's worth of room, and
+    the layer graphs see one or two shapes."""
+    if not on_gpu:
+        return None
+    if packed:
+        return max_seq_length
+    return PAD_MULTIPLE if max_seq_length % PAD_MULTIPLE == 0 else None
 
 
 def _build_trainer(
@@ -234,8 +242,11 @@ def _build_trainer(
         gradient_checkpointing_kwargs=distributed.gradient_checkpointing_kwargs(plan),
         bf16=bf16,
         max_length=config.max_seq_length,
-        packing=False,  # data.tokenize already packs text into full blocks
-        pad_to_multiple_of=pad_multiple(config.max_seq_length, on_gpu),
+        # data.tokenize already packs text into full blocks; --packing packs chat records into rows too, and each
+        # batch comes as one flattened row (padding-free, finechat.packing)
+        packing=config.packing,
+        packing_strategy="bfd",
+        pad_to_multiple_of=pad_multiple(config.max_seq_length, on_gpu, config.packing),
         logging_steps=config.logging_steps,
         eval_strategy="steps" if eval_ds is not None else "no",
         eval_steps=config.eval_steps or None,
@@ -269,6 +280,8 @@ def _build_trainer(
         offload_saved=fsdp and config.offload_activations and config.gradient_checkpointing,
         # Chat records come right-padded: on the fast path their batches train without the padding mask.
         causal_padding=fast and fastpath.padding_is_causal(model, config.max_seq_length),
+        # Packed records reach the fast layers as finechat.packing.Segments (attention within each record).
+        packed_segments=fast,
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)

@@ -13,6 +13,8 @@ from packaging.version import Version
 from torch import nn
 from trl import SFTTrainer
 
+from finechat import packing
+
 log = logging.getLogger(__name__)
 
 # The TRL release whose SFTTrainer.compute_loss Trainer.compute_loss reproduces. Under another one the Trainer leaves
@@ -43,9 +45,18 @@ class Trainer(SFTTrainer):
         keep_dtypes: bool = True,
         offload_saved: bool = False,
         causal_padding: bool = False,
+        packed_segments: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        # With --packing TRL's collator flattens each batch into one row of records (padding-free). The padding at
+        # the row's end becomes one record (finechat.packing.PackedBatches). With packed_segments (the fast path)
+        # the training forward gets the records as a packing.Segments instead of position ids: the fast layers
+        # attend within each record, and transformers builds no block-diagonal mask (which costs a host wait and a
+        # tokens x tokens mask per step). Elsewhere the position ids go to the model and transformers masks.
+        if self.padding_free:
+            self.data_collator = packing.PackedBatches(self.data_collator)
+        self.packed_segments = packed_segments
         # TRL's collator pads on the right. With causal_padding (finechat.fastpath.padding_is_causal) the training
         # forward gets the batch without its attention mask: the real tokens attend as with it, and the fast path
         # runs such batches as it runs packed text (flash attention, CUDA graphs). The mask still counts the tokens.
@@ -86,7 +97,11 @@ class Trainer(SFTTrainer):
         # TRL 1.16's loss for this case (trl/trainer/sft_trainer.py, SFTTrainer.compute_loss), operation for operation.
         inputs["use_cache"] = False
         forward = inputs
-        if self.causal_padding and inputs.get("attention_mask") is not None:
+        segments = packing.Segments.of(inputs) if self.packed_segments else None
+        if segments is not None:
+            forward = {k: v for k, v in inputs.items() if k not in packing.KEYS}
+            forward["segments"] = segments
+        elif self.causal_padding and inputs.get("attention_mask") is not None:
             # position_ids too: without a mask transformers reads restarts in them as packed documents (the pads are
             # 0s); the default positions are the real tokens' own, 0 to n-1.
             forward = {k: v for k, v in inputs.items() if k not in ("attention_mask", "position_ids")}
@@ -140,15 +155,18 @@ class Trainer(SFTTrainer):
 
     def _track_num_input_tokens(self, inputs):
         # The Trainer gathers this count and reads it on the host every micro-step; keep it on the device instead.
-        # Other counting modes than non_padding (finechat's) are left to the Trainer.
+        # Other counting modes than non_padding (finechat's) are left to the Trainer, which counts as here: the
+        # attention mask's ones, or (padding-free batches) the tokens other than the pad token.
+        name = getattr(self.model, "main_input_name", "input_ids")
+        pad = getattr(self.processing_class, "pad_token_id", None)
         if not (
             self.defer_metrics
             and self.args.include_num_input_tokens_seen == "non_padding"
-            and getattr(self.model, "main_input_name", "input_ids") in inputs
-            and "attention_mask" in inputs
+            and name in inputs
+            and ("attention_mask" in inputs or pad is not None)
         ):
             return super()._track_num_input_tokens(inputs)
-        tokens = inputs["attention_mask"].sum()
+        tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else (inputs[name] != pad).sum()
         self._kept_input_tokens.append(tokens.to(self.args.device, torch.float64))
 
     def reduce_metrics(self) -> None:
