@@ -61,12 +61,19 @@ tail -n 25 "$OUT/bench.log"
 fi
 
 # Chat records padded against packed (`finechat train --packing`; PACKING=0 skips it): the same 256 records of
-# 32 to 1,024 tokens, their own tokens per second (benchmarks/probes/packing.py; about 1.5 minutes).
+# 32 to 1,024 tokens, their own tokens per second (benchmarks/probes/packing.py; about 1.5 minutes), then
+# through `finechat train`.
 if [ "${PACKING:-1}" = 1 ]; then
   timeout "${PACKING_TIMEOUT:-200}" python3 benchmarks/probes/packing.py "$OUT/train-packing.json" \
     > "$OUT/packing.log" 2>&1
   echo "packing probe exit status $?"
   grep -E '^\{|packed over|Error' "$OUT/packing.log" | cut -c1-600
+  # the same comparison through `finechat train` itself, 80 steps each (benchmarks/probes/packing_train.py; about 3
+  # minutes with the 7B model's load)
+  timeout "${PACKING_TIMEOUT:-300}" python3 benchmarks/probes/packing_train.py "$OUT/train-packing-trainer.json" \
+    > "$OUT/packing-trainer.log" 2>&1
+  echo "packing trainer probe exit status $?"
+  grep -E '^\{|packed over|Error' "$OUT/packing-trainer.log" | cut -c1-2500
 fi
 
 # Chat data of many lengths (CHAT=0 skips it): batches of 16 padded lengths in shuffled order, with the layer graphs
