@@ -266,6 +266,9 @@ def _build_trainer(
         dataloader_num_workers=0,
         **distributed.trainer_kwargs(plan, on_gpu),
     )
+    # Chat records without their padding mask, and packed records as Segments, both on the fast path, where plain
+    # causal attention is what the mask would give: not under a sliding window shorter than the rows.
+    causal = fast and fastpath.padding_is_causal(model, config.max_seq_length)
     trainer = Trainer(
         model=model,
         args=args,
@@ -278,10 +281,8 @@ def _build_trainer(
         keep_dtypes=not fsdp,  # --resume gives back a bf16 adapter in bf16 (finechat.trainer)
         # FSDP runs the plain layers, checkpointed reentrantly: their saved inputs can wait in host memory too.
         offload_saved=fsdp and config.offload_activations and config.gradient_checkpointing,
-        # Chat records come right-padded: on the fast path their batches train without the padding mask.
-        causal_padding=fast and fastpath.padding_is_causal(model, config.max_seq_length),
-        # Packed records reach the fast layers as finechat.packing.Segments (attention within each record).
-        packed_segments=fast,
+        causal_padding=causal,
+        packed_segments=causal,  # (finechat.packing: attention within each record)
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
