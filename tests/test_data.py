@@ -26,12 +26,21 @@ def test_jsonl_formats(tmp_path):
         {"text": "plain"},
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
         {"instruction": "Add", "input": "1+1", "output": "2"},
+        {
+            "conversations": [
+                {"from": "system", "value": "Be brief."},
+                {"from": "human", "value": "hi"},
+                {"from": "gpt", "value": "yo"},
+            ]
+        },
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     records = data.load_corpus(str(path)).records
     assert records[0].text == "plain"
     assert records[1].messages[1] == {"role": "assistant", "content": "hello"}
     assert records[2].messages == [{"role": "user", "content": "Add\n\n1+1"}, {"role": "assistant", "content": "2"}]
+    assert [m["role"] for m in records[3].messages] == ["system", "user", "assistant"]  # ShareGPT's speakers
+    assert records[3].messages[2]["content"] == "yo"
 
 
 def test_json_and_parquet(tmp_path):
@@ -50,8 +59,13 @@ def test_json_and_parquet(tmp_path):
         ('{"text": "ok"}\n{"text": broken}\n', r"d.jsonl:2: not valid JSON"),
         ("", r"no usable records"),
         ('{"text": "   "}\n', r"no usable records"),
-        ('{"prompt": "x"}\n', r"d.jsonl:1: no text, messages or instruction/output field \(has prompt\)"),
+        (
+            '{"prompt": "x"}\n',
+            r"d.jsonl:1: no text, messages, conversations or instruction/output field \(has prompt\)",
+        ),
         ('{"messages": [{"role": "wizard", "content": "x"}]}\n', r"unknown role 'wizard'"),
+        ('{"conversations": [{"from": "tool", "value": "x"}]}\n', r"d.jsonl:1: unknown from 'tool'; use system, human"),
+        ('{"conversations": [{"from": "human", "value": "x"}]}\n', r"needs at least one assistant message"),
     ],
 )
 def test_bad_files_name_file_and_line(tmp_path, content, message):

@@ -141,20 +141,19 @@ def _load_hub(spec: str, flag: str) -> Corpus:
     return Corpus(_nonempty(records_of("train"), spec, flag), records_of(heldout_split) if heldout_split else None)
 
 
+# ShareGPT's speakers ("conversations": [{"from": ..., "value": ...}]) as chat roles
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
 def _record(obj: Any, where: str, flag: str) -> Record:
-    """One JSON object as a Record: text, messages (chat) or instruction/input/output (alpaca)."""
+    """One JSON object as a Record: text, messages (chat), conversations (ShareGPT) or instruction/input/output
+    (alpaca)."""
     if not isinstance(obj, dict):
-        raise UserError(f"{flag} {where}: expected an object with text, messages, or instruction/output")
+        raise UserError(f"{flag} {where}: expected an object with text, messages, conversations or instruction/output")
     if isinstance(obj.get("messages"), list):
-        messages = obj["messages"]
-        for m in messages:
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise UserError(f"{flag} {where}: each message needs string 'role' and 'content'")
-            if m["role"] not in ("system", "user", "assistant"):
-                raise UserError(f"{flag} {where}: unknown role {m['role']!r}; use system, user or assistant")
-        if not any(m["role"] == "assistant" for m in messages):
-            raise UserError(f"{flag} {where}: a chat record needs at least one assistant message to train on")
-        return Record(messages=[{"role": m["role"], "content": m["content"]} for m in messages])
+        return _chat(obj["messages"], "role", "content", {r: r for r in ("system", "user", "assistant")}, where, flag)
+    if isinstance(obj.get("conversations"), list):
+        return _chat(obj["conversations"], "from", "value", SHAREGPT_ROLES, where, flag)
     if "instruction" in obj and "output" in obj:
         prompt = str(obj["instruction"])
         if obj.get("input"):
@@ -165,7 +164,22 @@ def _record(obj: Any, where: str, flag: str) -> Record:
     if isinstance(obj.get("text"), str):
         return Record(text=obj["text"])
     keys = ", ".join(sorted(obj)) or "none"
-    raise UserError(f"{flag} {where}: no text, messages or instruction/output field (has {keys})")
+    raise UserError(f"{flag} {where}: no text, messages, conversations or instruction/output field (has {keys})")
+
+
+def _chat(turns: list[Any], role: str, content: str, roles: dict[str, str], where: str, flag: str) -> Record:
+    """A chat record from turns of {role: ..., content: ...} (the key names and the role names as the format has
+    them; roles maps them to system, user and assistant)."""
+    messages = []
+    for turn in turns:
+        if not (isinstance(turn, dict) and isinstance(turn.get(role), str) and isinstance(turn.get(content), str)):
+            raise UserError(f"{flag} {where}: each message needs string {role!r} and {content!r}")
+        if turn[role] not in roles:
+            raise UserError(f"{flag} {where}: unknown {role} {turn[role]!r}; use {', '.join(roles)}")
+        messages.append({"role": roles[turn[role]], "content": turn[content]})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError(f"{flag} {where}: a chat record needs at least one assistant message to train on")
+    return Record(messages=messages)
 
 
 def _nonempty(records: list[Record], spec: str, flag: str) -> list[Record]:
