@@ -150,3 +150,5 @@ def test_batches_pad_to_few_shapes_on_gpu_only():
     assert pad_multiple(1024, on_gpu=True) == 64 and pad_multiple(2048, on_gpu=True) == 64
     assert pad_multiple(1000, on_gpu=True) is None  # padding to 1,024 would pass the limit
     assert pad_multiple(1024, on_gpu=False) is None  # nothing compiles per shape on the CPU
+    # packed: a batch's flattened row pads to whole rows, one or two shapes a run
+    assert pad_multiple(1000, on_gpu=True, packed=True) == 1000 and pad_multiple(1000, False, packed=True) is None
