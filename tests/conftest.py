@@ -27,6 +27,20 @@ def wiki_texts(n: int) -> list[str]:
     return [a["extract"] for a in list(articles.values())[:n]]
 
 
+def write_chats(path: Path, n: int) -> Path:
+    """n chat records of many lengths (every few records another one) made of real Wikipedia text."""
+    with path.open("w") as f:
+        for i, text in enumerate(wiki_texts(n)):
+            words = text.split()
+            ask, answer = 4 + 7 * i % 40, 3 + 11 * i % 60
+            messages = [
+                {"role": "user", "content": " ".join(words[:ask])},
+                {"role": "assistant", "content": " ".join(words[ask : ask + answer]) or "yes"},
+            ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
 def build_tokenizer(folder: Path):
     """A 512-token byte-level BPE with ChatML special tokens and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -172,6 +186,23 @@ def text_file(tmp_path_factory) -> Path:
         lines += [f" = Article {i} = ", "", f" {text} ", ""]
     path.write_text("\n".join(lines))
     return path
+
+
+@pytest.fixture
+def captured_shapes(monkeypatch) -> list[tuple]:
+    """The shapes of the layer graphs captured while the test runs (instrumentation only: each capture runs as it
+    is)."""
+    from finechat import layer_graphs
+
+    captured: list[tuple] = []
+    record = layer_graphs.LayerGraphs._record
+
+    def spy(self, work, shape, device):
+        captured.append(shape)
+        return record(self, work, shape, device)
+
+    monkeypatch.setattr(layer_graphs.LayerGraphs, "_record", spy)
+    return captured
 
 
 @pytest.fixture(autouse=True)

@@ -465,34 +465,15 @@ def test_right_padded_batches_graph_and_train_as_their_real_tokens_on_gpu(deep_m
 
 
 @pytest.mark.gpu
-def test_finechat_train_graphs_chat_batches_of_many_lengths_on_gpu(tiny_mistral_dir, tmp_path, monkeypatch):
+def test_finechat_train_graphs_chat_batches_of_many_lengths_on_gpu(tiny_mistral_dir, tmp_path, captured_shapes):
     """`finechat train` on chat records of many lengths: the batches come padded to several shapes (multiples of 64
     tokens), train without their padding mask, and are graphed, several shapes at once; the run gives the loss of
     the same run without graphs."""
-    import json
-
-    from conftest import tiny_config, wiki_texts
-    from finechat import layer_graphs
+    from conftest import tiny_config, write_chats
     from finechat.train import train
 
-    chats = tmp_path / "chats.jsonl"
-    with chats.open("w") as f:
-        for i, text in enumerate(wiki_texts(60)):
-            words = text.split()
-            ask, answer = 4 + 7 * i % 40, 3 + 11 * i % 60  # every few records another padded length
-            messages = [
-                {"role": "user", "content": " ".join(words[:ask])},
-                {"role": "assistant", "content": " ".join(words[ask : ask + answer]) or "yes"},
-            ]
-            f.write(json.dumps({"messages": messages}) + "\n")
-    captured: list[tuple] = []
-    record = layer_graphs.LayerGraphs._record
-
-    def spy(self, work, shape, device):  # instrumentation only: the capture itself runs as it is
-        captured.append(shape)
-        return record(self, work, shape, device)
-
-    monkeypatch.setattr(layer_graphs.LayerGraphs, "_record", spy)
+    chats = write_chats(tmp_path / "chats.jsonl", 60)
+    captured = captured_shapes
     losses = {}
     for graphs in (True, False):
         run = tmp_path / f"graphs{graphs}"

@@ -2,12 +2,10 @@
 path's attention within each record against transformers' own block-diagonal mask (CPU in float32; CUDA in bf16
 with NF4 weights, graphed and with the kept attention), and `finechat train --packing`."""
 
-import json
-
 import pytest
 import torch
 
-from finechat import fastpath, layer_graphs, packing
+from finechat import fastpath, packing
 from test_fastpath import GPU_RUN, build, grad_error
 
 RECORDS = (13, 20, 9)  # a packed row's records; the row is padded to 48 tokens
@@ -97,27 +95,11 @@ def test_a_packed_row_trains_as_transformers_masked_row(tiny_mistral_dir, checkp
     assert not torch.equal(other[0][:, 13:], row[0][:, 13:])
 
 
-def write_chats(path, n):
-    """n chat records of many lengths made of real Wikipedia text."""
-    from conftest import wiki_texts
-
-    with path.open("w") as f:
-        for i, text in enumerate(wiki_texts(n)):
-            words = text.split()
-            ask, answer = 4 + 7 * i % 40, 3 + 11 * i % 60
-            messages = [
-                {"role": "user", "content": " ".join(words[:ask])},
-                {"role": "assistant", "content": " ".join(words[ask : ask + answer]) or "yes"},
-            ]
-            f.write(json.dumps({"messages": messages}) + "\n")
-    return path
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run (the GPU one is below)")
 def test_finechat_train_packing_on_cpu(tiny_model_dir, tmp_path):
     """`finechat train --packing` on chat records: fewer steps for the same epoch (several records a row), a
     finite loss, the setting saved with the run."""
-    from conftest import tiny_config
+    from conftest import tiny_config, write_chats
     from finechat.config import load_config
     from finechat.train import train
 
@@ -180,21 +162,14 @@ def test_packed_rows_graph_and_train_as_their_records_on_gpu(tmp_path):
 
 
 @pytest.mark.gpu
-def test_finechat_train_packing_graphs_its_rows_on_gpu(tiny_mistral_dir, tmp_path, monkeypatch):
+def test_finechat_train_packing_graphs_its_rows_on_gpu(tiny_mistral_dir, tmp_path, captured_shapes):
     """`finechat train --packing` on chat records on the GPU: the flattened rows are graphed at their bucket, and
     the run gives the loss of the same run without graphs."""
-    from conftest import tiny_config
+    from conftest import tiny_config, write_chats
     from finechat.train import train
 
     chats = write_chats(tmp_path / "chats.jsonl", 80)
-    captured: list[tuple] = []
-    record = layer_graphs.LayerGraphs._record
-
-    def spy(self, work, shape, device):  # instrumentation only: the capture itself runs as it is
-        captured.append(shape)
-        return record(self, work, shape, device)
-
-    monkeypatch.setattr(layer_graphs.LayerGraphs, "_record", spy)
+    captured = captured_shapes
     losses = {}
     for graphs in (True, False):
         run = tmp_path / f"graphs{graphs}"

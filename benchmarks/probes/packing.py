@@ -131,9 +131,16 @@ def main() -> None:
         }
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
+    report(result)
+
+
+def report(result: dict) -> None:
+    """The packed row's records' tokens/s over the padded row's, printed and added to result; result written to the
+    path given on the command line (benchmarks/probes/packing_train.py reports through this too)."""
     padded, packed = result["rows"]
-    result["packed_over_padded"] = round(packed["record_tok_s"] / padded["record_tok_s"], 3)
-    print("packed over padded, records' tokens/s:", result["packed_over_padded"], flush=True)
+    if padded["record_tok_s"] and packed["record_tok_s"]:
+        result["packed_over_padded"] = round(packed["record_tok_s"] / padded["record_tok_s"], 3)
+        print("packed over padded, records' tokens/s:", result["packed_over_padded"], flush=True)
     if len(sys.argv) > 1:
         with open(sys.argv[1], "w") as f:
             json.dump(result, f, indent=1)

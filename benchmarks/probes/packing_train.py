@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
+from packing import report  # the step-loop probe beside this file (the script's folder is on sys.path)
 
 from finechat import runs
 from finechat.bench import multigpu
@@ -68,13 +69,7 @@ def main() -> None:
             row["log_tail"] = log.read_text()[-2000:]
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
-    padded, packed = result["rows"]
-    if padded["record_tok_s"] and packed["record_tok_s"]:
-        result["packed_over_padded"] = round(packed["record_tok_s"] / padded["record_tok_s"], 3)
-        print("packed over padded, records' tokens/s:", result["packed_over_padded"], flush=True)
-    if len(sys.argv) > 1:
-        with open(sys.argv[1], "w") as f:
-            json.dump(result, f, indent=1)
+    report(result)
 
 
 if __name__ == "__main__":
