@@ -56,14 +56,32 @@ def test_train_eval_merge_generate(tmp_path, capsys):
     before = json.loads(capsys.readouterr().out)
     assert after["tokens"] == before["tokens"] > 0 and after["perplexity"] != before["perplexity"]
 
-    assert main(["merge", "--adapter", str(run), "--output", str(merged)]) == 0
-    capsys.readouterr()
+    assert main(["merge", "--adapter", str(run), "--output", str(merged), "--gguf"]) == 0
+    assert f"GGUF file: {merged / 'merged-f16.gguf'}" in capsys.readouterr().out
+    check_gguf(merged, "merged-f16.gguf")
     assert (
         main(["generate", "--model", str(merged), "--prompt", "What is the capital of France?", "--length", "short"])
         == 0
     )
     reply = capsys.readouterr().out.strip()
     assert "Paris" in reply and re.search(r"[.!?][\"')\]]*$", reply), reply
+
+
+def check_gguf(folder, name):
+    """The merged SmolLM2 as GGUF, read by transformers' own GGUF reader: the merged folder's logits (float16
+    rounding) and, with the tokenizer copied from the shipped GGUF, its tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    tokenizer, from_gguf = AutoTokenizer.from_pretrained(folder), AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    assert from_gguf(text)["input_ids"] == ids[0].tolist()
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)(input_ids=ids).logits
+    assert (got - want).abs().max() < 2e-2 * want.abs().max()
+    assert got[0, -1].argmax() == want[0, -1].argmax()
 
 
 @pytest.mark.parametrize("budget", [40, 100])

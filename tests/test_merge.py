@@ -42,3 +42,37 @@ def test_merge_refuses_existing_output_and_non_runs(run_dir, tiny_model_dir, tmp
     assert (taken / "keep.txt").read_text() == "mine"
     with pytest.raises(UserError, match="not a finechat run folder"):
         merge(str(tiny_model_dir), str(tmp_path / "x"))
+
+
+@pytest.mark.parametrize("gguf_type,tolerance", [("f32", 1e-4), ("f16", 2e-2), ("q8_0", 0.2)])
+def test_gguf_file_loads_in_transformers_with_the_merged_logits(run_dir, tmp_path, gguf_type, tolerance):
+    """--gguf writes the merged model as GGUF; transformers' own GGUF reader (independent of finechat's writer: it
+    undoes the q/k row order and rebuilds the tokenizer) gives the merged folder's logits and tokens."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = merge(str(run_dir), str(tmp_path / "merged"), gguf=True, gguf_type=gguf_type)
+    name = f"merged-{gguf_type}.gguf"
+    assert (out / name).is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    from_gguf = AutoModelForCausalLM.from_pretrained(out, gguf_file=name, dtype=torch.float32)
+    ids = torch.randint(0, 500, (2, 32))
+    with torch.no_grad():
+        want, got = merged(input_ids=ids).logits, from_gguf(input_ids=ids).logits
+    assert (got - want).abs().max() < tolerance * want.abs().max()
+    if gguf_type == "f32":
+        text = "<|im_start|>user\nThe history of Paris, France.<|im_end|>"
+        tokenizer, gguf_tokenizer = (
+            AutoTokenizer.from_pretrained(out),
+            AutoTokenizer.from_pretrained(out, gguf_file=name),
+        )
+        assert gguf_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+        fields = gguf.GGUFReader(out / name).fields  # (transformers' reader leaves the template out)
+        assert fields["tokenizer.chat_template"].contents() == tokenizer.chat_template
+        assert fields["general.architecture"].contents() == "llama"
+
+
+def test_gguf_refuses_what_it_cannot_write(run_dir, tmp_path):
+    with pytest.raises(UserError, match="--gguf-type q2: use one of f16, bf16, q8_0, f32"):
+        merge(str(run_dir), str(tmp_path / "m"), gguf=True, gguf_type="q2")
+    assert not (tmp_path / "m").exists()

@@ -101,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model (default: the base recorded in the run folder)")
     p.add_argument("--output", required=True, help="folder for the merged model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing merged folder")
+    p.add_argument(
+        "--gguf",
+        action="store_true",
+        help="also write the merged model as one GGUF file in the folder (llama.cpp, Ollama, LM Studio)",
+    )
+    p.add_argument(
+        "--gguf-type", default="f16", help="what the GGUF file's matrices are stored as: f16, bf16, q8_0, f32"
+    )
     p.add_argument("--push-to-hub", help="Hub repo id to upload the merged model to")
 
     p = sub.add_parser("generate", help="one reply to one prompt (reply on stdout)")
@@ -300,8 +308,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from finechat.merge import merge
 
-    out = merge(args.adapter, args.output, model_spec=args.model, overwrite=args.overwrite)
+    out = merge(
+        args.adapter,
+        args.output,
+        model_spec=args.model,
+        overwrite=args.overwrite,
+        gguf=args.gguf,
+        gguf_type=args.gguf_type,
+    )
     print(f"merged model written to {out}")
+    if args.gguf:
+        print(f"GGUF file: {out / f'{out.name}-{args.gguf_type}.gguf'}")
     if args.push_to_hub:
         from finechat.hub import push
 

@@ -1,4 +1,5 @@
-"""`finechat merge`: fold a run's LoRA adapter into the full-precision base and save a plain HF model folder."""
+"""`finechat merge`: fold a run's LoRA adapter into the full-precision base and save a plain HF model folder (and,
+with --gguf, the same model as one GGUF file inside it: finechat.gguf_export)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,23 @@ from finechat import models
 from finechat.errors import UserError
 
 
-def merge(adapter: str, output: str, model_spec: str | None = None, overwrite: bool = False) -> Path:
-    """Merge adapter (a run folder) into its base and write safetensors that AutoModelForCausalLM loads.
+def merge(
+    adapter: str,
+    output: str,
+    model_spec: str | None = None,
+    overwrite: bool = False,
+    gguf: bool = False,
+    gguf_type: str = "f16",
+) -> Path:
+    """Merge adapter (a run folder) into its base and write safetensors that AutoModelForCausalLM loads; with gguf,
+    also <output name>-<gguf_type>.gguf in the folder.
 
     Always into full-precision weights: merging into the 4-bit base and re-quantizing erases a small update
     (measured: perplexity went back to the base value)."""
+    from finechat import gguf_export
+
+    if gguf and gguf_type not in gguf_export.TYPES:
+        raise UserError(f"--gguf-type {gguf_type}: use one of {', '.join(gguf_export.TYPES)}")
     run = Path(adapter)
     if not models.is_run_dir(run):
         raise UserError(f"--adapter {adapter}: not a finechat run folder (needs adapter_config.json and finechat.json)")
@@ -30,14 +43,19 @@ def merge(adapter: str, output: str, model_spec: str | None = None, overwrite: b
     base = models.load_base(ref.path, quantize="none", compute_dtype="native")
     merged = models.load_adapter(base, run).merge_and_unload()
     tokenizer = models.load_tokenizer(str(run))
+    if gguf:
+        gguf_export.check(merged.config.model_type, gguf_type)
 
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    (tmp / "finechat-merge.json").write_text(
-        json.dumps({"base_model": base_spec, "adapter": str(run.resolve())}, indent=2)
-    )
+    meta = {"base_model": base_spec, "adapter": str(run.resolve())}
+    if gguf:
+        file = tmp / f"{out.name}-{gguf_type}.gguf"
+        gguf_export.write(merged, tokenizer, file, gguf_type, gguf_export.source_gguf(base_spec), out.name)
+        meta["gguf"] = file.name
+    (tmp / "finechat-merge.json").write_text(json.dumps(meta, indent=2))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
