@@ -35,15 +35,35 @@ HOST_SHARE = 0.25
 
 
 @dataclass
+class _Item:
+    """One tensor held for backward: where it stays (kept), or its pinned host copy (host, with the event of that
+    copy) and, once fetched back, its device copy (fetched, ready). A layer's checkpoint is one (_Saved), and so is
+    every tensor a Kept keeps."""
+
+    kept: torch.Tensor | None = None
+    host: torch.Tensor | None = None
+    device: torch.device | None = None
+    copied: torch.cuda.Event | None = None
+    fetched: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None
+
+
+@dataclass
 class _Saved:
-    """A checkpoint: on the host (buffer + the event that marks its copy done), or kept as is."""
+    """A layer's checkpoint: its input, held as an _Item."""
 
     key: int
-    shape: torch.Size
-    dtype: torch.dtype
-    host: torch.Tensor | None = None
-    copied: torch.cuda.Event | None = None
-    kept: torch.Tensor | None = None
+    item: _Item
+
+    @property
+    def kept(self) -> torch.Tensor | None:
+        """The input where it stayed on its device (None when it went to the host)."""
+        return self.item.kept
+
+    @property
+    def copied(self) -> torch.cuda.Event | None:
+        """The event of the input's copy to the host (None when it stayed on its device)."""
+        return self.item.copied
 
 
 class Offloader:
@@ -52,8 +72,7 @@ class Offloader:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled  # False keeps checkpoints on the GPU (plain checkpointing; to measure the offload)
         self._buffers: dict[int, torch.Tensor] = {}
-        self._latest: dict[int, _Saved] = {}
-        self._prefetched: dict[int, tuple[_Saved, torch.Tensor, torch.cuda.Event]] = {}
+        self._latest: dict[int, _Saved] = {}  # layer key -> its checkpoint on the host (backward prefetches it)
         self._stream: torch.cuda.Stream | None = None
         self.layers = 0  # how many layers save here (set by the fast path)
         self.resident = RESIDENT_LAYERS  # the last layers, whose checkpoints and Kept stay on the GPU
@@ -68,10 +87,8 @@ class Offloader:
         """Start copying x to the host (returns at once); keep x on its device when that is not possible (a copy of
         it when reused: its buffer is written again before backward, as a CUDA graph's input is)."""
         if not (x.is_cuda and self.enabled) or self._resident(key) or (host := self._buffer(key, x)) is None:
-            return _Saved(key, x.shape, x.dtype, kept=x.clone() if reused else x)
-        copied = self._copy(host, x, x.device)
-        x.record_stream(self._copy_stream(x.device))  # its memory is not reused before the copy has read it
-        saved = _Saved(key, x.shape, x.dtype, host=host, copied=copied)
+            return _Saved(key, _Item(kept=x.clone() if reused else x))
+        saved = _Saved(key, self._to_host(host, x))
         self._latest[key] = saved
         return saved
 
@@ -80,22 +97,15 @@ class Offloader:
         are on their way), then the previous layer's input and kept tensors, also when this layer's input stayed on
         the device (the last layer's, Offloader.resident): its backward is where the chain of prefetches begins."""
         kept = self._kept.pop(saved.key, None)
-        if saved.kept is not None:
-            x = saved.kept
-        else:
-            pre = self._prefetched.pop(saved.key, None)
-            if pre is not None and pre[0] is saved:
-                x, ready = pre[1], pre[2]
-            else:
-                x, ready = self._fetch(saved, device)
-            torch.cuda.current_stream(device).wait_event(ready)
-            if self._latest.get(saved.key) is saved:
-                del self._latest[saved.key]
+        x = self.get(saved.item)
+        saved.item.fetched = None  # (the device copy is the backward's from here)
+        if self._latest.get(saved.key) is saved:
+            del self._latest[saved.key]
         if kept is not None:
             kept.fetch()
         previous = self._latest.get(saved.key - 1)
-        if previous is not None and previous.key not in self._prefetched:
-            self._prefetched[previous.key] = (previous, *self._fetch(previous, device))
+        if previous is not None:
+            self.fetch(previous.item)
         kept = self._kept.get(saved.key - 1)
         if kept is not None:
             kept.fetch()
@@ -137,9 +147,13 @@ class Offloader:
             log.warning("keeping the attention in host memory stopped: no pinned memory to be had")
             self.keeping = False
             return _Item(kept=x)
-        self._copy(buf, x, x.device)  # (the copy back runs on the same stream, after it)
+        return self._to_host(buf, x)  # (the copy back runs on the same stream, after it)
+
+    def _to_host(self, host: torch.Tensor, x: torch.Tensor) -> _Item:
+        """Start copying x into its pinned buffer host; x's memory is not reused before the copy has read it."""
+        copied = self._copy(host, x, x.device)
         x.record_stream(self._copy_stream(x.device))
-        return _Item(host=buf, device=x.device)
+        return _Item(host=host, device=x.device, copied=copied)
 
     def get(self, item: _Item) -> torch.Tensor:
         """item's tensor on its device, fetched if it is not yet (the current stream waits for it)."""
@@ -158,11 +172,6 @@ class Offloader:
         host = item.host
         x = torch.empty_strided(host.shape, host.stride(), dtype=host.dtype, device=item.device)
         item.fetched, item.ready = x, self._copy(x, host, item.device)
-
-    def _fetch(self, saved: _Saved, device: torch.device) -> tuple[torch.Tensor, torch.cuda.Event]:
-        x = torch.empty(saved.shape, dtype=saved.dtype, device=device)
-        assert saved.host is not None
-        return x, self._copy(x, saved.host, device)
 
     def _copy(self, dst: torch.Tensor, src: torch.Tensor, device: torch.device) -> torch.cuda.Event:
         """dst.copy_(src) on the copy stream, after the work queued so far on the current stream (which may still use
@@ -195,18 +204,6 @@ class Offloader:
             buffers[key] = buf
         part = buf[: x.numel()]
         return part.as_strided(x.shape, x.stride()) if _dense(x) else part.view(x.shape)
-
-
-@dataclass
-class _Item:
-    """One kept tensor: where it stays (kept), or its pinned host copy (host) and, once fetched back, its device copy
-    (fetched, ready)."""
-
-    kept: torch.Tensor | None = None
-    host: torch.Tensor | None = None
-    device: torch.device | None = None
-    fetched: torch.Tensor | None = None
-    ready: torch.cuda.Event | None = None
 
 
 class Kept:
