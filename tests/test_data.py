@@ -33,6 +33,7 @@ def test_jsonl_formats(tmp_path):
                 {"from": "gpt", "value": "yo"},
             ]
         },
+        {"prompt": "2+2?", "completion": "4"},
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     records = data.load_corpus(str(path)).records
@@ -41,6 +42,7 @@ def test_jsonl_formats(tmp_path):
     assert records[2].messages == [{"role": "user", "content": "Add\n\n1+1"}, {"role": "assistant", "content": "2"}]
     assert [m["role"] for m in records[3].messages] == ["system", "user", "assistant"]  # ShareGPT's speakers
     assert records[3].messages[2]["content"] == "yo"
+    assert records[4].messages == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
 
 
 def test_json_and_parquet(tmp_path):
@@ -61,7 +63,7 @@ def test_json_and_parquet(tmp_path):
         ('{"text": "   "}\n', r"no usable records"),
         (
             '{"prompt": "x"}\n',
-            r"d.jsonl:1: no text, messages, conversations or instruction/output field \(has prompt\)",
+            r"d.jsonl:1: no text, messages, conversations, prompt/completion or instruction/output field \(has prompt\)",
         ),
         ('{"messages": [{"role": "wizard", "content": "x"}]}\n', r"unknown role 'wizard'"),
         ('{"conversations": [{"from": "tool", "value": "x"}]}\n', r"d.jsonl:1: unknown from 'tool'; use system, human"),

@@ -146,14 +146,18 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 
 
 def _record(obj: Any, where: str, flag: str) -> Record:
-    """One JSON object as a Record: text, messages (chat), conversations (ShareGPT) or instruction/input/output
-    (alpaca)."""
+    """One JSON object as a Record: text, messages (chat), conversations (ShareGPT), prompt/completion (TRL's) or
+    instruction/input/output (alpaca)."""
     if not isinstance(obj, dict):
         raise UserError(f"{flag} {where}: expected an object with text, messages, conversations or instruction/output")
     if isinstance(obj.get("messages"), list):
         return _chat(obj["messages"], "role", "content", {r: r for r in ("system", "user", "assistant")}, where, flag)
     if isinstance(obj.get("conversations"), list):
         return _chat(obj["conversations"], "from", "value", SHAREGPT_ROLES, where, flag)
+    if isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):  # TRL's prompt-completion
+        return Record(
+            messages=[{"role": "user", "content": obj["prompt"]}, {"role": "assistant", "content": obj["completion"]}]
+        )
     if "instruction" in obj and "output" in obj:
         prompt = str(obj["instruction"])
         if obj.get("input"):
@@ -164,7 +168,9 @@ def _record(obj: Any, where: str, flag: str) -> Record:
     if isinstance(obj.get("text"), str):
         return Record(text=obj["text"])
     keys = ", ".join(sorted(obj)) or "none"
-    raise UserError(f"{flag} {where}: no text, messages, conversations or instruction/output field (has {keys})")
+    raise UserError(
+        f"{flag} {where}: no text, messages, conversations, prompt/completion or instruction/output field (has {keys})"
+    )
 
 
 def _chat(turns: list[Any], role: str, content: str, roles: dict[str, str], where: str, flag: str) -> Record:
