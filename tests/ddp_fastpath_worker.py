@@ -6,7 +6,8 @@ The test compares them with one process on the whole batch (build, batch and tra
 "graphs" that CPU replays (tests/test_layer_graphs.CPUGraphs): the backward's parameter gradients then reach DDP as
 the checkpoint's outputs. With "accumulate" each step is two micro-batches, the first without the all-reduce. With
 "shapes" the steps take turns between two sequence lengths (LENGTHS), so the graphs of two shapes share their memory
-(finechat.layer_graphs)."""
+(finechat.layer_graphs). With "packed" each process's rows go in as one packed row of records (finechat.packing), as
+`finechat train --packing` sends them: the same tokens to predict, so the same gradients as the unpacked batch."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from finechat import distributed, fastpath
+from finechat import distributed, fastpath, packing
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ROWS, SEQ, STEPS = 4, 32, 3  # steps: eager, captured, replayed
@@ -49,12 +50,23 @@ def batch(vocab_size: int) -> torch.Tensor:
     return torch.randint(3, vocab_size, (ROWS, SEQ), generator=torch.Generator().manual_seed(1))
 
 
+def packed(rows: torch.Tensor) -> dict:
+    """rows as one packed row: each row a record, its first token not a target (the inputs of a training forward)."""
+    n, length = rows.shape
+    ids = rows.reshape(1, -1)
+    labels = ids.clone()
+    labels[0, length::length] = -100  # (the row's first token is never a target)
+    cu = torch.arange(0, n * length + 1, length, dtype=torch.int32)
+    segments = packing.Segments(cu=cu, longest=length, positions=torch.arange(length).repeat(n)[None])
+    return {"input_ids": ids, "labels": labels, "segments": segments}
+
+
 def train(
-    model, step_model, ids: torch.Tensor, micro: int = 1, lengths: tuple[int, ...] = (SEQ,)
+    model, step_model, ids: torch.Tensor, micro: int = 1, lengths: tuple[int, ...] = (SEQ,), pack: bool = False
 ) -> list[dict[str, torch.Tensor]]:
     """STEPS SGD steps per length of step_model (the model, or its DDP wrapper) on ids cut to the lengths in turn,
     each accumulated over `micro` equal micro-batches (under DDP all but the last without the all-reduce, as the
-    Trainer does); the adapter gradients of each step."""
+    Trainer does), each packed into one row when pack; the adapter gradients of each step."""
     from contextlib import nullcontext
 
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -64,14 +76,22 @@ def train(
         for i, part in enumerate(ids[:, : lengths[step % len(lengths)]].chunk(micro)):
             last = i == micro - 1
             with nullcontext() if last or not hasattr(step_model, "no_sync") else step_model.no_sync():
-                (step_model(input_ids=part, labels=part).loss / micro).backward()
+                inputs = packed(part) if pack else {"input_ids": part, "labels": part}
+                (step_model(**inputs).loss / micro).backward()
         grads.append({name: p.grad.detach().clone() for name, p in params.items() if p.grad is not None})
         sgd.step()
         sgd.zero_grad(set_to_none=True)
     return grads
 
 
-def main(model_dir: str, out: Path, graphs: bool = False, micro: int = 1, lengths: tuple[int, ...] = (SEQ,)) -> None:
+def main(
+    model_dir: str,
+    out: Path,
+    graphs: bool = False,
+    micro: int = 1,
+    lengths: tuple[int, ...] = (SEQ,),
+    pack: bool = False,
+) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -85,7 +105,7 @@ def main(model_dir: str, out: Path, graphs: bool = False, micro: int = 1, length
     ddp = DistributedDataParallel(model, **distributed.DDP_OPTIONS)
     rows = ROWS // world
     ids = batch(model.config.vocab_size)[rank * rows : (rank + 1) * rows]
-    grads = train(model, ddp, ids, micro, lengths)
+    grads = train(model, ddp, ids, micro, lengths, pack)
     replayed = layers[0]._graphs.captured_backward() if graphs else 0
     torch.save({"grads": grads, "recomputed": recomputed, "backward_graphs": replayed}, out / f"rank{rank}.pt")
     dist.destroy_process_group()
@@ -99,4 +119,5 @@ if __name__ == "__main__":
         graphs="graphs" in flags,
         micro=2 if "accumulate" in flags else 1,
         lengths=LENGTHS if "shapes" in flags else (SEQ,),
+        pack="packed" in flags,
     )

@@ -148,22 +148,35 @@ def test_bad_input_under_the_launcher_is_one_line_and_exit_2(tiny_model_dir, tmp
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="gloo on CPU; GPUs: benchmarks/run_multigpu_bench.sh")
 @pytest.mark.parametrize(
-    "graphs,accumulate,shapes", [(False, False, False), (True, False, False), (True, True, False), (True, True, True)]
+    "graphs,accumulate,shapes,packed",
+    [
+        (False, False, False, False),
+        (True, False, False, False),
+        (True, True, False, False),
+        (True, True, True, False),
+        (False, False, False, True),
+        (True, False, False, True),
+    ],
 )
-def test_fast_path_under_ddp_gives_the_whole_batch_gradients(tiny_model_dir, tmp_path, graphs, accumulate, shapes):
+def test_fast_path_under_ddp_gives_the_whole_batch_gradients(
+    tiny_model_dir, tmp_path, graphs, accumulate, shapes, packed
+):
     """finechat's fast path recomputes each layer inside backward (finechat.offload), where DDP's gradient hooks
     fire: 2 processes x 2 rows under DDP with finechat's options get, in each of three steps, the gradients of 1
     process x 4 rows (so every hook fired once, and DDP averaged every bucket). graphs: the layers' forwards and
     backwards through finechat.layer_graphs (CPU stand-ins for the CUDA graphs), whose backward hands the parameters'
     gradients to autograd as the checkpoint's outputs. accumulate: each process's step is two micro-batches of one
     row, the first without the all-reduce (DDP's no_sync, as the Trainer runs gradient accumulation). shapes: the
-    steps take turns between two sequence lengths, whose graphs share one memory pool and one arena of buffers."""
+    steps take turns between two sequence lengths, whose graphs share one memory pool and one arena of buffers.
+    packed: each process's two rows go in as one packed row of two records (finechat.packing.Segments through DDP);
+    the whole batch, unpacked, is the reference."""
     import ddp_fastpath_worker as worker
 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += [worker.__file__, str(tiny_model_dir), str(tmp_path)] + (["graphs"] if graphs else [])
     command += ["accumulate"] if accumulate else []
     command += ["shapes"] if shapes else []
+    command += ["packed"] if packed else []
     done = subprocess.run(command, capture_output=True, text=True, env=cpu_env(), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
