@@ -76,3 +76,31 @@ def test_gguf_refuses_what_it_cannot_write(run_dir, tmp_path):
     with pytest.raises(UserError, match="--gguf-type q2: use one of f16, bf16, q8_0, f32"):
         merge(str(run_dir), str(tmp_path / "m"), gguf=True, gguf_type="q2")
     assert not (tmp_path / "m").exists()
+
+
+def test_gguf_tokenizers_that_would_split_otherwise_are_refused():
+    """A byte-level BPE whose pre-tokenizer is not GPT-2's split (Qwen2, Llama 3) or a SentencePiece-style BPE (byte
+    fallback: Mistral, Llama 2) would tokenize differently in a GGUF runtime; they are refused with the way out."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from finechat import gguf_export
+
+    def fast(model, pre=None):
+        tok = Tokenizer(model)
+        if pre is not None:
+            tok.pre_tokenizer = pre
+        return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+    vocab, merges = {"a": 0, "b": 1, "ab": 2}, [("a", "b")]
+    split = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"), pre_tokenizers.ByteLevel(use_regex=False)]
+    )
+    for tokenizer, kind in (
+        (fast(models.BPE(vocab, merges, byte_fallback=True)), "byte fallback"),
+        (fast(models.BPE(vocab, merges), split), "its own pre-tokenization: Split, ByteLevel"),
+        (fast(models.WordLevel(vocab, unk_token="a")), "WordLevel"),
+    ):
+        with pytest.raises(UserError, match=f"tokenizer \\(.*{kind}.*convert_hf_to_gguf.py"):
+            gguf_export._bpe_tokenizer(tokenizer)
+    assert gguf_export._bpe_tokenizer(fast(models.BPE(vocab, merges), pre_tokenizers.ByteLevel()))

@@ -8,9 +8,10 @@ transformers keeps them in two halves (the rows are reordered here, as llama.cpp
 
 The tokenizer comes from the base's own GGUF file where the base was one (the `smollm2` default: its vocabulary,
 merges, token types and special ids, copied as they are), else from the run's `tokenizer.json` when it is a
-byte-level BPE ("gpt2" in GGUF). The chat template is always the run's, the one training used. Other tokenizers
-(SentencePiece-style BPE with byte fallback, as Mistral's and Llama 2's) are refused with the way out: llama.cpp's
-convert_hf_to_gguf.py on the merged folder."""
+byte-level BPE that splits text as GPT-2 does ("gpt2" in GGUF, both as tokenizer and as pre-tokenizer). The chat
+template is always the run's, the one training used. Other tokenizers (SentencePiece-style BPE with byte fallback,
+as Mistral's and Llama 2's; byte-level BPEs with a split of their own, as Qwen2's and Llama 3's) are refused with the
+way out: llama.cpp's convert_hf_to_gguf.py on the merged folder."""
 
 from __future__ import annotations
 
@@ -164,12 +165,11 @@ def _bpe_tokenizer(tokenizer: Any) -> dict[str, tuple[Any, Any, Any]]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = json.loads(backend.to_str()) if backend is not None else {}
     model = spec.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        kind = model.get("type", type(tokenizer).__name__)
-        kind += " with byte fallback" if model.get("byte_fallback") else ""
+    kind = _tokenizer_kind(spec, model, type(tokenizer).__name__)
+    if kind is not None:
         raise UserError(
-            f"--gguf: the tokenizer ({kind}) is not written here, only byte-level BPE or a GGUF base's own; convert "
-            "the merged folder with llama.cpp's convert_hf_to_gguf.py"
+            f"--gguf: the tokenizer ({kind}) is not written here, only byte-level BPE with GPT-2's pre-tokenization "
+            "or a GGUF base's own; convert the merged folder with llama.cpp's convert_hf_to_gguf.py"
         )
     vocab = dict(model["vocab"])
     added = {t["content"]: t for t in spec.get("added_tokens", [])}
@@ -186,7 +186,7 @@ def _bpe_tokenizer(tokenizer: Any) -> dict[str, tuple[Any, Any, Any]]:
     string, array, uint32 = gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32
     fields: dict[str, tuple[Any, Any, Any]] = {
         "tokenizer.ggml.model": ("gpt2", string, None),
-        "tokenizer.ggml.pre": ("default", string, None),
+        "tokenizer.ggml.pre": ("gpt2", string, None),  # GPT-2's split of the text, as _tokenizer_kind checked
         "tokenizer.ggml.tokens": (tokens, array, string),
         "tokenizer.ggml.token_type": (types, array, gguf.GGUFValueType.INT32),
         "tokenizer.ggml.merges": (merges, array, string),
@@ -196,6 +196,21 @@ def _bpe_tokenizer(tokenizer: Any) -> dict[str, tuple[Any, Any, Any]]:
         if value is not None:
             fields[f"tokenizer.ggml.{key}_token_id"] = (int(value), uint32, None)
     return fields
+
+
+def _tokenizer_kind(spec: dict[str, Any], model: dict[str, Any], name: str) -> str | None:
+    """None for a byte-level BPE whose text is split as GPT-2 splits it (GGUF's "gpt2" tokenizer with the "gpt2"
+    pre-tokenizer), else what the tokenizer is. Runtimes split text before the merges by a regex that GGUF names
+    (tokenizer.ggml.pre); a BPE that splits otherwise (Qwen2's, Llama 3's regexes) would tokenize differently there."""
+    if model.get("type") != "BPE":
+        return str(model.get("type", name))
+    if model.get("byte_fallback"):
+        return "BPE with byte fallback, SentencePiece-style"
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if [s.get("type") for s in steps] != ["ByteLevel"] or not steps[0].get("use_regex", True):
+        return "BPE with its own pre-tokenization: " + ", ".join(str(s.get("type")) for s in steps)
+    return None
 
 
 def source_gguf(base_spec: str) -> Path | None:
