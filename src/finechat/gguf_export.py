@@ -8,7 +8,7 @@ transformers keeps them in two halves (the rows are reordered here, as llama.cpp
 
 The tokenizer comes from the base's own GGUF file where the base was one (the `smollm2` default: its vocabulary,
 merges, token types and special ids, copied as they are), else from the run's `tokenizer.json` when it is a
-byte-level BPE that splits text as GPT-2 does ("gpt2" in GGUF, both as tokenizer and as pre-tokenizer). The chat
+byte-level BPE that splits text as GPT-2 does ("gpt2" in GGUF, pre-tokenizer "gpt-2"). The chat
 template is always the run's, the one training used. Other tokenizers (SentencePiece-style BPE with byte fallback,
 as Mistral's and Llama 2's; byte-level BPEs with a split of their own, as Qwen2's and Llama 3's) are refused with the
 way out: llama.cpp's convert_hf_to_gguf.py on the merged folder."""
@@ -186,7 +186,7 @@ def _bpe_tokenizer(tokenizer: Any) -> dict[str, tuple[Any, Any, Any]]:
     string, array, uint32 = gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32
     fields: dict[str, tuple[Any, Any, Any]] = {
         "tokenizer.ggml.model": ("gpt2", string, None),
-        "tokenizer.ggml.pre": ("gpt2", string, None),  # GPT-2's split of the text, as _tokenizer_kind checked
+        "tokenizer.ggml.pre": ("gpt-2", string, None),  # (llama.cpp's name of GPT-2's split, which _tokenizer_kind checked)
         "tokenizer.ggml.tokens": (tokens, array, string),
         "tokenizer.ggml.token_type": (types, array, gguf.GGUFValueType.INT32),
         "tokenizer.ggml.merges": (merges, array, string),
@@ -199,7 +199,7 @@ def _bpe_tokenizer(tokenizer: Any) -> dict[str, tuple[Any, Any, Any]]:
 
 
 def _tokenizer_kind(spec: dict[str, Any], model: dict[str, Any], name: str) -> str | None:
-    """None for a byte-level BPE whose text is split as GPT-2 splits it (GGUF's "gpt2" tokenizer with the "gpt2"
+    """None for a byte-level BPE whose text is split as GPT-2 splits it (GGUF's "gpt2" tokenizer with the "gpt-2"
     pre-tokenizer), else what the tokenizer is. Runtimes split text before the merges by a regex that GGUF names
     (tokenizer.ggml.pre); a BPE that splits otherwise (Qwen2's, Llama 3's regexes) would tokenize differently there."""
     if model.get("type") != "BPE":
