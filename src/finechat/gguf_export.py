@@ -186,7 +186,8 @@ def _bpe_tokenizer(tokenizer: Any) -> dict[str, tuple[Any, Any, Any]]:
     string, array, uint32 = gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32
     fields: dict[str, tuple[Any, Any, Any]] = {
         "tokenizer.ggml.model": ("gpt2", string, None),
-        "tokenizer.ggml.pre": ("gpt-2", string, None),  # (llama.cpp's name of GPT-2's split, which _tokenizer_kind checked)
+        # llama.cpp's name of GPT-2's split of the text (_tokenizer_kind checked that the tokenizer splits so)
+        "tokenizer.ggml.pre": ("gpt-2", string, None),
         "tokenizer.ggml.tokens": (tokens, array, string),
         "tokenizer.ggml.token_type": (types, array, gguf.GGUFValueType.INT32),
         "tokenizer.ggml.merges": (merges, array, string),
