@@ -79,8 +79,9 @@ def test_gguf_refuses_what_it_cannot_write(run_dir, tmp_path):
 
 
 def test_gguf_tokenizers_that_would_split_otherwise_are_refused():
-    """A byte-level BPE whose pre-tokenizer is not GPT-2's split (Qwen2, Llama 3) or a SentencePiece-style BPE (byte
-    fallback: Mistral, Llama 2) would tokenize differently in a GGUF runtime; they are refused with the way out."""
+    """A byte-level BPE whose pre-tokenizer is not GPT-2's split (Qwen2, Llama 3), or a byte-fallback BPE split
+    otherwise than Mistral's and Llama 2's tokenizer.json (e.g. by a Metaspace pre-tokenizer), would tokenize
+    differently in a GGUF runtime; they are refused with the way out."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -97,10 +98,79 @@ def test_gguf_tokenizers_that_would_split_otherwise_are_refused():
         [pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"), pre_tokenizers.ByteLevel(use_regex=False)]
     )
     for tokenizer, kind in (
-        (fast(models.BPE(vocab, merges, byte_fallback=True)), "byte fallback"),
+        (fast(models.BPE(vocab, merges, byte_fallback=True), pre_tokenizers.Whitespace()), "split by Whitespace"),
+        (fast(models.BPE(vocab, merges, byte_fallback=True), pre_tokenizers.Metaspace()), "split by Metaspace"),
         (fast(models.BPE(vocab, merges), split), "its own pre-tokenization: Split, ByteLevel"),
         (fast(models.WordLevel(vocab, unk_token="a")), "WordLevel"),
     ):
         with pytest.raises(UserError, match=f"tokenizer \\(.*{kind}.*convert_hf_to_gguf.py"):
-            gguf_export._bpe_tokenizer(tokenizer)
-    assert gguf_export._bpe_tokenizer(fast(models.BPE(vocab, merges), pre_tokenizers.ByteLevel()))
+            gguf_export._json_tokenizer(tokenizer)
+    assert gguf_export._json_tokenizer(fast(models.BPE(vocab, merges), pre_tokenizers.ByteLevel()))
+
+
+SP_TEXTS = [
+    "Hello world, 1234!",
+    "The history of Paris, France: 1,234 people in 2023's census.",
+    "naïve café — déjà vu 🙂",
+    "<s>[INST] What is the capital of France? [/INST]",
+    "  two  spaces\nand a newline",
+]
+
+
+@pytest.fixture(scope="module")
+def sp_run_dir(text_file, tmp_path_factory):
+    """A run of a tiny random Mistral whose tokenizer is SentencePiece-style (tests/fixtures/sp-bpe: a SentencePiece
+    BPE with byte fallback, 1,000 pieces trained on Wikipedia leads, as tokenizer.json in the form of Mistral's and
+    Llama 2's: a Prepend and Replace normalizer, no pre-tokenizer; it tokenizes SP_TEXTS as SentencePiece itself
+    does)."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, MistralConfig, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("sp") / "model"
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(Path(__file__).parent / "fixtures" / "sp-bpe" / "tokenizer.json"),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+    tokenizer.save_pretrained(folder)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        sliding_window=None,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    run = folder.parent / "run"
+    train(tiny_config(folder, text_file, run, max_steps=2, max_eval_docs=2))
+    return run
+
+
+def test_gguf_of_a_sentencepiece_style_tokenizer_reads_back_alike(sp_run_dir, tmp_path):
+    """Mistral's kind of tokenizer (BPE with byte fallback and "▁" word marks) is written as GGUF's "llama" tokenizer
+    (scores, byte tokens, the space prefix); transformers' GGUF reader gives the run's tokens and the merged logits."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = merge(str(sp_run_dir), str(tmp_path / "merged"), gguf=True, gguf_type="f32")
+    name = "merged-f32.gguf"
+    fields = gguf.GGUFReader(out / name).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    tokenizer, from_gguf = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(out, gguf_file=name)
+    for text in SP_TEXTS:
+        assert from_gguf(text)["input_ids"] == tokenizer(text)["input_ids"], text
+    ids = torch.tensor([tokenizer(SP_TEXTS[1])["input_ids"]])
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(out)(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(out, gguf_file=name, dtype=torch.float32)(input_ids=ids).logits
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()

@@ -23,7 +23,7 @@ from finechat.cli import main as finechat
 
 WORK = Path("/tmp/finechat-gguf-probe")
 PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
-SPLIT = "The history of Paris, France: 1,234 people in 2023's census."  # numbers, an apostrophe: GPT-2's split
+SPLIT = "The history of Paris, France: 1,234 people in 2023's census.  Two  spaces."  # numbers, an apostrophe
 TYPES = ("f16", "q8_0")
 LLAMA = """
 import json, sys
@@ -58,6 +58,7 @@ def main() -> None:
         assert finechat([*merge, "--overwrite"]) == 0
         cases.append(("smollm2", kind, merged))
     cases.append(("tiny", "f32", tiny_merged()))
+    cases.append(("tiny-sentencepiece", "f32", tiny_merged(sentencepiece=True)))
     files = [str(folder / f"{folder.name}-{kind}.gguf") for _, kind, folder in cases]
     llama = subprocess.run(
         [os.environ.get("LLAMA_PYTHON", "python3"), "-c", LLAMA, PROMPT, SPLIT, *files],
@@ -84,20 +85,46 @@ def main() -> None:
         Path(sys.argv[1]).write_text(json.dumps(result, indent=1))
 
 
-def tiny_merged() -> Path:
-    """The tests' tiny random Llama (its tokenizer a byte-level BPE tokenizer.json), trained 2 steps on Wikipedia
-    leads and merged with --gguf as float32."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+def tiny_merged(sentencepiece: bool = False) -> Path:
+    """The tests' tiny random Llama (its tokenizer a byte-level BPE tokenizer.json), or with sentencepiece a tiny
+    random Mistral with the tests' SentencePiece-style tokenizer.json (tests/fixtures/sp-bpe), trained 2 steps on
+    Wikipedia leads and merged with --gguf as float32."""
+    tests = Path(__file__).resolve().parents[2] / "tests"
+    sys.path.insert(0, str(tests))
     from conftest import build_model, tiny_config, wiki_texts
     from finechat.merge import merge
     from finechat.train import train
 
-    root = WORK / "tiny"
-    model_dir = build_model(root / "model")
+    root = WORK / ("tiny-sp" if sentencepiece else "tiny")
+    model_dir = sentencepiece_model(root / "model", tests) if sentencepiece else build_model(root / "model")
     text = root / "wiki.txt"
     text.write_text("\n".join(f" = A{i} = \n\n {t} \n" for i, t in enumerate(wiki_texts(40))))
     train(tiny_config(model_dir, text, root / "run", max_steps=2, max_eval_docs=2), overwrite=True)
     return merge(str(root / "run"), str(root / "merged"), gguf=True, gguf_type="f32", overwrite=True)
+
+
+def sentencepiece_model(folder: Path, tests: Path) -> Path:
+    """A tiny random Mistral with tests/fixtures/sp-bpe's tokenizer (as tests/test_merge.py's sp_run_dir)."""
+    from transformers import AutoModelForCausalLM, MistralConfig, PreTrainedTokenizerFast
+
+    file = tests / "fixtures" / "sp-bpe" / "tokenizer.json"
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(file), bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(folder)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=None,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    return folder
 
 
 if __name__ == "__main__":

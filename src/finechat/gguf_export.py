@@ -7,11 +7,11 @@ transformers keeps them in two halves (the rows are reordered here, as llama.cpp
 (its q, k and v biases too, no reordering).
 
 The tokenizer comes from the base's own GGUF file where the base was one (the `smollm2` default: its vocabulary,
-merges, token types and special ids, copied as they are), else from the run's `tokenizer.json` when it is a
-byte-level BPE that splits text as GPT-2 does ("gpt2" in GGUF, pre-tokenizer "gpt-2"). The chat
-template is always the run's, the one training used. Other tokenizers (SentencePiece-style BPE with byte fallback,
-as Mistral's and Llama 2's; byte-level BPEs with a split of their own, as Qwen2's and Llama 3's) are refused with the
-way out: llama.cpp's convert_hf_to_gguf.py on the merged folder."""
+merges, token types and special ids, copied as they are), else from the run's `tokenizer.json` (_tokenizer_kind):
+a byte-level BPE that splits text as GPT-2 does ("gpt2" in GGUF, pre-tokenizer "gpt-2"), or a SentencePiece-style
+BPE in the form of Mistral's and Llama 2's tokenizer.json ("llama" in GGUF, with scores, byte tokens and the space
+prefix). The chat template is always the run's, the one training used. Other tokenizers are refused with the way
+out, llama.cpp's convert_hf_to_gguf.py on the merged folder: they would tokenize differently in a GGUF runtime."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def write(model: Any, tokenizer: Any, path: Path, gguf_type: str, source_gguf: P
     config = model.config
     check(config.model_type, gguf_type)
     arch = ARCHS[config.model_type]
-    tokenizer_fields = _source_tokenizer(source_gguf) if source_gguf else _bpe_tokenizer(tokenizer)
+    tokenizer_fields = _source_tokenizer(source_gguf) if source_gguf else _json_tokenizer(tokenizer)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(name)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -157,19 +157,22 @@ def _source_tokenizer(source: Path) -> dict[str, tuple[Any, Any, Any]]:
     return fields
 
 
-def _bpe_tokenizer(tokenizer: Any) -> dict[str, tuple[Any, Any, Any]]:
-    """GGUF's "gpt2" tokenizer fields from a byte-level BPE tokenizer.json: the vocabulary by id, the merges, the
-    token types (added special tokens are control tokens) and the special ids."""
+def _json_tokenizer(tokenizer: Any) -> dict[str, tuple[Any, Any, Any]]:
+    """GGUF's tokenizer fields from a tokenizer.json BPE: the vocabulary by id, the merges, the token types and the
+    special ids, as GGUF's "gpt2" tokenizer (byte-level) or "llama" tokenizer (SentencePiece-style: byte fallback,
+    words marked with a leading "▁"; each token also gets a score, the runtimes' merge priority: minus its id, as in
+    SentencePiece's BPE, where a piece's id is its merge rank)."""
     import gguf
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = json.loads(backend.to_str()) if backend is not None else {}
     model = spec.get("model", {})
     kind = _tokenizer_kind(spec, model, type(tokenizer).__name__)
-    if kind is not None:
+    if kind not in ("gpt2", "llama"):
         raise UserError(
-            f"--gguf: the tokenizer ({kind}) is not written here, only byte-level BPE with GPT-2's pre-tokenization "
-            "or a GGUF base's own; convert the merged folder with llama.cpp's convert_hf_to_gguf.py"
+            f"--gguf: the tokenizer ({kind}) is not written here, only byte-level BPE with GPT-2's pre-tokenization, "
+            "SentencePiece-style BPE or a GGUF base's own; convert the merged folder with llama.cpp's "
+            "convert_hf_to_gguf.py"
         )
     vocab = dict(model["vocab"])
     added = {t["content"]: t for t in spec.get("added_tokens", [])}
@@ -178,40 +181,76 @@ def _bpe_tokenizer(tokenizer: Any) -> dict[str, tuple[Any, Any, Any]]:
     size = max(vocab.values()) + 1
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [int(gguf.TokenType.UNUSED)] * size
+    scores = [0.0] * size
     for content, i in vocab.items():
         tokens[i] = content
-        special = added.get(content, {}).get("special")
-        types[i] = int(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED if content in added else 1)
+        types[i] = int(_token_type(gguf, content, added.get(content), model, kind))
+        if types[i] == gguf.TokenType.NORMAL:
+            scores[i] = -float(i)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     string, array, uint32 = gguf.GGUFValueType.STRING, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32
     fields: dict[str, tuple[Any, Any, Any]] = {
-        "tokenizer.ggml.model": ("gpt2", string, None),
-        # llama.cpp's name of GPT-2's split of the text (_tokenizer_kind checked that the tokenizer splits so)
-        "tokenizer.ggml.pre": ("gpt-2", string, None),
+        "tokenizer.ggml.model": (kind, string, None),
         "tokenizer.ggml.tokens": (tokens, array, string),
         "tokenizer.ggml.token_type": (types, array, gguf.GGUFValueType.INT32),
         "tokenizer.ggml.merges": (merges, array, string),
     }
-    for key, attribute in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
+    if kind == "gpt2":
+        # llama.cpp's name of GPT-2's split of the text (_tokenizer_kind checked that the tokenizer splits so)
+        fields["tokenizer.ggml.pre"] = ("gpt-2", string, None)
+    else:
+        fields["tokenizer.ggml.pre"] = ("default", string, None)
+        fields["tokenizer.ggml.scores"] = (scores, array, gguf.GGUFValueType.FLOAT32)
+        fields["tokenizer.ggml.add_space_prefix"] = (True, gguf.GGUFValueType.BOOL, None)  # (the Prepend normalizer)
+        add_bos = bool(getattr(tokenizer, "add_bos_token", True))
+        fields["tokenizer.ggml.add_bos_token"] = (add_bos, gguf.GGUFValueType.BOOL, None)
+    specials = (
+        ("bos", "bos_token_id"),
+        ("eos", "eos_token_id"),
+        ("padding", "pad_token_id"),
+        ("unknown", "unk_token_id"),
+    )
+    for key, attribute in specials:
         value = getattr(tokenizer, attribute, None)
         if value is not None:
             fields[f"tokenizer.ggml.{key}_token_id"] = (int(value), uint32, None)
     return fields
 
 
-def _tokenizer_kind(spec: dict[str, Any], model: dict[str, Any], name: str) -> str | None:
-    """None for a byte-level BPE whose text is split as GPT-2 splits it (GGUF's "gpt2" tokenizer with the "gpt-2"
-    pre-tokenizer), else what the tokenizer is. Runtimes split text before the merges by a regex that GGUF names
-    (tokenizer.ggml.pre); a BPE that splits otherwise (Qwen2's, Llama 3's regexes) would tokenize differently there."""
+def _token_type(gguf: Any, content: str, added: dict[str, Any] | None, model: dict[str, Any], kind: str) -> Any:
+    """A token's GGUF type: control (added special), user-defined (added), unknown, byte (<0xNN> pieces of a
+    SentencePiece-style vocabulary) or normal."""
+    if added is not None:
+        return gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    if content == model.get("unk_token"):
+        return gguf.TokenType.UNKNOWN
+    if kind == "llama" and len(content) == 6 and content.startswith("<0x") and content.endswith(">"):
+        return gguf.TokenType.BYTE
+    return gguf.TokenType.NORMAL
+
+
+def _tokenizer_kind(spec: dict[str, Any], model: dict[str, Any], name: str) -> str:
+    """What a tokenizer.json is for GGUF: "gpt2" for a byte-level BPE whose text is split as GPT-2 splits it,
+    "llama" for a SentencePiece-style BPE in the form of Mistral's and Llama 2's tokenizer.json (byte fallback; a
+    normalizer that prepends "▁" to each piece of text and turns spaces into "▁"; no pre-tokenizer), else a
+    description of the tokenizer (not written). GGUF runtimes tokenize as those forms do. Others differ there: a
+    byte-level BPE with a split regex of its own (Qwen2's, Llama 3's), which GGUF names per model; a Metaspace
+    pre-tokenizer that prepends "▁" at the text's start only (newer conversions), where llama.cpp prepends it after
+    a special token too (measured on "<s>[INST]")."""
     if model.get("type") != "BPE":
         return str(model.get("type", name))
-    if model.get("byte_fallback"):
-        return "BPE with byte fallback, SentencePiece-style"
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    if [s.get("type") for s in steps] != ["ByteLevel"] or not steps[0].get("use_regex", True):
-        return "BPE with its own pre-tokenization: " + ", ".join(str(s.get("type")) for s in steps)
-    return None
+    types = [str(s.get("type")) for s in steps if s]
+    if model.get("byte_fallback"):
+        normalizer = spec.get("normalizer") or {}
+        norms = normalizer.get("normalizers", [normalizer]) if normalizer.get("type") == "Sequence" else [normalizer]
+        if not types and [n.get("type") for n in norms] == ["Prepend", "Replace"]:
+            return "llama"
+        return "SentencePiece-style BPE split by " + (", ".join(types) or "its normalizer")
+    if types != ["ByteLevel"] or not steps[0].get("use_regex", True):
+        return "BPE with its own pre-tokenization: " + ", ".join(types)
+    return "gpt2"
 
 
 def source_gguf(base_spec: str) -> Path | None:
