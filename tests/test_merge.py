@@ -99,7 +99,10 @@ def test_gguf_tokenizers_that_would_split_otherwise_are_refused():
     )
     for tokenizer, kind in (
         (fast(models.BPE(vocab, merges, byte_fallback=True), pre_tokenizers.Whitespace()), "split by Whitespace"),
-        (fast(models.BPE(vocab, merges, byte_fallback=True), pre_tokenizers.Metaspace()), "split by Metaspace"),
+        (
+            fast(models.BPE(vocab, merges, byte_fallback=True), pre_tokenizers.Metaspace(prepend_scheme="first")),
+            "split by Metaspace \\(prepend_scheme first\\)",
+        ),
         (fast(models.BPE(vocab, merges), split), "its own pre-tokenization: Split, ByteLevel"),
         (fast(models.WordLevel(vocab, unk_token="a")), "WordLevel"),
     ):
@@ -117,23 +120,25 @@ SP_TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def sp_run_dir(text_file, tmp_path_factory):
+@pytest.fixture(scope="module", params=["as-transformers-loads-it", "as-the-file-is"])
+def sp_run_dir(text_file, tmp_path_factory, request):
     """A run of a tiny random Mistral whose tokenizer is SentencePiece-style (tests/fixtures/sp-bpe: a SentencePiece
     BPE with byte fallback, 1,000 pieces trained on Wikipedia leads, as tokenizer.json in the form of Mistral's and
     Llama 2's: a Prepend and Replace normalizer, no pre-tokenizer; it tokenizes SP_TEXTS as SentencePiece itself
-    does)."""
+    does). Loaded by its tokenizer_config (LlamaTokenizer, legacy, as Mistral's is), transformers 5 saves it with a
+    Metaspace pre-tokenizer instead; as the file is, it keeps the normalizer."""
     from pathlib import Path
 
-    from transformers import AutoModelForCausalLM, MistralConfig, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, PreTrainedTokenizerFast
 
     folder = tmp_path_factory.mktemp("sp") / "model"
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_file=str(Path(__file__).parent / "fixtures" / "sp-bpe" / "tokenizer.json"),
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-    )
+    fixture = Path(__file__).parent / "fixtures" / "sp-bpe"
+    if request.param == "as-the-file-is":
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_file=str(fixture / "tokenizer.json"), bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+        )
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(fixture)
     tokenizer.save_pretrained(folder)
     config = MistralConfig(
         vocab_size=len(tokenizer),

@@ -23,7 +23,7 @@ from finechat.cli import main as finechat
 
 WORK = Path("/tmp/finechat-gguf-probe")
 PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
-SPLIT = "The history of Paris, France: 1,234 people in 2023's census.  Two  spaces."  # numbers, an apostrophe
+SPLIT = "The history of Paris, France: 1,234 people in 2023's census.  Two  spaces. <s>[INST] Hi [/INST]"
 TYPES = ("f16", "q8_0")
 LLAMA = """
 import json, sys
@@ -104,11 +104,11 @@ def tiny_merged(sentencepiece: bool = False) -> Path:
 
 
 def sentencepiece_model(folder: Path, tests: Path) -> Path:
-    """A tiny random Mistral with tests/fixtures/sp-bpe's tokenizer (as tests/test_merge.py's sp_run_dir)."""
-    from transformers import AutoModelForCausalLM, MistralConfig, PreTrainedTokenizerFast
+    """A tiny random Mistral with tests/fixtures/sp-bpe's tokenizer, loaded by its tokenizer_config as Mistral's is
+    (LlamaTokenizer, legacy: transformers 5 saves it with a Metaspace pre-tokenizer that prepends "always")."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig
 
-    file = tests / "fixtures" / "sp-bpe" / "tokenizer.json"
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(file), bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = AutoTokenizer.from_pretrained(tests / "fixtures" / "sp-bpe")
     tokenizer.save_pretrained(folder)
     config = MistralConfig(
         vocab_size=len(tokenizer),

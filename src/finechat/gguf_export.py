@@ -202,7 +202,9 @@ def _json_tokenizer(tokenizer: Any) -> dict[str, tuple[Any, Any, Any]]:
         fields["tokenizer.ggml.pre"] = ("default", string, None)
         fields["tokenizer.ggml.scores"] = (scores, array, gguf.GGUFValueType.FLOAT32)
         fields["tokenizer.ggml.add_space_prefix"] = (True, gguf.GGUFValueType.BOOL, None)  # (the Prepend normalizer)
-        add_bos = bool(getattr(tokenizer, "add_bos_token", True))
+        # as the run's tokenizer does it (its add_bos_token attribute need not say: transformers 5 leaves it False)
+        bos = getattr(tokenizer, "bos_token_id", None)
+        add_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
         fields["tokenizer.ggml.add_bos_token"] = (add_bos, gguf.GGUFValueType.BOOL, None)
     specials = (
         ("bos", "bos_token_id"),
@@ -231,12 +233,13 @@ def _token_type(gguf: Any, content: str, added: dict[str, Any] | None, model: di
 
 def _tokenizer_kind(spec: dict[str, Any], model: dict[str, Any], name: str) -> str:
     """What a tokenizer.json is for GGUF: "gpt2" for a byte-level BPE whose text is split as GPT-2 splits it,
-    "llama" for a SentencePiece-style BPE in the form of Mistral's and Llama 2's tokenizer.json (byte fallback; a
-    normalizer that prepends "▁" to each piece of text and turns spaces into "▁"; no pre-tokenizer), else a
-    description of the tokenizer (not written). GGUF runtimes tokenize as those forms do. Others differ there: a
-    byte-level BPE with a split regex of its own (Qwen2's, Llama 3's), which GGUF names per model; a Metaspace
-    pre-tokenizer that prepends "▁" at the text's start only (newer conversions), where llama.cpp prepends it after
-    a special token too (measured on "<s>[INST]")."""
+    "llama" for a SentencePiece-style BPE in the form of Mistral's and Llama 2's tokenizer.json (byte fallback, and
+    "▁" before each piece of text between special tokens: a Prepend and Replace normalizer as in their files, or the
+    Metaspace pre-tokenizer with prepend_scheme "always" that transformers 5 saves them with), else a description of
+    the tokenizer (not written). GGUF runtimes tokenize as those forms do. Others differ there: a byte-level BPE with
+    a split regex of its own (Qwen2's, Llama 3's), which GGUF names per model; a Metaspace pre-tokenizer that
+    prepends "▁" at the text's start only (prepend_scheme "first"), where llama.cpp prepends it after a special
+    token too (measured on "<s>[INST]")."""
     if model.get("type") != "BPE":
         return str(model.get("type", name))
     pre = spec.get("pre_tokenizer") or {}
@@ -245,9 +248,13 @@ def _tokenizer_kind(spec: dict[str, Any], model: dict[str, Any], name: str) -> s
     if model.get("byte_fallback"):
         normalizer = spec.get("normalizer") or {}
         norms = normalizer.get("normalizers", [normalizer]) if normalizer.get("type") == "Sequence" else [normalizer]
-        if not types and [n.get("type") for n in norms] == ["Prepend", "Replace"]:
+        legacy = not types and [n.get("type") for n in norms] == ["Prepend", "Replace"]
+        # transformers 5 saves Mistral's and Llama 2's tokenizer so: the same "▁" before each piece of text
+        always = types == ["Metaspace"] and steps[0].get("prepend_scheme") == "always" and not steps[0].get("split")
+        if legacy or (always and not normalizer):
             return "llama"
-        return "SentencePiece-style BPE split by " + (", ".join(types) or "its normalizer")
+        scheme = f" (prepend_scheme {steps[0].get('prepend_scheme')})" if types == ["Metaspace"] else ""
+        return "SentencePiece-style BPE split by " + (", ".join(types) or "its normalizer") + scheme
     if types != ["ByteLevel"] or not steps[0].get("use_regex", True):
         return "BPE with its own pre-tokenization: " + ", ".join(types)
     return "gpt2"
