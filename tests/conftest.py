@@ -62,14 +62,38 @@ def build_tokenizer(folder: Path):
     return fast
 
 
+def sentencepiece_tokenizer(as_file: bool = False):
+    """tests/fixtures/sp-bpe: a SentencePiece BPE with byte fallback (1,000 pieces trained on Wikipedia leads) as
+    tokenizer.json in the form of Mistral's and Llama 2's (a Prepend and Replace normalizer, no pre-tokenizer).
+    Loaded by its tokenizer_config (LlamaTokenizer, legacy, as a Mistral run loads Mistral's), transformers 5 keeps
+    it with a Metaspace pre-tokenizer instead; as_file keeps the file's own form."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    fixture = Path(__file__).parent / "fixtures" / "sp-bpe"
+    if not as_file:
+        return AutoTokenizer.from_pretrained(fixture)
+    file = str(fixture / "tokenizer.json")
+    return PreTrainedTokenizerFast(tokenizer_file=file, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
 def build_model(
-    folder: Path, arch: str = "llama", seed: int = 0, hidden: int = 64, heads: int = 4, layers: int = 2
+    folder: Path,
+    arch: str = "llama",
+    seed: int = 0,
+    hidden: int = 64,
+    heads: int = 4,
+    layers: int = 2,
+    tokenizer=None,
 ) -> Path:
-    """Save a random model of the given architecture (2 layers of 64 dims unless told) with the tiny tokenizer."""
+    """Save a random model of the given architecture (2 layers of 64 dims unless told) with the tiny tokenizer (or
+    the tokenizer given)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
 
-    tokenizer = build_tokenizer(folder)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(folder)
+    else:
+        tokenizer.save_pretrained(folder)
     common = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden,

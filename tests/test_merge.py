@@ -122,39 +122,12 @@ SP_TEXTS = [
 
 @pytest.fixture(scope="module", params=["as-transformers-loads-it", "as-the-file-is"])
 def sp_run_dir(text_file, tmp_path_factory, request):
-    """A run of a tiny random Mistral whose tokenizer is SentencePiece-style (tests/fixtures/sp-bpe: a SentencePiece
-    BPE with byte fallback, 1,000 pieces trained on Wikipedia leads, as tokenizer.json in the form of Mistral's and
-    Llama 2's: a Prepend and Replace normalizer, no pre-tokenizer; it tokenizes SP_TEXTS as SentencePiece itself
-    does). Loaded by its tokenizer_config (LlamaTokenizer, legacy, as Mistral's is), transformers 5 saves it with a
-    Metaspace pre-tokenizer instead; as the file is, it keeps the normalizer."""
-    from pathlib import Path
+    """A run of a tiny random Mistral whose tokenizer is SentencePiece-style (conftest.sentencepiece_tokenizer, in
+    both its forms; it tokenizes SP_TEXTS as SentencePiece itself does)."""
+    from conftest import build_model, sentencepiece_tokenizer
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("sp") / "model"
-    fixture = Path(__file__).parent / "fixtures" / "sp-bpe"
-    if request.param == "as-the-file-is":
-        tokenizer = PreTrainedTokenizerFast(
-            tokenizer_file=str(fixture / "tokenizer.json"), bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-        )
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(fixture)
-    tokenizer.save_pretrained(folder)
-    config = MistralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        sliding_window=None,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    tokenizer = sentencepiece_tokenizer(as_file=request.param == "as-the-file-is")
+    folder = build_model(tmp_path_factory.mktemp("sp") / "model", arch="mistral", tokenizer=tokenizer)
     run = folder.parent / "run"
     train(tiny_config(folder, text_file, run, max_steps=2, max_eval_docs=2))
     return run

@@ -91,40 +91,17 @@ def tiny_merged(sentencepiece: bool = False) -> Path:
     Wikipedia leads and merged with --gguf as float32."""
     tests = Path(__file__).resolve().parents[2] / "tests"
     sys.path.insert(0, str(tests))
-    from conftest import build_model, tiny_config, wiki_texts
+    from conftest import build_model, sentencepiece_tokenizer, tiny_config, wiki_texts
     from finechat.merge import merge
     from finechat.train import train
 
     root = WORK / ("tiny-sp" if sentencepiece else "tiny")
-    model_dir = sentencepiece_model(root / "model", tests) if sentencepiece else build_model(root / "model")
+    tokenizer = sentencepiece_tokenizer() if sentencepiece else None  # (None: the tests' byte-level one)
+    model_dir = build_model(root / "model", arch="mistral" if sentencepiece else "llama", tokenizer=tokenizer)
     text = root / "wiki.txt"
     text.write_text("\n".join(f" = A{i} = \n\n {t} \n" for i, t in enumerate(wiki_texts(40))))
     train(tiny_config(model_dir, text, root / "run", max_steps=2, max_eval_docs=2), overwrite=True)
     return merge(str(root / "run"), str(root / "merged"), gguf=True, gguf_type="f32", overwrite=True)
-
-
-def sentencepiece_model(folder: Path, tests: Path) -> Path:
-    """A tiny random Mistral with tests/fixtures/sp-bpe's tokenizer, loaded by its tokenizer_config as Mistral's is
-    (LlamaTokenizer, legacy: transformers 5 saves it with a Metaspace pre-tokenizer that prepends "always")."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig
-
-    tokenizer = AutoTokenizer.from_pretrained(tests / "fixtures" / "sp-bpe")
-    tokenizer.save_pretrained(folder)
-    config = MistralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=None,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
-    return folder
 
 
 if __name__ == "__main__":
