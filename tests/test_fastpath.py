@@ -397,7 +397,7 @@ def test_finechat_train_takes_the_fast_path_on_gpu(tiny_mistral_dir, text_file, 
 
 
 def test_a_right_padded_row_trains_as_its_real_tokens_with_or_without_its_mask(tiny_mistral_dir):
-    """What finechat's Trainer relies on with causal_padding: through the fast path's layers, a right-padded row
+    """What finechat's Trainer relies on with causal_attention: through the fast path's layers, a right-padded row
     (pads labelled -100) gives the loss and LoRA gradients of its real tokens alone, with its padding mask and
     without it (causal attention never shows a real token a pad)."""
     model = build(tiny_mistral_dir, fast=True, dropout=0.0)

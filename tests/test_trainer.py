@@ -203,17 +203,17 @@ def test_ddp_step_has_only_the_collectives_ddp_needs(tiny_model_dir, text_file, 
 
 
 def test_right_padded_batches_train_alike_without_their_mask(tiny_model_dir, tmp_path):
-    """causal_padding: the training forward gets no attention mask (nor position ids) for TRL's right-padded
+    """causal_attention: the training forward gets no attention mask (nor position ids) for TRL's right-padded
     batches, and the run logs what it logs with the mask, to float32 rounding: the real tokens never see a pad
     under causal attention, and the pads' labels are ignored. Evaluation keeps the mask."""
     made, masks = [], []
 
-    def factory(causal_padding):
+    def factory(causal_attention):
         def make(*args, **kwargs):
-            trainer = Trainer(*args, causal_padding=causal_padding, **kwargs)
+            trainer = Trainer(*args, causal_attention=causal_attention, **kwargs)
             backbone = trainer.model.get_base_model().model
             backbone.register_forward_pre_hook(
-                lambda module, args, kw: masks.append((causal_padding, module.training, kw.get("attention_mask"))),
+                lambda module, args, kw: masks.append((causal_attention, module.training, kw.get("attention_mask"))),
                 with_kwargs=True,
             )
             made.append(trainer)

@@ -266,9 +266,6 @@ def _build_trainer(
         dataloader_num_workers=0,
         **distributed.trainer_kwargs(plan, on_gpu),
     )
-    # Chat records without their padding mask, and packed records as Segments, both on the fast path, where plain
-    # causal attention is what the mask would give: not under a sliding window shorter than the rows.
-    causal = fast and fastpath.padding_is_causal(model, config.max_seq_length)
     trainer = Trainer(
         model=model,
         args=args,
@@ -281,8 +278,9 @@ def _build_trainer(
         keep_dtypes=not fsdp,  # --resume gives back a bf16 adapter in bf16 (finechat.trainer)
         # FSDP runs the plain layers, checkpointed reentrantly: their saved inputs can wait in host memory too.
         offload_saved=fsdp and config.offload_activations and config.gradient_checkpointing,
-        causal_padding=causal,
-        packed_segments=causal,  # (finechat.packing: attention within each record)
+        # Chat records train without their padding mask, packed ones as Segments (finechat.trainer), on the fast path
+        # where plain causal attention is what the mask gives: not under a sliding window shorter than the rows.
+        causal_attention=fast and fastpath.padding_is_causal(model, config.max_seq_length),
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)

@@ -44,23 +44,23 @@ class Trainer(SFTTrainer):
         *args: Any,
         keep_dtypes: bool = True,
         offload_saved: bool = False,
-        causal_padding: bool = False,
-        packed_segments: bool = False,
+        causal_attention: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        # With --packing TRL's collator flattens each batch into one row of records (padding-free). The padding at
-        # the row's end becomes one record (finechat.packing.PackedBatches). With packed_segments (the fast path)
-        # the training forward gets the records as a packing.Segments instead of position ids: the fast layers
-        # attend within each record, and transformers builds no block-diagonal mask (which costs a host wait and a
-        # tokens x tokens mask per step). Elsewhere the position ids go to the model and transformers masks.
+        # causal_attention: the fast path's layers, where plain causal attention is what the batch's mask gives
+        # (finechat.fastpath.padding_is_causal). Then:
+        # - TRL's collator pads chat records on the right, and the training forward gets the batch without its
+        #   attention mask: the real tokens attend as with it, and the fast path runs such batches as it runs packed
+        #   text (flash attention, CUDA graphs). The mask still counts the tokens;
+        # - with --packing TRL's collator flattens each batch into one row of records (padding-free), and the
+        #   training forward gets the records as a packing.Segments instead of position ids: the fast layers attend
+        #   within each record, and transformers builds no block-diagonal mask (a host wait and a tokens x tokens
+        #   mask per step). Otherwise the position ids go to the model and transformers masks.
+        # The padding at a packed row's end becomes one record (finechat.packing.PackedBatches).
         if self.padding_free:
             self.data_collator = packing.PackedBatches(self.data_collator)
-        self.packed_segments = packed_segments
-        # TRL's collator pads on the right. With causal_padding (finechat.fastpath.padding_is_causal) the training
-        # forward gets the batch without its attention mask: the real tokens attend as with it, and the fast path
-        # runs such batches as it runs packed text (flash attention, CUDA graphs). The mask still counts the tokens.
-        self.causal_padding = causal_padding
+        self.causal_attention = causal_attention
         # Every tensor the training forward saves for backward goes to host memory and comes back in backward
         # (torch.autograd.graph.save_on_cpu). finechat uses it under FSDP, where the decoder layers are checkpointed
         # reentrantly: each layer's checkpoint saves its input through these hooks, so the inputs of all layers (and
@@ -97,11 +97,11 @@ class Trainer(SFTTrainer):
         # TRL 1.16's loss for this case (trl/trainer/sft_trainer.py, SFTTrainer.compute_loss), operation for operation.
         inputs["use_cache"] = False
         forward = inputs
-        segments = packing.Segments.of(inputs) if self.packed_segments else None
+        segments = packing.Segments.of(inputs) if self.causal_attention else None
         if segments is not None:
             forward = {k: v for k, v in inputs.items() if k not in packing.KEYS}
             forward["segments"] = segments
-        elif self.causal_padding and inputs.get("attention_mask") is not None:
+        elif self.causal_attention and inputs.get("attention_mask") is not None:
             # position_ids too: without a mask transformers reads restarts in them as packed documents (the pads are
             # 0s); the default positions are the real tokens' own, 0 to n-1.
             forward = {k: v for k, v in inputs.items() if k not in ("attention_mask", "position_ids")}
