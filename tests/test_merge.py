@@ -152,3 +152,21 @@ def test_gguf_of_a_sentencepiece_style_tokenizer_reads_back_alike(sp_run_dir, tm
         want = AutoModelForCausalLM.from_pretrained(out)(input_ids=ids).logits
         got = AutoModelForCausalLM.from_pretrained(out, gguf_file=name, dtype=torch.float32)(input_ids=ids).logits
     assert (got - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def test_a_refused_gguf_tokenizer_leaves_nothing_behind(text_file, tmp_path):
+    """A tokenizer refused while the GGUF file is written (after the merged folder's files): the error, and neither
+    the output folder nor a half-written temporary one."""
+    from tokenizers import pre_tokenizers
+
+    from conftest import build_model, sentencepiece_tokenizer
+
+    tokenizer = sentencepiece_tokenizer(as_file=True)
+    tokenizer.backend_tokenizer.normalizer = None
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    folder = build_model(tmp_path / "model", arch="mistral", tokenizer=tokenizer)
+    run = tmp_path / "run"
+    train(tiny_config(folder, text_file, run, max_steps=1, max_eval_docs=2))
+    with pytest.raises(UserError, match="prepend_scheme first.*convert_hf_to_gguf.py"):
+        merge(str(run), str(tmp_path / "merged"), gguf=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "run"]

@@ -306,6 +306,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from finechat.gguf_export import file_name
     from finechat.merge import merge
 
     out = merge(
@@ -318,7 +319,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     )
     print(f"merged model written to {out}")
     if args.gguf:
-        print(f"GGUF file: {out / f'{out.name}-{args.gguf_type}.gguf'}")
+        print(f"GGUF file: {out / file_name(out.name, args.gguf_type)}")
     if args.push_to_hub:
         from finechat.hub import push
 

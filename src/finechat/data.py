@@ -141,6 +141,8 @@ def _load_hub(spec: str, flag: str) -> Corpus:
     return Corpus(_nonempty(records_of("train"), spec, flag), records_of(heldout_split) if heldout_split else None)
 
 
+# the record formats, as errors name them
+FORMATS = "text, messages, conversations, prompt/completion or instruction/output"
 # ShareGPT's speakers ("conversations": [{"from": ..., "value": ...}]) as chat roles
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -149,7 +151,7 @@ def _record(obj: Any, where: str, flag: str) -> Record:
     """One JSON object as a Record: text, messages (chat), conversations (ShareGPT), prompt/completion (TRL's) or
     instruction/input/output (alpaca)."""
     if not isinstance(obj, dict):
-        raise UserError(f"{flag} {where}: expected an object with text, messages, conversations or instruction/output")
+        raise UserError(f"{flag} {where}: expected an object with {FORMATS}")
     if isinstance(obj.get("messages"), list):
         return _chat(obj["messages"], "role", "content", {r: r for r in ("system", "user", "assistant")}, where, flag)
     if isinstance(obj.get("conversations"), list):
@@ -168,9 +170,7 @@ def _record(obj: Any, where: str, flag: str) -> Record:
     if isinstance(obj.get("text"), str):
         return Record(text=obj["text"])
     keys = ", ".join(sorted(obj)) or "none"
-    raise UserError(
-        f"{flag} {where}: no text, messages, conversations, prompt/completion or instruction/output field (has {keys})"
-    )
+    raise UserError(f"{flag} {where}: no {FORMATS} field (has {keys})")
 
 
 def _chat(turns: list[Any], role: str, content: str, roles: dict[str, str], where: str, flag: str) -> Record:

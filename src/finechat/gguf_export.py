@@ -39,15 +39,21 @@ _LAYER = {  # transformers' names inside model.layers.N -> GGUF's inside blk.N
 }
 
 
-def check(model_type: str, gguf_type: str) -> None:
-    """Raise UserError before any work when the export cannot be made."""
+def check(model_type: str | None, gguf_type: str) -> None:
+    """Raise UserError before any work when the export cannot be made (model_type None: before the model is loaded,
+    the type setting only)."""
     if gguf_type not in TYPES:
         raise UserError(f"--gguf-type {gguf_type}: use one of {', '.join(TYPES)}")
-    if model_type not in ARCHS:
+    if model_type is not None and model_type not in ARCHS:
         raise UserError(
             f"--gguf: model type {model_type!r} is not written here (llama, mistral, qwen2); convert the merged "
             "folder with llama.cpp's convert_hf_to_gguf.py"
         )
+
+
+def file_name(folder_name: str, gguf_type: str) -> str:
+    """The GGUF file's name inside the merged folder."""
+    return f"{folder_name}-{gguf_type}.gguf"
 
 
 def write(model: Any, tokenizer: Any, path: Path, gguf_type: str, source_gguf: Path | None, name: str) -> Path:

@@ -27,8 +27,8 @@ def merge(
     (measured: perplexity went back to the base value)."""
     from finechat import gguf_export
 
-    if gguf and gguf_type not in gguf_export.TYPES:
-        raise UserError(f"--gguf-type {gguf_type}: use one of {', '.join(gguf_export.TYPES)}")
+    if gguf:
+        gguf_export.check(None, gguf_type)
     run = Path(adapter)
     if not models.is_run_dir(run):
         raise UserError(f"--adapter {adapter}: not a finechat run folder (needs adapter_config.json and finechat.json)")
@@ -48,14 +48,18 @@ def merge(
 
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    meta = {"base_model": base_spec, "adapter": str(run.resolve())}
-    if gguf:
-        file = tmp / f"{out.name}-{gguf_type}.gguf"
-        gguf_export.write(merged, tokenizer, file, gguf_type, gguf_export.source_gguf(base_spec), out.name)
-        meta["gguf"] = file.name
-    (tmp / "finechat-merge.json").write_text(json.dumps(meta, indent=2))
+    try:  # a refusal or failure here (a tokenizer GGUF cannot hold, a full disk) leaves no half-written folder
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        meta = {"base_model": base_spec, "adapter": str(run.resolve())}
+        if gguf:
+            file = tmp / gguf_export.file_name(out.name, gguf_type)
+            gguf_export.write(merged, tokenizer, file, gguf_type, gguf_export.source_gguf(base_spec), out.name)
+            meta["gguf"] = file.name
+        (tmp / "finechat-merge.json").write_text(json.dumps(meta, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
